@@ -1,0 +1,166 @@
+"""``qvl-export build``: checkpoint -> artifacts folder (ONNX parts, tokenizer, manifest).
+
+Everything is written to a temporary folder beside the destination and moved into place only when
+complete, so a failed or interrupted build never leaves a half-written artifacts folder and never
+damages a previous one.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+from qvl_export.errors import QvlError
+from qvl_export.loading.config import ModelSpec, parse_model_config
+from qvl_export.manifest import MANIFEST, Manifest, PartInfo, TensorInfo
+
+log = logging.getLogger(__name__)
+
+TARGETS = ("ort", "trt")
+PRECISIONS = ("fp32",)
+# files copied next to the parts so the runtime needs nothing from the checkpoint
+COPIED_FILES = ("tokenizer.json", "tokenizer_config.json", "preprocessor_config.json", "chat_template.json",
+                "chat_template.jinja", "generation_config.json", "config.json")
+EXTERNAL_DATA_THRESHOLD = 512 << 20  # parts above this keep weights in <part>.onnx.data
+
+
+@dataclass
+class BuildOptions:
+    target: str = "ort"
+    precision: str = "fp32"
+    window_attention: str = "fused"  # Qwen2.5-VL window blocks: "fused" (per window) or "dense" (S x S mask)
+    force: bool = False
+    progress: Callable[[str], None] | None = None
+    extra: dict = field(default_factory=dict)
+
+
+def validate_checkpoint(model_dir: Path) -> tuple[ModelSpec, "CheckpointWeights"]:  # noqa: F821
+    from qvl_export.loading.weights import CheckpointWeights
+
+    if not model_dir.exists():
+        raise QvlError(f"{model_dir} does not exist; pass a local Hugging Face checkpoint folder.")
+    if not model_dir.is_dir():
+        raise QvlError(f"{model_dir} is not a folder; pass a local Hugging Face checkpoint folder.")
+    spec = parse_model_config(model_dir)
+    if not (model_dir / "tokenizer.json").exists():
+        raise QvlError(f"{model_dir} has no tokenizer.json; copy it from the original checkpoint.")
+    weights = CheckpointWeights(model_dir)
+    # every tensor each part needs must be present before anything is traced
+    return spec, weights
+
+
+def _tensor_infos(values) -> list[TensorInfo]:
+    out = []
+    for v in values:
+        shape = [d if isinstance(d, int) else str(d) for d in (v.shape or [])]
+        out.append(TensorInfo(v.name, shape, v.dtype.numpy().name if v.dtype is not None else "unknown"))
+    return out
+
+
+def save_part(model, folder: Path, name: str) -> tuple[str, str | None]:
+    """Write ``<name>.onnx`` (+ ``<name>.onnx.data`` when large): part-unique data file names."""
+    import onnx_ir as ir
+
+    size = sum(v.const_value.nbytes for v in model.graph.initializers.values() if v.const_value is not None)
+    file = f"{name}.onnx"
+    if size > EXTERNAL_DATA_THRESHOLD:
+        data = f"{name}.onnx.data"
+        ir.save(model, folder / file, external_data=data)
+        return file, data
+    ir.save(model, folder / file)
+    return file, None
+
+
+def library_versions() -> dict[str, str]:
+    from importlib.metadata import PackageNotFoundError, version
+
+    out = {}
+    for pkg in ("qvl-export", "torch", "transformers", "onnx", "onnx-ir", "onnxscript", "onnxruntime", "numpy"):
+        try:
+            out[pkg] = version(pkg)
+        except PackageNotFoundError:
+            pass
+    return out
+
+
+def build(model_dir: str | Path, out_dir: str | Path, options: BuildOptions = BuildOptions()) -> Manifest:
+    """Trace every part, run the passes, write the artifacts folder atomically. Returns its manifest."""
+    from qvl_export.export.parts import decoder_part, merger_part, trace_part, vision_part
+
+    model_dir, out_dir = Path(model_dir), Path(out_dir)
+    if options.target not in TARGETS:
+        raise QvlError(f"Unknown target {options.target!r}; use one of {', '.join(TARGETS)}.")
+    if options.precision not in PRECISIONS:
+        raise QvlError(f"Precision {options.precision!r} is not available; use one of {', '.join(PRECISIONS)}.")
+    _check_destination(out_dir, options.force)
+    say = options.progress or (lambda msg: log.info("%s", msg))
+
+    spec, weights = validate_checkpoint(model_dir)
+    say(f"checkpoint: {spec.architecture} (vision {spec.vision.depth}x{spec.vision.hidden_size}, "
+        f"LLM {spec.text.num_hidden_layers}x{spec.text.hidden_size})")
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
+    try:
+        tmp.chmod(0o777 & ~_umask())
+        parts: dict[str, PartInfo] = {}
+        makers = {
+            "vision": lambda: vision_part(spec, weights, options.window_attention),
+            "merger": lambda: merger_part(spec, weights),
+            "decoder": lambda: decoder_part(spec, weights),
+        }
+        for name, make in makers.items():
+            say(f"tracing {name}")
+            model = trace_part(make())
+            file, data = save_part(model, tmp, name)
+            parts[name] = PartInfo(name, file, data, _tensor_infos(model.graph.inputs),
+                                   _tensor_infos(model.graph.outputs), options.precision)
+            del model
+        for fname in COPIED_FILES:
+            if (model_dir / fname).exists():
+                shutil.copy2(model_dir / fname, tmp / fname)
+        say("hashing the source checkpoint")
+        manifest = Manifest(
+            spec=spec, parts=parts, target=options.target, precision=options.precision,
+            source={"path": str(model_dir.resolve()), "sha256": weights.fingerprint(),
+                    "architecture": spec.architecture},
+            versions=library_versions(),
+            options={"window_attention": options.window_attention},
+        )
+        manifest.write(tmp)
+        _move_into_place(tmp, out_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    say(f"artifacts written to {out_dir}")
+    return manifest
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def _check_destination(out_dir: Path, force: bool) -> None:
+    if out_dir.exists() and not out_dir.is_dir():
+        raise QvlError(f"{out_dir} exists and is not a folder; choose another output path.")
+    if out_dir.exists() and any(out_dir.iterdir()):
+        if not (out_dir / MANIFEST).exists():
+            raise QvlError(f"{out_dir} exists and is not an artifacts folder; choose an empty or new output path.")
+        if not force:
+            raise QvlError(f"{out_dir} already holds artifacts; pass --force to replace them.")
+
+
+def _move_into_place(tmp: Path, out_dir: Path) -> None:
+    old = None
+    if out_dir.exists():
+        old = out_dir.with_name(f".{out_dir.name}.old-{os.getpid()}")
+        out_dir.rename(old)
+    tmp.rename(out_dir)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)

@@ -1,0 +1,143 @@
+"""Command line: ``qvl-export build | run | parity``.
+
+Errors caused by input (bad paths, unsupported models, unreadable images, ...) print one line and
+exit 2; a failed parity gate exits 1. ``--debug`` shows tracebacks for unexpected failures.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+from pathlib import Path
+
+import click
+
+from qvl_export.errors import QvlError
+
+log = logging.getLogger("qvl_export")
+
+
+class _Group(click.Group):
+    def invoke(self, ctx):
+        try:
+            return super().invoke(ctx)
+        except QvlError as err:
+            click.echo(f"error: {err}", err=True)
+            sys.exit(err.exit_code)
+        except KeyboardInterrupt:
+            click.echo("interrupted; nothing was left half-written.", err=True)
+            sys.exit(130)
+        except (click.exceptions.Exit, click.ClickException, SystemExit):
+            raise
+        except Exception as err:  # an internal failure: one line unless --debug
+            if ctx.obj and ctx.obj.get("debug"):
+                raise
+            first = str(err).strip().splitlines()[0] if str(err).strip() else ""
+            click.echo(f"error: internal failure {type(err).__name__}: {first[:300]} "
+                       "(re-run with --debug for the traceback and report it)", err=True)
+            sys.exit(3)
+
+
+@click.group(cls=_Group)
+@click.option("--debug", is_flag=True, help="Show tracebacks of internal failures.")
+@click.option("-v", "--verbose", is_flag=True, help="Log progress details.")
+@click.pass_context
+def main(ctx, debug: bool, verbose: bool):
+    """Export, optimize and verify Qwen2-VL / Qwen2.5-VL models for ONNX Runtime and TensorRT."""
+    ctx.ensure_object(dict)
+    ctx.obj["debug"] = debug
+    logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, format="%(message)s")
+
+
+def _say(msg: str) -> None:
+    click.echo(f"[qvl-export] {msg}", err=True)
+
+
+@main.command()
+@click.argument("model_dir", required=False, type=click.Path(path_type=Path))
+@click.option("-o", "--output", "output", type=click.Path(path_type=Path), default=None,
+              help="Artifacts folder (default: build/<model name>).")
+@click.option("--target", type=click.Choice(["ort", "trt"]), default="ort", show_default=True)
+@click.option("--precision", default="fp32", show_default=True, help="fp32 (more in later versions).")
+@click.option("--window-attention", type=click.Choice(["fused", "dense"]), default="fused", show_default=True,
+              help="Qwen2.5-VL window blocks: per-window attention, or the S x S mask baseline.")
+@click.option("--parity/--no-parity", "run_parity", default=True, show_default=True,
+              help="Run the parity gate against the PyTorch reference after building.")
+@click.option("--gates", type=click.Path(path_type=Path, exists=True, dir_okay=False), default=None,
+              help="JSON file overriding the parity thresholds.")
+@click.option("--force", is_flag=True, help="Replace an existing artifacts folder.")
+def build(model_dir, output, target, precision, window_attention, run_parity, gates, force):
+    """Trace MODEL_DIR into ONNX parts (the built-in demo checkpoint when omitted), then check parity."""
+    from qvl_export.building.artifacts import BuildOptions, build as do_build
+
+    if model_dir is None:
+        from qvl_export.loading.synthetic import demo_checkpoint
+
+        _say("no MODEL_DIR given: using the built-in demo checkpoint (random-weight Qwen2.5-VL)")
+        model_dir = demo_checkpoint()
+    output = output or Path("build") / Path(model_dir).name
+    do_build(model_dir, output, BuildOptions(target=target, precision=precision,
+                                             window_attention=window_attention, force=force, progress=_say))
+    if run_parity:
+        _parity(output, model_dir, gates, quick=True)
+
+
+@main.command()
+@click.argument("artifacts", type=click.Path(path_type=Path))
+@click.option("--image", "images", multiple=True, type=click.Path(path_type=Path),
+              help="Image file (PNG/JPEG/WebP/...); repeat for several images.")
+@click.option("--prompt", required=True, help="The user's question.")
+@click.option("--max-new-tokens", default=128, show_default=True, type=click.IntRange(1))
+@click.option("--temperature", default=0.0, show_default=True, type=click.FloatRange(0.0))
+@click.option("--top-p", default=1.0, show_default=True, type=click.FloatRange(0.0, 1.0))
+@click.option("--seed", default=None, type=int)
+@click.option("--min-pixels", default=None, type=click.IntRange(1))
+@click.option("--max-pixels", default=None, type=click.IntRange(1))
+@click.option("--threads", default=None, type=click.IntRange(1))
+@click.option("--json", "as_json", is_flag=True, help="Print text, token ids and timings as JSON.")
+def run(artifacts, images, prompt, max_new_tokens, temperature, top_p, seed, min_pixels, max_pixels, threads,
+        as_json):
+    """Generate text for PROMPT about the images with the thin runtime."""
+    from qvl_export.runtimes.pipeline import Pipeline
+
+    pipe = Pipeline.load(artifacts, threads=threads)
+    kwargs = dict(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, seed=seed,
+                  min_pixels=min_pixels, max_pixels=max_pixels)
+    if as_json:
+        result = pipe.generate(list(images), prompt, **kwargs)
+        click.echo(json.dumps({"text": result.text, "token_ids": result.token_ids,
+                               "prompt_tokens": result.prompt_tokens, "finish_reason": result.finish_reason,
+                               "timings": result.timings}))
+        return
+    for piece in pipe.stream(list(images), prompt, **kwargs):
+        click.echo(piece, nl=False)
+    click.echo()
+
+
+@main.command()
+@click.argument("artifacts", type=click.Path(path_type=Path))
+@click.option("--reference", "reference", required=True, type=click.Path(path_type=Path),
+              help="The checkpoint the artifacts were built from (run with transformers).")
+@click.option("--gates", type=click.Path(path_type=Path, exists=True, dir_okay=False), default=None,
+              help="JSON file overriding the thresholds of the precision's gates.")
+@click.option("--quick", is_flag=True, help="Fewer cases and new tokens.")
+def parity(artifacts, reference, gates, quick):
+    """Compare ARTIFACTS stage by stage against the PyTorch reference; exit 1 when a gate fails."""
+    _parity(artifacts, reference, gates, quick=quick)
+
+
+def _parity(artifacts: Path, reference: Path, gates: Path | None, quick: bool) -> None:
+    from qvl_export.parity.gate import run_parity
+
+    report = run_parity(artifacts, reference, gates_file=gates, quick=quick, progress=_say)
+    click.echo(report.table())
+    _say(f"report written to {Path(artifacts) / 'report.json'}")
+    if not report.passed:
+        from qvl_export.errors import GateFailed
+
+        raise GateFailed(f"parity gate failed: {report.failure_summary()}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,179 @@
+"""Tracing: one export-ready module per part -> one ONNX model (onnx-ir) with dynamic axes.
+
+Each part is built from its own weights, traced with ``torch.onnx.export(dynamo=True)``, and its
+torch module is freed before the next part is built, so peak memory stays near one part.
+"""
+
+from __future__ import annotations
+
+import gc
+import logging
+from dataclasses import dataclass, field
+from typing import Callable
+
+from qvl_export.loading.config import ModelSpec
+from qvl_export.loading.weights import CheckpointWeights
+
+log = logging.getLogger(__name__)
+
+OPSET = 19  # Q/DQ for int8 and fp8 (E4M3) needs >= 19
+
+
+@dataclass
+class PartSpec:
+    """What a part is: how to build its module and example inputs, and its dynamic axes."""
+
+    name: str
+    build: Callable[[], "torch.nn.Module"]  # noqa: F821
+    example: Callable[["torch.nn.Module"], tuple]  # noqa: F821
+    dynamic: Callable[["torch.nn.Module"], tuple]  # noqa: F821
+    axes: dict[str, dict[int, str]] = field(default_factory=dict)  # input/output name -> {axis: name}
+
+
+def vision_part(spec: ModelSpec, weights: CheckpointWeights, window_attention: str = "fused") -> PartSpec:
+    import torch
+    from torch.export import Dim
+
+    from qvl_export.models.vision import VisionEncoder
+
+    v = spec.vision
+
+    def build():
+        m = VisionEncoder(v, window_attention).eval()
+        weights.load_into(m, "visual.", m.weight_aliases())
+        return m
+
+    # S is a whole number of windows (Qwen2.5-VL) or merge units (Qwen2-VL)
+    group = v.window_tokens if v.windowed else v.merge_unit
+    units = 3 if v.windowed else 12
+
+    def example(m):
+        s = group * units
+        g = torch.Generator().manual_seed(0)
+        ids = torch.zeros(s, dtype=torch.int64)
+        ids[s // 2:] = 1
+        ids[-2:] = -1
+        return (torch.randn(s, v.patch_dim, generator=g), torch.randn(s, v.head_dim, generator=g).cos(),
+                torch.randn(s, v.head_dim, generator=g).sin(), ids)
+
+    def dynamic(m):
+        seq = group * Dim("units", min=1, max=1 << 20)
+        return ({0: seq}, {0: seq}, {0: seq}, {0: seq})
+
+    axes = {n: {0: "vision_tokens"} for n in ("patches", "rope_cos", "rope_sin", "image_ids", "vision_hidden")}
+    return PartSpec("vision", build, example, dynamic, axes)
+
+
+def merger_part(spec: ModelSpec, weights: CheckpointWeights) -> PartSpec:
+    import torch
+    from torch.export import Dim
+
+    from qvl_export.models.vision import Merger
+
+    v = spec.vision
+
+    def build():
+        m = Merger(v).eval()
+        weights.load_into(m, "visual.merger.")
+        return m
+
+    def example(m):
+        return (torch.randn(v.merge_unit * 6, v.hidden_size, generator=torch.Generator().manual_seed(1)),)
+
+    def dynamic(m):
+        return ({0: v.merge_unit * Dim("units", min=1, max=1 << 20)},)
+
+    axes = {"vision_hidden": {0: "vision_tokens"}, "image_embeds": {0: "image_tokens"}}
+    return PartSpec("merger", build, example, dynamic, axes)
+
+
+def decoder_part(spec: ModelSpec, weights: CheckpointWeights) -> PartSpec:
+    import torch
+    from torch.export import Dim
+
+    from qvl_export.models.decoder import Decoder
+
+    t = spec.text
+
+    def build():
+        m = Decoder(t, spec.tokens.image_token_id).eval()
+        aliases = {"embed_tokens.weight": "model.embed_tokens.weight", **m.weight_aliases()}
+        weights.load_into(m, "model.", aliases)
+        return m
+
+    def example(m):
+        b, seq, past, n_img = 2, 7, 3, 4
+        g = torch.Generator().manual_seed(2)
+        ids = torch.randint(0, t.vocab_size, (b, seq), generator=g)
+        ids[0, 1:3] = spec.tokens.image_token_id
+        ids[1, 2:4] = spec.tokens.image_token_id
+        pos = torch.arange(past, past + seq).expand(3, b, seq).contiguous()
+        kv = [torch.randn(b, t.num_key_value_heads, past, t.head_dim, generator=g)
+              for _ in range(2 * t.num_hidden_layers)]
+        return (ids, torch.randn(n_img, t.hidden_size, generator=g), pos, *kv)
+
+    def dynamic(m):
+        batch, seq, past, n_img = Dim("batch", max=256), Dim("seq", max=1 << 17), Dim("past", max=1 << 17), \
+            Dim("image_tokens", max=1 << 17)
+        kv = tuple({0: batch, 2: past} for _ in range(2 * t.num_hidden_layers))
+        return ({0: batch, 1: seq}, {0: n_img}, {1: batch, 2: seq}, kv)  # *past is one tuple
+
+    axes = {"input_ids": {0: "batch", 1: "seq"}, "image_embeds": {0: "image_tokens"},
+            "position_ids": {1: "batch", 2: "seq"}, "logits": {0: "batch"}}
+    for i in range(t.num_hidden_layers):
+        for kind in ("key", "value"):
+            axes[f"past_key_values.{i}.{kind}"] = {0: "batch", 2: "past"}
+            axes[f"present.{i}.{kind}"] = {0: "batch", 2: "past_plus_seq"}
+    return PartSpec("decoder", build, example, dynamic, axes)
+
+
+def trace_part(part: PartSpec):
+    """Build, trace and free the torch module; returns the ONNX model as an ``onnx_ir.Model``."""
+    import torch
+
+    module = part.build()
+    args = part.example(module)
+    log.info("tracing %s", part.name)
+    with torch.no_grad():
+        program = torch.onnx.export(
+            module,
+            args,
+            input_names=list(module.input_names),
+            output_names=list(module.output_names),
+            dynamic_shapes=part.dynamic(module),
+            opset_version=OPSET,
+            dynamo=True,
+            optimize=True,
+            verbose=False,
+        )
+    model = program.model
+    _rename_dims(model, part.axes)
+    # the IR keeps views of the torch weights; detach them into numpy-owned buffers before freeing
+    _own_initializers(model)
+    del program, module, args
+    gc.collect()
+    return model
+
+
+def _rename_dims(model, axes: dict[str, dict[int, str]]) -> None:
+    """Give the symbolic dims stable, readable names (the exporter calls them s0, s1, ...)."""
+    import onnx_ir as ir
+
+    for value in list(model.graph.inputs) + list(model.graph.outputs):
+        spec = axes.get(value.name)
+        if not spec or value.shape is None:
+            continue
+        dims = list(value.shape)
+        for axis, name in spec.items():
+            if axis < len(dims) and not isinstance(dims[axis], int):
+                dims[axis] = ir.SymbolicDim(name)
+        value.shape = ir.Shape(dims)
+
+
+def _own_initializers(model) -> None:
+    import onnx_ir as ir
+
+    for value in model.graph.initializers.values():
+        const = value.const_value
+        if const is not None and not isinstance(const, ir.Tensor):
+            value.const_value = ir.tensor(const.numpy(), name=value.name)

@@ -1,0 +1,195 @@
+"""``qvl-export parity``: artifacts vs the transformers reference, stage by stage, as a gate.
+
+Stages per case: prompt (token ids and M-RoPE positions identical), preprocess (patches),
+vision (encoder output), merger (image embeddings), prefill (last-position logits), steps (the
+logits of every greedy step both sides took on the same prefix) and greedy (new tokens identical).
+The pass rule is written in ``gates.json`` per precision: every check of every case must pass.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+
+from qvl_export.errors import QvlError
+from qvl_export.manifest import REPORT, Manifest
+from qvl_export.parity.compare import compare, token_agreement
+from qvl_export.parity.samples import ALL_CASES, QUICK_CASES, Case
+
+# (stage, metric) -> (gate key, kind): "min" means value >= threshold, "max" value <= threshold
+CHECKS = (
+    ("prompt", "ids_equal", None, "min"),
+    ("prompt", "positions_equal", None, "min"),
+    ("preprocess", "max_abs", "preprocess_max_abs", "max"),
+    ("vision", "cosine", "vision_cosine", "min"),
+    ("vision", "finite", None, "min"),
+    ("merger", "cosine", "merger_cosine", "min"),
+    ("merger", "finite", None, "min"),
+    ("prefill", "cosine", "logits_cosine", "min"),
+    ("prefill", "top1_equal", "logits_top1", "min"),
+    ("steps", "min_cosine", "logits_cosine", "min"),
+    ("steps", "top1_agreement", "logits_top1", "min"),
+    ("greedy", "match_fraction", "greedy_match_fraction", "min"),
+)
+
+
+def load_gates(precision: str, gates_file: Path | None = None) -> dict[str, float]:
+    defaults = json.loads(resources.files("qvl_export.parity").joinpath("gates.json").read_text())
+    gates = dict(defaults.get(precision, {}))
+    if not gates:
+        raise QvlError(f"No default parity gates for precision {precision!r}; pass --gates FILE.")
+    if gates_file is not None:
+        try:
+            user = json.loads(Path(gates_file).read_text())
+        except (OSError, ValueError) as err:
+            raise QvlError(f"Gates file {gates_file} is unreadable ({err}); it must be JSON.") from None
+        override = user.get(precision, user) if isinstance(user, dict) else None
+        if not isinstance(override, dict):
+            raise QvlError(f"Gates file {gates_file} must hold an object of thresholds.")
+        unknown = sorted(k for k in override if k not in gates and not k.startswith("_") and k not in defaults)
+        if unknown:
+            raise QvlError(f"Gates file {gates_file} has unknown keys {unknown}; known: {sorted(gates)}.")
+        gates.update({k: float(v) for k, v in override.items() if k in gates})
+    return gates
+
+
+@dataclass
+class Report:
+    precision: str
+    gates: dict[str, float]
+    cases: list[dict] = field(default_factory=list)
+    meta: dict = field(default_factory=dict)
+
+    @property
+    def passed(self) -> bool:
+        return all(c["passed"] for case in self.cases for c in case["checks"])
+
+    def failures(self) -> list[str]:
+        return [f"{case['name']}/{c['stage']}.{c['metric']}={c['value']:.6g} (needs {'>=' if c['kind'] == 'min' else '<='}"
+                f" {c['threshold']:.6g})" for case in self.cases for c in case["checks"] if not c["passed"]]
+
+    def failure_summary(self) -> str:
+        f = self.failures()
+        return "; ".join(f[:4]) + (f" and {len(f) - 4} more" if len(f) > 4 else "")
+
+    def to_json(self) -> str:
+        return json.dumps({"passed": self.passed, "precision": self.precision, "gates": self.gates,
+                           "meta": self.meta, "cases": self.cases}, indent=2)
+
+    def table(self) -> str:
+        rows = [f"{'case':<12} {'stage':<10} {'cosine':>10} {'max_abs':>10} {'other':<28} result"]
+        for case in self.cases:
+            failed = {(c["stage"]) for c in case["checks"] if not c["passed"]}
+            for stage, m in case["stages"].items():
+                cos = m.get("cosine", m.get("min_cosine"))
+                other = ""
+                if stage == "greedy":
+                    other = f"{m['matched_prefix']}/{m['ref_len']} tokens, diverge@{m['first_divergence']}"
+                elif stage == "prompt":
+                    other = f"{m['tokens']} tokens, ids {'=' if m['ids_equal'] else '!='}"
+                elif stage == "steps":
+                    other = f"top1 {m['top1_agreement']:.3f} over {m['steps']} steps"
+                elif stage == "prefill":
+                    other = f"top1 {'same' if m['top1_equal'] else 'DIFFERENT'}"
+                cos_s = "" if cos is None else f"{cos:.7f}"
+                abs_s = "" if "max_abs" not in m else f"{m['max_abs']:.2e}"
+                result = "FAIL" if stage in failed else "ok"
+                rows.append(f"{case['name']:<12} {stage:<10} {cos_s:>10} {abs_s:>10} {other:<28} {result}")
+        rows.append(f"gate ({self.precision}): {'PASSED' if self.passed else 'FAILED'}")
+        return "\n".join(rows)
+
+
+def _check(stages: dict, gates: dict[str, float]) -> list[dict]:
+    out = []
+    for stage, metric, key, kind in CHECKS:
+        if stage not in stages or metric not in stages[stage]:
+            continue
+        value = float(stages[stage][metric])
+        threshold = 1.0 if key is None else gates[key]
+        ok = value >= threshold if kind == "min" else value <= threshold
+        out.append({"stage": stage, "metric": metric, "value": value, "threshold": threshold, "kind": kind,
+                    "passed": bool(ok)})
+    return out
+
+
+def compare_case(pipe, ref, case: Case, max_new_tokens: int) -> dict:
+    """Run one case on both sides and return its stages' metrics (no gating)."""
+    from qvl_export.parity.reference import ReferenceCase
+
+    images = case.images()
+    t0 = time.perf_counter()
+    r = ref.run(ReferenceCase(case.name, images, case.prompt, max_new_tokens=max_new_tokens))
+    t_ref = time.perf_counter() - t0
+
+    t1 = time.perf_counter()
+    prep = pipe.prepare(images, case.prompt)
+    stages: dict[str, dict] = {}
+    ids_equal = prep.input_ids.shape == r.input_ids.shape and bool((prep.input_ids == r.input_ids).all())
+    pos_equal = prep.position_ids.shape == r.position_ids.shape and bool((prep.position_ids == r.position_ids).all())
+    stages["prompt"] = {"tokens": int(len(prep.input_ids)), "ids_equal": float(ids_equal),
+                        "positions_equal": float(pos_equal), "rope_delta": prep.rope_delta,
+                        "ref_rope_delta": int(r.rope_delta)}
+    if images:
+        stages["preprocess"] = compare(np.concatenate(prep.patches), r.pixel_values)
+        vis = pipe.encode_images(prep.patches, prep.grids)
+        ours_hidden = vis.vision_hidden[vis.layout.window_order_rows()]
+        stages["vision"] = compare(ours_hidden, r.vision_hidden)
+        stages["merger"] = compare(vis.image_embeds, r.merger_out)
+    gen = pipe.generate(prepared=prep, max_new_tokens=max_new_tokens, keep_logits=True)
+    t_ours = time.perf_counter() - t1
+
+    ours_first = gen.step_logits[0]
+    stages["prefill"] = compare(ours_first[None], r.prefill_logits[-1][None])
+    stages["prefill"]["top1_equal"] = float(int(np.argmax(ours_first)) == int(np.argmax(r.prefill_logits[-1])))
+    agree = token_agreement(gen.token_ids, [int(t) for t in r.generated_ids])
+    # teacher-forced view: logits of every step taken on the same prefix (the matched tokens + the first
+    # divergent step), so a late flip between near-equal logits is seen with its size
+    n = min(len(gen.step_logits), len(r.step_logits), agree["matched_prefix"] + 1)
+    cos = [compare(gen.step_logits[i][None], r.step_logits[i][None])["cosine"] for i in range(n)]
+    top1 = [int(np.argmax(gen.step_logits[i])) == int(np.argmax(r.step_logits[i])) for i in range(n)]
+    max_abs = max(float(np.abs(gen.step_logits[i] - r.step_logits[i]).max()) for i in range(n))
+    stages["steps"] = {"steps": n, "min_cosine": float(min(cos)), "max_abs": max_abs,
+                       "top1_agreement": float(np.mean(top1))}
+    stages["greedy"] = agree
+    return {"name": case.name, "images": [list(s) for s in case.sizes], "prompt": case.prompt,
+            "stages": stages, "seconds": {"reference": t_ref, "artifacts": t_ours},
+            "text": {"ours": gen.text}}
+
+
+def run_parity(artifacts: str | Path, reference_dir: str | Path, gates_file: Path | None = None,
+               quick: bool = False, max_new_tokens: int = 64, cases: list[Case] | None = None,
+               progress: Callable[[str], None] | None = None, threads: int | None = None) -> Report:
+    from qvl_export.parity.reference import TorchReference
+    from qvl_export.runtimes.pipeline import Pipeline
+
+    artifacts = Path(artifacts)
+    manifest = Manifest.read(artifacts)
+    gates = load_gates(manifest.precision, gates_file)
+    reference_dir = Path(reference_dir)
+    if not (reference_dir / "config.json").exists():
+        raise QvlError(f"{reference_dir} is not a checkpoint folder (no config.json); pass the model the "
+                       "artifacts were built from.")
+    say = progress or (lambda m: None)
+    say("loading the PyTorch reference (transformers)")
+    ref = TorchReference(reference_dir)
+    pipe = Pipeline.load(artifacts, threads=threads)
+    report = Report(precision=manifest.precision, gates=gates,
+                    meta={"artifacts": str(artifacts), "reference": str(reference_dir),
+                          "max_new_tokens": max_new_tokens, "quick": quick,
+                          "source_sha256": manifest.source.get("sha256")})
+    for case in cases or (QUICK_CASES if quick else ALL_CASES):
+        say(f"parity case {case.name}")
+        result = compare_case(pipe, ref, case, max_new_tokens)
+        result["checks"] = _check(result["stages"], gates)
+        result["passed"] = all(c["passed"] for c in result["checks"])
+        report.cases.append(result)
+    tmp = artifacts / f".{REPORT}.tmp"
+    tmp.write_text(report.to_json())
+    tmp.replace(artifacts / REPORT)
+    return report

@@ -1,0 +1,404 @@
+"""The PyTorch/transformers reference that the parity gate compares our ONNX artifacts against.
+
+Why this exists: every number our exported parts produce (pixel patches, vision hidden states,
+merger output, M-RoPE positions, prefill and per-step logits, greedy tokens) must be checked
+against what transformers itself computes for the same checkpoint and prompt. This module builds
+that ground truth, stage by stage, and hands it back as numpy arrays.
+
+It is assembled by hand rather than with ``AutoProcessor`` because on our CPU machines the
+processor also loads a video processor that needs torchvision, which does not import beside the
+CPU torch build (see FIELD_NOTES.md). The hand-built pipeline follows ``Qwen2VLProcessor``:
+chat template -> expand each ``<|image_pad|>`` to ``t*h*w/4`` copies -> tokenize ->
+``mm_token_type_ids`` (0 text, 1 image). Without ``mm_token_type_ids`` transformers 5.x does not
+apply M-RoPE to image tokens (``generate`` silently falls back to 1-D positions), and a reference
+built that way - and any runtime that matches it - is wrong.
+
+Choices, measured on the tiny synthetic checkpoints (CPU, transformers 5.23, 3 images, T=245):
+- attention: ``eager``. In float32 eager and ``sdpa`` agree within 1.8e-6 on the logits and are
+  equally close to a float64 sdpa run (max 2-3e-6, mean 3e-7 for both): the choice does not move
+  the reference (float64 eager is no yardstick: its softmax runs in float32).
+  Eager is kept because it is the literal math our ONNX graphs spell out and it does the
+  softmax in float32 even when the model runs in bf16/fp16.
+- ``generate`` runs with a clean generation config (only bos/eos/pad from the checkpoint): hub
+  configs carry ``repetition_penalty`` etc., and transformers fills every unset field of a passed
+  config from the checkpoint's, so greedy would not pick the argmax of the raw logits.
+- ``generate``'s first-step logits equal the prefill forward's last row within ~1e-6: both use
+  the same M-RoPE positions. ``run`` checks this and that every token is the raw-logit argmax.
+
+torch and transformers are imported lazily so importing this module stays cheap.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from qvl_export.errors import QvlError
+from qvl_export.loading.config import ARCHITECTURES, SUPPORTED, read_json
+
+if TYPE_CHECKING:  # pragma: no cover - typing only
+    import torch
+    from PIL import Image
+
+log = logging.getLogger(__name__)
+
+ATTN_IMPLEMENTATION = "eager"
+DTYPES = ("float32", "float64", "bfloat16", "float16")
+IMAGE_PAD = "<|image_pad|>"
+# Modality ids of transformers' ``mm_token_type_ids``.
+MM_TEXT, MM_IMAGE = 0, 1
+
+
+@dataclass
+class ReferenceCase:
+    """One prompt: the images come first in the user message, then the text."""
+
+    name: str
+    images: list["Image.Image"]  # RGB, already loaded
+    prompt: str
+    max_new_tokens: int = 64
+    min_pixels: int | None = None  # override preprocessor_config.json
+    max_pixels: int | None = None
+
+
+@dataclass
+class ReferenceResult:
+    input_ids: np.ndarray  # int64 [T] full prompt after chat template + image pad expansion
+    pixel_values: np.ndarray | None  # float32 [S, patch_dim] all images concatenated
+    image_grid_thw: np.ndarray | None  # int64 [n_images, 3]
+    vision_hidden: np.ndarray | None  # float32 [S, C] ViT last_hidden_state (Qwen2.5-VL: window order)
+    merger_out: np.ndarray | None  # float32 [S/4, D] merger output, natural order, all images
+    prefill_logits: np.ndarray  # float32 [T, V] prefill logits at every prompt position
+    generated_ids: np.ndarray  # int64 [N] greedy new tokens (eos included when reached)
+    step_logits: np.ndarray  # float32 [N, V] raw logits that chose each generated token
+    position_ids: np.ndarray  # int64 [3, T] M-RoPE positions of the prefill
+    rope_delta: int  # decode position = cache_length + rope_delta
+    step0_prefill_max_abs: float = 0.0  # max |step_logits[0] - prefill_logits[-1]| (self-check)
+
+
+@dataclass
+class PreparedInputs:
+    """Model inputs for one case, batch 1, as ``Qwen2VLProcessor`` would return them."""
+
+    prompt: str  # chat-templated text before image pad expansion
+    input_ids: "torch.Tensor"  # int64 [1, T]
+    attention_mask: "torch.Tensor"  # int64 [1, T] all ones
+    mm_token_type_ids: "torch.Tensor"  # int64 [1, T] 0 text, 1 image
+    pixel_values: "torch.Tensor | None" = None  # float32 [S, patch_dim]
+    image_grid_thw: "torch.Tensor | None" = None  # int64 [n_images, 3]
+
+    @property
+    def has_images(self) -> bool:
+        return self.pixel_values is not None
+
+    def model_kwargs(self, with_mm_token_type_ids: bool = True) -> dict[str, Any]:
+        """Keyword arguments for ``model(...)`` / ``model.generate(...)``.
+
+        ``with_mm_token_type_ids=False`` reproduces the pitfall (no M-RoPE for image tokens); it
+        exists only so tests can pin that transformers does not silently do the right thing.
+        """
+        kwargs: dict[str, Any] = {"input_ids": self.input_ids, "attention_mask": self.attention_mask}
+        if self.has_images:
+            kwargs["pixel_values"] = self.pixel_values
+            kwargs["image_grid_thw"] = self.image_grid_thw
+        if with_mm_token_type_ids:
+            kwargs["mm_token_type_ids"] = self.mm_token_type_ids
+        return kwargs
+
+
+def _chat_template(model_dir: Path, tok_config: dict[str, Any]) -> str:
+    """The checkpoint's chat template: tokenizer_config.json, else chat_template.jinja / .json."""
+    template = tok_config.get("chat_template")
+    if isinstance(template, list):  # named templates: [{"name": "default", "template": ...}, ...]
+        named = {t.get("name"): t.get("template") for t in template if isinstance(t, dict)}
+        template = named.get("default") or next(iter(named.values()), None)
+    if isinstance(template, str) and template:
+        return template
+    jinja = model_dir / "chat_template.jinja"
+    if jinja.exists():
+        return jinja.read_text(encoding="utf-8")
+    as_json = model_dir / "chat_template.json"
+    if as_json.exists():
+        template = read_json(as_json, "the chat template").get("chat_template")
+        if isinstance(template, str) and template:
+            return template
+    raise QvlError(f"{model_dir} has no chat template (tokenizer_config.json 'chat_template', "
+                   "chat_template.jinja or chat_template.json); copy it from the original checkpoint.")
+
+
+def _to_numpy(t: "torch.Tensor", dtype: type) -> np.ndarray:
+    """Detach to a numpy array of ``dtype`` (floats go through float32: bf16 has no numpy type)."""
+    t = t.detach().to("cpu")
+    if t.is_floating_point():
+        t = t.float()
+    return np.ascontiguousarray(t.numpy(), dtype=dtype)
+
+
+class TorchReference:
+    """transformers model + hand-assembled processor for one local checkpoint."""
+
+    def __init__(self, model_dir: Path, dtype: str = "float32",
+                 attn_implementation: str = ATTN_IMPLEMENTATION, num_threads: int | None = None):
+        """Load model, tokenizer and image processor of ``model_dir``.
+
+        ``num_threads``: torch intra-op threads while this reference computes (restored after each
+        call); None keeps torch's own default (one per physical core).
+        """
+        import torch
+        import transformers
+        from transformers import GenerationConfig, PreTrainedTokenizerFast
+        from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
+
+        self.model_dir = Path(model_dir)
+        if dtype not in DTYPES:
+            raise QvlError(f"reference dtype {dtype!r} is not one of {', '.join(DTYPES)}.")
+        self.dtype = dtype
+        self.num_threads = num_threads
+        self.attn_implementation = attn_implementation
+
+        config = read_json(self.model_dir / "config.json", "the model config")
+        arch = next((a for a in config.get("architectures") or [] if a in ARCHITECTURES), None)
+        if arch is None:
+            raise QvlError(f"Unsupported architecture {config.get('architectures')}; the reference supports "
+                           f"{SUPPORTED}.")
+        self.family = ARCHITECTURES[arch]
+        model_cls = getattr(transformers, arch)
+
+        with self._threads():
+            try:
+                model, info = model_cls.from_pretrained(
+                    self.model_dir, dtype=getattr(torch, dtype), attn_implementation=attn_implementation,
+                    output_loading_info=True)
+            except (OSError, ValueError, RuntimeError, KeyError) as err:
+                raise QvlError(f"transformers could not load {self.model_dir} as {arch}: {err}") from err
+        self._check_loading(model, info)
+        self.model = model.eval()
+        log.info("reference: %s from %s (%s, attn=%s)", arch, self.model_dir, dtype, attn_implementation)
+
+        # Generation: keep only the token ids of the checkpoint's generation config, so greedy
+        # picks argmax of the raw logits (hub configs carry repetition_penalty, top_k, ...).
+        self.checkpoint_generation_config = model.generation_config
+        gen = model.generation_config
+        eos = gen.eos_token_id if gen.eos_token_id is not None else model.config.get_text_config().eos_token_id
+        dropped = {k: v for k, v in gen.to_diff_dict().items()
+                   if k not in ("bos_token_id", "eos_token_id", "pad_token_id", "transformers_version",
+                                "do_sample", "_from_model_config")}
+        if dropped:
+            log.info("reference: ignoring generation settings %s (plain greedy on raw logits)", dropped)
+        self.eos_token_ids: list[int] = [int(e) for e in (eos if isinstance(eos, list) else [eos])
+                                         if e is not None]
+        pad = gen.pad_token_id if gen.pad_token_id is not None else (self.eos_token_ids or [None])[0]
+        self.model.generation_config = GenerationConfig(
+            bos_token_id=gen.bos_token_id, eos_token_id=self.eos_token_ids or None, pad_token_id=pad,
+            do_sample=False, num_beams=1)
+
+        tok_path = self.model_dir / "tokenizer.json"
+        if not tok_path.exists():
+            raise QvlError(f"{tok_path} is missing: the reference needs the fast tokenizer file.")
+        tok_config_path = self.model_dir / "tokenizer_config.json"
+        tok_config = read_json(tok_config_path, "the tokenizer config") if tok_config_path.exists() else {}
+        specials = {k: tok_config[k] for k in ("eos_token", "pad_token", "bos_token", "unk_token")
+                    if isinstance(tok_config.get(k), str)}
+        self.tokenizer = PreTrainedTokenizerFast(
+            tokenizer_file=str(tok_path), chat_template=_chat_template(self.model_dir, tok_config), **specials)
+        self.image_token_id = int(model.config.image_token_id)
+        if self.tokenizer.convert_tokens_to_ids(IMAGE_PAD) != self.image_token_id:
+            raise QvlError(f"tokenizer id of {IMAGE_PAD} ({self.tokenizer.convert_tokens_to_ids(IMAGE_PAD)}) "
+                           f"differs from config.json image_token_id ({self.image_token_id}).")
+
+        if not (self.model_dir / "preprocessor_config.json").exists():
+            raise QvlError(f"{self.model_dir / 'preprocessor_config.json'} is missing: the reference needs the "
+                           "image pre-processing settings.")
+        try:
+            self.image_processor = Qwen2VLImageProcessorPil.from_pretrained(self.model_dir)
+        except (OSError, ValueError, TypeError) as err:
+            raise QvlError(f"could not read {self.model_dir / 'preprocessor_config.json'}: {err}") from err
+        self.merge_unit = int(self.image_processor.merge_size) ** 2
+
+    # ------------------------------------------------------------------ loading
+
+    def _check_loading(self, model: Any, info: dict[str, Any]) -> None:
+        """Fail loudly on missing or mismatched weights; a tied lm_head is expected to be absent."""
+        tied = bool(getattr(model.config, "tie_word_embeddings", False)
+                    or getattr(model.config.get_text_config(), "tie_word_embeddings", False))
+        missing = set(info.get("missing_keys") or ())
+        if tied:
+            missing -= {"lm_head.weight"}
+        problems = []
+        if missing:
+            problems.append(f"missing weights {sorted(missing)[:8]}")
+        if info.get("mismatched_keys"):
+            problems.append(f"shape-mismatched weights {sorted(info['mismatched_keys'])[:8]}")
+        if info.get("error_msgs"):
+            problems.append("; ".join(str(m) for m in info["error_msgs"][:3]))
+        if problems:
+            raise QvlError(f"transformers loaded {self.model_dir} incompletely: {', '.join(problems)}.")
+        if info.get("unexpected_keys"):
+            log.warning("reference: %d unused weights in %s, e.g. %s", len(info["unexpected_keys"]),
+                        self.model_dir, sorted(info["unexpected_keys"])[:4])
+        embed = model.get_input_embeddings().weight
+        if tied and model.lm_head.weight.data_ptr() != embed.data_ptr():
+            import torch
+
+            if not torch.equal(model.lm_head.weight, embed):
+                raise QvlError("tie_word_embeddings is true but lm_head differs from the token embeddings "
+                               f"after loading {self.model_dir}.")
+
+    @contextlib.contextmanager
+    def _threads(self) -> Iterator[None]:
+        """Use ``num_threads`` torch threads inside the block, then restore the previous setting."""
+        import torch
+
+        if self.num_threads is None:
+            yield
+            return
+        before = torch.get_num_threads()
+        torch.set_num_threads(self.num_threads)
+        try:
+            yield
+        finally:
+            torch.set_num_threads(before)
+
+    # ------------------------------------------------------------------ inputs
+
+    def build_prompt(self, case: ReferenceCase) -> str:
+        """The checkpoint's chat template over one user message: images first, then the text."""
+        content: list[dict[str, Any]] = [{"type": "image"} for _ in case.images]
+        content.append({"type": "text", "text": case.prompt})
+        messages = [{"role": "user", "content": content}]
+        return self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+
+    def prepare(self, case: ReferenceCase) -> PreparedInputs:
+        """Pre-process images, expand image pads and tokenize, like ``Qwen2VLProcessor.__call__``."""
+        import torch
+
+        prompt = self.build_prompt(case)
+        n_pads = prompt.count(IMAGE_PAD)
+        if n_pads != len(case.images):
+            raise QvlError(f"case {case.name!r}: the chat template produced {n_pads} {IMAGE_PAD} markers for "
+                           f"{len(case.images)} images; the prompt text must not contain {IMAGE_PAD}.")
+        pixel_values = grid_thw = None
+        text = prompt
+        if case.images:
+            size = dict(shortest_edge=self.image_processor.size.shortest_edge,
+                        longest_edge=self.image_processor.size.longest_edge)
+            if case.min_pixels is not None:
+                size["shortest_edge"] = int(case.min_pixels)
+            if case.max_pixels is not None:
+                size["longest_edge"] = int(case.max_pixels)
+            images = [im.convert("RGB") for im in case.images]
+            processed = self.image_processor(images=images, size=size, return_tensors="np")
+            pixel_values = torch.from_numpy(np.ascontiguousarray(processed["pixel_values"], dtype=np.float32))
+            grid_thw = torch.from_numpy(np.asarray(processed["image_grid_thw"], dtype=np.int64))  # [n, 3]
+            # Same string expansion as Qwen2VLProcessor.replace_image_token.
+            parts = text.split(IMAGE_PAD)
+            counts = [int(np.prod(g)) // self.merge_unit for g in grid_thw.tolist()]
+            text = parts[0] + "".join(IMAGE_PAD * n + rest for n, rest in zip(counts, parts[1:]))
+        # The chat template already holds every special token.
+        ids = self.tokenizer(text, add_special_tokens=False)["input_ids"]
+        input_ids = torch.tensor([ids], dtype=torch.long)  # [1, T]
+        mm_types = torch.where(input_ids == self.image_token_id, MM_IMAGE, MM_TEXT).long()  # [1, T]
+        if pixel_values is not None:
+            expected = int(grid_thw.prod(-1).sum()) // self.merge_unit
+            if int(mm_types.sum()) != expected:
+                raise QvlError(f"case {case.name!r}: {int(mm_types.sum())} image tokens after tokenizing, "
+                               f"expected {expected}; does the tokenizer keep {IMAGE_PAD} as one token?")
+        return PreparedInputs(prompt=prompt, input_ids=input_ids, attention_mask=torch.ones_like(input_ids),
+                              mm_token_type_ids=mm_types, pixel_values=pixel_values, image_grid_thw=grid_thw)
+
+    # ------------------------------------------------------------------ stages
+
+    def vision(self, inputs: PreparedInputs) -> tuple["torch.Tensor", "torch.Tensor"]:
+        """Vision tower on all images: (last_hidden_state [S, C], pooler_output [S/4, D]).
+
+        Qwen2.5-VL leaves last_hidden_state in window order; its pooler_output (merger) is already
+        un-permuted to natural order.
+        """
+        import torch
+
+        if not inputs.has_images:
+            raise ValueError("vision() needs a case with images")
+        visual = self.model.model.visual
+        with self._threads(), torch.inference_mode():
+            out = visual(inputs.pixel_values.to(visual.dtype), grid_thw=inputs.image_grid_thw)
+        return out.last_hidden_state, out.pooler_output
+
+    def rope_index(self, inputs: PreparedInputs) -> tuple["torch.Tensor", int]:
+        """M-RoPE positions of the prefill: (position_ids int64 [3, T], rope_delta)."""
+        import torch
+
+        with torch.inference_mode():
+            position_ids, deltas = self.model.model.get_rope_index(
+                inputs.input_ids, mm_token_type_ids=inputs.mm_token_type_ids,
+                image_grid_thw=inputs.image_grid_thw, attention_mask=inputs.attention_mask)
+        return position_ids[:, 0, :], int(deltas.reshape(-1)[0])  # [3, 1, T] -> [3, T]
+
+    def prefill_logits(self, inputs: PreparedInputs, with_mm_token_type_ids: bool = True) -> "torch.Tensor":
+        """One forward over the whole prompt: logits [T, V] at every position (model dtype)."""
+        import torch
+
+        self.model.model.rope_deltas = None  # no stale M-RoPE state from an earlier case
+        with self._threads(), torch.inference_mode():
+            out = self.model(**inputs.model_kwargs(with_mm_token_type_ids), use_cache=False)
+        return out.logits[0]  # [1, T, V] -> [T, V]
+
+    def generate(self, inputs: PreparedInputs, max_new_tokens: int,
+                 with_mm_token_type_ids: bool = True) -> tuple["torch.Tensor", "torch.Tensor"]:
+        """Greedy ``generate``: (new token ids int64 [N], raw logits [N, V] that chose them)."""
+        import torch
+
+        self.model.model.rope_deltas = None
+        with self._threads(), torch.inference_mode():
+            out = self.model.generate(
+                **inputs.model_kwargs(with_mm_token_type_ids), do_sample=False, max_new_tokens=max_new_tokens,
+                output_logits=True, return_dict_in_generate=True)
+        new_ids = out.sequences[0, inputs.input_ids.shape[1]:]  # [N]
+        step_logits = torch.stack([step[0] for step in out.logits])  # N x [1, V] -> [N, V]
+        return new_ids, step_logits
+
+    def run(self, case: ReferenceCase) -> ReferenceResult:
+        """All reference stages for one case."""
+        inputs = self.prepare(case)
+        vision_hidden = merger_out = None
+        if inputs.has_images:
+            vision_hidden, merger_out = self.vision(inputs)  # [S, C], [S/4, D]
+            n_image_tokens = int(inputs.mm_token_type_ids.sum())
+            if merger_out.shape[0] != n_image_tokens:
+                raise QvlError(f"case {case.name!r}: merger gave {merger_out.shape[0]} rows for "
+                               f"{n_image_tokens} image tokens.")
+        position_ids, rope_delta = self.rope_index(inputs)  # [3, T]
+        logits = self.prefill_logits(inputs)  # [T, V]
+        new_ids, step_logits = self.generate(inputs, case.max_new_tokens)  # [N], [N, V]
+
+        step0_diff = float((step_logits[0].float() - logits[-1].float()).abs().max())
+        scale = max(1.0, float(logits[-1].float().abs().max()))
+        tol = (1e-3 if self.dtype in ("float32", "float64") else 5e-2) * scale
+        log.info("reference %s: T=%d images=%d new=%d rope_delta=%d |step0-prefill|=%.3g",
+                 case.name, inputs.input_ids.shape[1], len(case.images), new_ids.shape[0], rope_delta, step0_diff)
+        if step0_diff > tol:
+            raise QvlError(f"case {case.name!r}: generate's first-step logits differ from the prefill forward by "
+                           f"{step0_diff:.3g} (> {tol:.3g}); the transformers reference is inconsistent "
+                           "(M-RoPE positions?).")
+        if not bool((step_logits.argmax(-1) == new_ids).all()):
+            raise QvlError(f"case {case.name!r}: generate chose tokens that are not the argmax of its raw logits; "
+                           "a logits processor is active in the reference.")
+
+        return ReferenceResult(
+            input_ids=_to_numpy(inputs.input_ids[0], np.int64),
+            pixel_values=None if inputs.pixel_values is None else _to_numpy(inputs.pixel_values, np.float32),
+            image_grid_thw=None if inputs.image_grid_thw is None else _to_numpy(inputs.image_grid_thw, np.int64),
+            vision_hidden=None if vision_hidden is None else _to_numpy(vision_hidden, np.float32),
+            merger_out=None if merger_out is None else _to_numpy(merger_out, np.float32),
+            prefill_logits=_to_numpy(logits, np.float32),
+            generated_ids=_to_numpy(new_ids, np.int64),
+            step_logits=_to_numpy(step_logits, np.float32),
+            position_ids=_to_numpy(position_ids, np.int64),
+            rope_delta=rope_delta,
+            step0_prefill_max_abs=step0_diff,
+        )

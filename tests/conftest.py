@@ -1,0 +1,62 @@
+"""Shared fixtures: tiny random checkpoints of both architectures and their built artifacts.
+
+The shapes differ from the built-in demo checkpoint on purpose (head dims, mrope sections,
+window / full-attention layout, tied embeddings) so nothing is tuned to one configuration.
+"""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+from qvl_export.loading.synthetic import CheckpointDims
+
+TINY = {
+    "qwen2_vl": CheckpointDims(family="qwen2_vl", vision_depth=3, vision_hidden=48, vision_heads=3,
+                               vision_intermediate=96, text_hidden=96, text_layers=2, text_heads=4,
+                               text_kv_heads=2, text_intermediate=160, mrope_section=(2, 5, 5),
+                               tie_word_embeddings=True, seed=11),
+    "qwen2_5_vl": CheckpointDims(family="qwen2_5_vl", vision_depth=4, vision_hidden=64, vision_heads=4,
+                                 vision_intermediate=112, fullatt_block_indexes=(0, 3), text_hidden=128,
+                                 text_layers=3, text_heads=4, text_kv_heads=1, text_intermediate=192,
+                                 mrope_section=(4, 6, 6), seed=12),
+}
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _isolated_cache(tmp_path_factory):
+    """Keep the demo checkpoint cache inside the test session."""
+    os.environ.setdefault("QVL_EXPORT_CACHE", str(tmp_path_factory.mktemp("qvl-cache")))
+
+
+@pytest.fixture(scope="session")
+def checkpoint(tmp_path_factory):
+    """checkpoint(family) -> path of a tiny random checkpoint (made once per session)."""
+    from qvl_export.loading.synthetic import make_checkpoint
+
+    made: dict[str, object] = {}
+
+    def get(family: str):
+        if family not in made:
+            made[family] = make_checkpoint(tmp_path_factory.mktemp(f"ckpt-{family}"), TINY[family])
+        return made[family]
+
+    return get
+
+
+@pytest.fixture(scope="session")
+def artifacts(tmp_path_factory, checkpoint):
+    """artifacts(family) -> path of the fp32 ORT artifacts built from checkpoint(family)."""
+    from qvl_export.building.artifacts import BuildOptions, build
+
+    built: dict[str, object] = {}
+
+    def get(family: str):
+        if family not in built:
+            out = tmp_path_factory.mktemp(f"art-{family}") / "artifacts"
+            build(checkpoint(family), out, BuildOptions())
+            built[family] = out
+        return built[family]
+
+    return get
