@@ -6,8 +6,10 @@ torch module is freed before the next part is built, so peak memory stays near o
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import logging
+import warnings
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -134,7 +136,9 @@ def trace_part(part: PartSpec):
     module = part.build()
     args = part.example(module)
     log.info("tracing %s", part.name)
-    with torch.no_grad():
+    with torch.no_grad(), warnings.catch_warnings(), _quiet_exporter():
+        # the exporter warns about merged axis names and missing torchvision ops: not actionable here
+        warnings.simplefilter("ignore")
         program = torch.onnx.export(
             module,
             args,
@@ -153,6 +157,19 @@ def trace_part(part: PartSpec):
     del program, module, args
     gc.collect()
     return model
+
+
+@contextlib.contextmanager
+def _quiet_exporter():
+    loggers = [logging.getLogger(n) for n in ("torch.onnx", "torch._dynamo", "torch.export", "onnxscript")]
+    levels = [lg.level for lg in loggers]
+    for lg in loggers:
+        lg.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        for lg, level in zip(loggers, levels):
+            lg.setLevel(level)
 
 
 def _rename_dims(model, axes: dict[str, dict[int, str]]) -> None:

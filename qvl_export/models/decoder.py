@@ -132,7 +132,7 @@ class Decoder(nn.Module):
         is_image = input_ids == self.image_token_id
         # row r of image_embeds goes to the r-th image token; row 0 of the padded table is unused
         order = torch.cumsum(is_image.reshape(-1).to(torch.int64), 0).reshape(input_ids.shape)
-        table = torch.cat([torch.zeros_like(image_embeds[:1]).expand(1, -1), image_embeds], dim=0)
+        table = torch.cat([image_embeds.new_zeros(1, self.spec.hidden_size), image_embeds], dim=0)
         picked = table[order]  # [B, T, H]
         return torch.where(is_image[..., None], picked, text)
 

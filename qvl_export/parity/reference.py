@@ -169,6 +169,7 @@ class TorchReference:
                            f"{SUPPORTED}.")
         self.family = ARCHITECTURES[arch]
         model_cls = getattr(transformers, arch)
+        transformers.utils.logging.disable_progress_bar()  # one gate table, not a bar per load
 
         with self._threads():
             try:

@@ -1,0 +1,349 @@
+"""One measurement in its own process: ``python -m qvl_export.bench.worker TASK.json RESULT.json``.
+
+Each engine and phase runs in a fresh process so its peak RSS (``ru_maxrss``) is its own. The
+result file is rewritten after every figure, so what was measured survives if the harness has to
+kill the worker (memory guard, timeout). Task kinds: bandwidth, checkpoint, export, torch_vision,
+ort_vision, torch_llm, ort_llm, ort_profile. Only the torch tasks import torch.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import resource
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+
+log = logging.getLogger("qvl_export.bench.worker")
+
+
+def peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0  # Linux: KiB
+
+
+def rss_mb() -> float:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+
+
+class Sink:
+    """The result dict, written atomically to disk on every update."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        self.data: dict = {}
+
+    def put(self, key: str, value) -> None:
+        self.data[key] = value
+        self.data["peak_rss_mb"] = peak_rss_mb()
+        tmp = self.path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(self.data, indent=1))
+        tmp.replace(self.path)
+
+
+def timed(fn: Callable[[], object], warmup: int, repeats: int) -> list[float]:
+    """Seconds of ``repeats`` calls after ``warmup`` untimed ones."""
+    for _ in range(warmup):
+        fn()
+    out = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        out.append(time.perf_counter() - t0)
+    return out
+
+
+def median_ms(seconds: list[float]) -> float:
+    return statistics.median(seconds) * 1000.0
+
+
+# ----------------------------------------------------------------------------- inputs
+
+
+def page_patches(spec, px: int):
+    """A rendered document page of px x px pixels -> (patches [S, 1176] float32, grid, preprocess s)."""
+    from qvl_export.parity.samples import render_page
+    from qvl_export.runtimes.preprocess import preprocess_image
+
+    image = render_page(px, px, seed=px)
+    t0 = time.perf_counter()
+    patches, grid = preprocess_image(image, spec.vision, spec.preprocess)
+    return patches, tuple(int(g) for g in grid), time.perf_counter() - t0
+
+
+def llm_inputs(spec, px: int, prompt_tokens: int, seed: int = 0):
+    """One page (as image tokens) + ``prompt_tokens`` text tokens, identical for both engines.
+
+    ``ids [T]`` = vision_start, N image pads, vision_end, text; ``positions [3, T]`` M-RoPE;
+    ``embeds [N, H]`` float32 stand-ins for the merger output (values do not change the timing).
+    """
+    from qvl_export.runtimes import indexing
+    from qvl_export.runtimes.preprocess import smart_resize
+
+    v, tok = spec.vision, spec.tokens
+    factor = v.patch_size * v.spatial_merge_size
+    h, w = smart_resize(px, px, factor, spec.preprocess.min_pixels, spec.preprocess.max_pixels)
+    grid = (1, h // v.patch_size, w // v.patch_size)
+    n_image = h * w // v.patch_size**2 // v.merge_unit
+    rng = np.random.default_rng(seed)
+    limit = min(t for t in (tok.image_token_id, tok.video_token_id, tok.vision_start_token_id,
+                            tok.vision_end_token_id) if t >= 0)  # specials follow the regular tokens
+    text = rng.integers(0, limit, prompt_tokens)
+    ids = np.concatenate([[tok.vision_start_token_id], np.full(n_image, tok.image_token_id),
+                          [tok.vision_end_token_id], text]).astype(np.int64)
+    positions, delta = indexing.rope_index(ids, [grid], tok, v.spatial_merge_size)
+    embeds = rng.standard_normal((n_image, spec.text.hidden_size), dtype=np.float32)
+    return ids, positions, int(delta), embeds, grid
+
+
+# ----------------------------------------------------------------------------- tasks
+
+
+def task_bandwidth(task: dict, sink: Sink) -> None:
+    """Streaming copy (read + write bytes) and streaming read (dot) of a large float32 array."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    n = int(task["mib"]) * 2**20 // 4
+    src = np.ones(n, dtype=np.float32)
+    dst = np.zeros_like(src)  # touched: no page faults inside the timing
+    threads = int(task["threads"])
+    bounds = [(c[0], c[-1] + 1) for c in np.array_split(np.arange(n), threads)]
+    pool = ThreadPoolExecutor(threads)  # numpy releases the GIL in copyto / dot
+
+    def copy():
+        list(pool.map(lambda b: np.copyto(dst[b[0]:b[1]], src[b[0]:b[1]]), bounds))
+
+    def read():
+        list(pool.map(lambda b: np.dot(src[b[0]:b[1]], src[b[0]:b[1]]), bounds))
+
+    best_copy = min(timed(copy, 1, 5))
+    best_read = min(timed(read, 1, 5))
+    sink.put("array_mib", int(task["mib"]))
+    sink.put("threads", threads)
+    sink.put("copy_gb_s", 2 * src.nbytes / best_copy / 1e9)
+    sink.put("read_gb_s", src.nbytes / best_read / 1e9)
+
+
+def task_checkpoint(task: dict, sink: Sink) -> None:
+    from qvl_export.bench.checkpoint import make_bench_checkpoint
+    from qvl_export.bench.configs import bench_model
+
+    t0 = time.perf_counter()
+    out = make_bench_checkpoint(task["out"], bench_model(task["model"], task.get("layers")))
+    sink.put("seconds", time.perf_counter() - t0)
+    sink.put("bytes", sum(p.stat().st_size for p in Path(out).glob("*.safetensors")))
+
+
+def task_export(task: dict, sink: Sink) -> None:
+    from qvl_export.building.artifacts import BuildOptions, build
+
+    t0 = time.perf_counter()
+    build(task["checkpoint"], task["out"], BuildOptions(window_attention=task["window_attention"], force=True))
+    sink.put("seconds", time.perf_counter() - t0)
+    sink.put("bytes", sum(p.stat().st_size for p in Path(task["out"]).glob("*.onnx*")))
+
+
+def task_torch_vision(task: dict, sink: Sink) -> None:
+    import torch
+
+    from qvl_export.bench.torch_engine import load_vision, vision_runner
+    from qvl_export.loading.config import parse_model_config
+
+    torch.set_num_threads(int(task["threads"]))
+    model_dir = Path(task["checkpoint"])
+    spec = parse_model_config(model_dir)
+    t0 = time.perf_counter()
+    visual = load_vision(model_dir)
+    sink.put("load_s", time.perf_counter() - t0)
+    sink.put("rss_after_load_mb", rss_mb())
+    pages = {}
+    for px in task["pages"]:
+        patches, grid, _ = page_patches(spec, px)
+        seconds = timed(vision_runner(visual, patches, grid), task["warmup"], task["repeats"])
+        pages[str(px)] = {"px": px, "grid": grid, "tokens": len(patches), "ms": median_ms(seconds),
+                          "samples_ms": [s * 1000 for s in seconds], "peak_rss_mb": peak_rss_mb()}
+        sink.put("pages", pages)
+
+
+def task_ort_vision(task: dict, sink: Sink) -> None:
+    from qvl_export.bench.ort_engine import open_pipeline
+
+    t0 = time.perf_counter()
+    pipe, backend = open_pipeline(task["artifacts"], ("vision", "merger"), int(task["threads"]))
+    sink.put("load_s", time.perf_counter() - t0)
+    sink.put("rss_after_load_mb", rss_mb())
+    pages = {}
+    for px in task["pages"]:
+        patches, grid, prep_s = page_patches(pipe.spec, px)
+        totals, graphs = [], []
+        for i in range(task["warmup"] + task["repeats"]):
+            backend.take()
+            t = time.perf_counter()
+            out = pipe.encode_images([patches], [grid])
+            total = time.perf_counter() - t
+            graph = backend.take()
+            if i >= task["warmup"]:
+                totals.append(total)
+                graphs.append(graph)
+        graph_ms = median_ms(graphs)
+        pages[str(px)] = {"px": px, "grid": grid, "tokens": len(patches), "padded_tokens": out.layout.padded_len,
+                          "ms": graph_ms, "samples_ms": [s * 1000 for s in graphs],
+                          "host_ms": median_ms([a - b for a, b in zip(totals, graphs)]),
+                          "total_ms": median_ms(totals), "preprocess_ms": prep_s * 1000,
+                          "peak_rss_mb": peak_rss_mb()}
+        sink.put("pages", pages)
+
+
+def _llm_figures(prefill: list[float], decode: list[float], n: int) -> dict:
+    tps = [n / s for s in decode]
+    return {"prefill_ms": median_ms(prefill), "prefill_samples_ms": [s * 1000 for s in prefill],
+            "decode_tokens": n, "decode_tokens_per_s": statistics.median(tps),
+            "decode_samples_tokens_per_s": tps, "decode_ms_per_token": 1000.0 / statistics.median(tps)}
+
+
+def task_torch_llm(task: dict, sink: Sink) -> None:
+    import torch
+
+    from qvl_export.bench.torch_engine import TorchLLM
+    from qvl_export.loading.config import parse_model_config
+
+    torch.set_num_threads(int(task["threads"]))
+    model_dir = Path(task["checkpoint"])
+    spec = parse_model_config(model_dir)
+    t0 = time.perf_counter()
+    llm = TorchLLM(model_dir)
+    sink.put("load_s", time.perf_counter() - t0)
+    sink.put("rss_after_load_mb", rss_mb())
+    ids, positions, delta, embeds, _ = llm_inputs(spec, task["page"], task["prompt_tokens"])
+    ids_t = torch.from_numpy(ids)[None]
+    pos_t = torch.from_numpy(positions)[:, None, :]
+    emb_t = torch.from_numpy(embeds)
+    sink.put("prompt_tokens_total", len(ids))
+    sink.put("image_tokens", len(embeds))
+
+    def generate(steps: int) -> tuple[float, float]:
+        t = time.perf_counter()
+        logits, cache = llm.prefill(ids_t, emb_t, pos_t)
+        token = logits.argmax(-1)
+        t_prefill = time.perf_counter() - t
+        t = time.perf_counter()
+        for step in range(steps):
+            pos = torch.full((3, 1, 1), len(ids) + step + delta, dtype=torch.int64)
+            token = llm.step(token.view(1, 1), pos, cache).argmax(-1)
+        return t_prefill, time.perf_counter() - t
+
+    for _ in range(task["warmup"]):
+        generate(2)
+    runs = [generate(task["decode_tokens"]) for _ in range(task["repeats"])]
+    sink.put("llm", _llm_figures([r[0] for r in runs], [r[1] for r in runs], task["decode_tokens"]))
+
+
+def task_ort_llm(task: dict, sink: Sink) -> None:
+    from qvl_export.bench.ort_engine import open_pipeline
+    from qvl_export.runtimes import indexing
+    from qvl_export.runtimes.pipeline import KVCache
+
+    t0 = time.perf_counter()
+    pipe, backend = open_pipeline(task["artifacts"], ("decoder",), int(task["threads"]))
+    sink.put("load_s", time.perf_counter() - t0)
+    sink.put("rss_after_load_mb", rss_mb())
+    ids, positions, delta, embeds, _ = llm_inputs(pipe.spec, task["page"], task["prompt_tokens"])
+    text = pipe.spec.text
+    no_image = np.zeros((0, text.hidden_size), dtype=np.float32)
+    sink.put("prompt_tokens_total", len(ids))
+    sink.put("image_tokens", len(embeds))
+    graph: dict[str, list[float]] = {"prefill": [], "decode": []}
+
+    def generate(steps: int) -> tuple[float, float]:
+        cache = KVCache(text.num_hidden_layers, text.num_key_value_heads, text.head_dim, pipe.kv_dtype)
+        backend.take()
+        t = time.perf_counter()
+        logits = pipe.decoder_step(ids[None], embeds, positions[:, None, :], cache)
+        token = int(np.argmax(logits[0]))
+        t_prefill = time.perf_counter() - t
+        graph["prefill"].append(backend.take())
+        t = time.perf_counter()
+        for _ in range(steps):
+            pos = indexing.decode_positions(cache.length, delta, 1)
+            logits = pipe.decoder_step(np.asarray([[token]], dtype=np.int64), no_image, pos[:, None, :], cache)
+            token = int(np.argmax(logits[0]))
+        graph["decode"].append(backend.take())
+        return t_prefill, time.perf_counter() - t
+
+    for _ in range(task["warmup"]):
+        generate(2)
+    graph["prefill"].clear()
+    graph["decode"].clear()
+    runs = [generate(task["decode_tokens"]) for _ in range(task["repeats"])]
+    figures = _llm_figures([r[0] for r in runs], [r[1] for r in runs], task["decode_tokens"])
+    figures["prefill_graph_ms"] = median_ms(graph["prefill"])
+    figures["decode_graph_ms_per_token"] = median_ms(graph["decode"]) / task["decode_tokens"]
+    sink.put("llm", figures)
+
+
+def task_ort_profile(task: dict, sink: Sink) -> None:
+    """onnxruntime's profiler on the decoder (prefill, decode steps) and the vision graph."""
+    import tempfile
+
+    from qvl_export.bench.ort_engine import node_breakdown, op_breakdown, open_profiling_pipeline
+    from qvl_export.runtimes import indexing
+    from qvl_export.runtimes.pipeline import KVCache
+
+    threads, steps = int(task["threads"]), int(task["decode_steps"])
+    prefix = str(Path(tempfile.mkdtemp(prefix="ortprof-")) / "p")
+    pipe, backend = open_profiling_pipeline(task["artifacts"], ("decoder",), threads, prefix + "-llm")
+    ids, positions, delta, embeds, _ = llm_inputs(pipe.spec, task["page"], task["prompt_tokens"])
+    text = pipe.spec.text
+    no_image = np.zeros((0, text.hidden_size), dtype=np.float32)
+    for n in (2, steps):  # run 0 prefill + 2 decode steps are warm-up; then prefill + ``steps`` steps
+        cache = KVCache(text.num_hidden_layers, text.num_key_value_heads, text.head_dim, pipe.kv_dtype)
+        token = int(np.argmax(pipe.decoder_step(ids[None], embeds, positions[:, None, :], cache)[0]))
+        for _ in range(n):
+            pos = indexing.decode_positions(cache.length, delta, 1)
+            token = int(np.argmax(pipe.decoder_step(np.asarray([[token]], dtype=np.int64), no_image,
+                                                    pos[:, None, :], cache)[0]))
+    path = backend.end()["decoder"]
+    sink.put("decoder_prefill", {**op_breakdown(path, slice(3, 4)), "top_nodes": node_breakdown(path, slice(3, 4))})
+    sink.put("decoder_decode", {**op_breakdown(path, slice(4, None)),
+                                "top_nodes": node_breakdown(path, slice(4, None))})
+    sink.put("decoder_prompt_tokens", len(ids))
+    del pipe, backend
+    if task.get("vision_page"):
+        pipe, backend = open_profiling_pipeline(task["artifacts"], ("vision", "merger"), threads, prefix + "-vis")
+        patches, grid, _ = page_patches(pipe.spec, task["vision_page"])
+        for _ in range(2):
+            pipe.encode_images([patches], [grid])
+        paths = backend.end()
+        sink.put("vision", {"px": task["vision_page"], **op_breakdown(paths["vision"], slice(1, 2)),
+                            "top_nodes": node_breakdown(paths["vision"], slice(1, 2))})
+
+
+TASKS = {
+    "bandwidth": task_bandwidth,
+    "checkpoint": task_checkpoint,
+    "export": task_export,
+    "torch_vision": task_torch_vision,
+    "ort_vision": task_ort_vision,
+    "torch_llm": task_torch_llm,
+    "ort_llm": task_ort_llm,
+    "ort_profile": task_ort_profile,
+}
+
+
+def main(argv: list[str]) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    task = json.loads(Path(argv[0]).read_text())
+    sink = Sink(Path(argv[1]))
+    TASKS[task["kind"]](task, sink)
+    sink.put("done", True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

@@ -1,0 +1,58 @@
+"""The parity gate end to end: both architectures pass at fp32, and a broken artifact fails it."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import numpy as np
+import onnx
+import pytest
+from click.testing import CliRunner
+
+from qvl_export.cli import main
+from qvl_export.parity.gate import load_gates, run_parity
+from qvl_export.parity.samples import ALL_CASES
+
+
+@pytest.mark.parametrize("family", ["qwen2_vl", "qwen2_5_vl"])
+def test_fp32_gate_passes(family, artifacts, checkpoint):
+    cases = [c for c in ALL_CASES if c.name in ("landscape", "two-images", "text-only", "portrait")]
+    report = run_parity(artifacts(family), checkpoint(family), cases=cases, max_new_tokens=64)
+    assert report.passed, report.failure_summary()
+    for case in report.cases:
+        greedy = case["stages"]["greedy"]
+        assert greedy["first_divergence"] == -1 and greedy["matched_prefix"] == greedy["ref_len"]
+        if case["images"]:
+            assert case["stages"]["vision"]["cosine"] >= 0.99999
+            assert case["stages"]["merger"]["cosine"] >= 0.99999
+    saved = json.loads((artifacts(family) / "report.json").read_text())
+    assert saved["passed"] is True and len(saved["cases"]) == len(cases)
+
+
+def test_damaged_merger_fails_gate_with_exit_1(artifacts, checkpoint, tmp_path):
+    art = tmp_path / "damaged"
+    shutil.copytree(artifacts("qwen2_5_vl"), art)
+    model = onnx.load(art / "merger.onnx")
+    init = max(model.graph.initializer, key=lambda t: np.prod(t.dims))
+    arr = onnx.numpy_helper.to_array(init).copy()
+    arr[: arr.shape[0] // 8] *= -1.0  # flip the sign of some output channels
+    init.CopyFrom(onnx.numpy_helper.from_array(arr, init.name))
+    onnx.save(model, art / "merger.onnx")
+    result = CliRunner().invoke(main, ["parity", str(art), "--reference", str(checkpoint("qwen2_5_vl")),
+                                       "--quick"])
+    assert result.exit_code == 1, result.output
+    assert "merger" in result.stderr and "parity gate failed" in result.stderr
+    assert json.loads((art / "report.json").read_text())["passed"] is False
+
+
+def test_gates_file_overrides(tmp_path):
+    path = tmp_path / "gates.json"
+    path.write_text(json.dumps({"fp32": {"vision_cosine": 0.5}}))
+    assert load_gates("fp32", path)["vision_cosine"] == 0.5
+    assert load_gates("fp32")["vision_cosine"] == 0.99999
+    path.write_text(json.dumps({"vison_cosine": 0.5}))
+    from qvl_export.errors import QvlError
+
+    with pytest.raises(QvlError, match="unknown keys"):
+        load_gates("fp32", path)
