@@ -87,52 +87,48 @@ def open_profiling_pipeline(folder: str | Path, parts: tuple[str, ...], threads:
     return Pipeline(folder, backend, manifest), backend
 
 
-def _runs(events: list, runs: slice) -> list[tuple[int, int]]:
-    spans = sorted((e["ts"], e["ts"] + e["dur"]) for e in events
-                   if e.get("cat") == "Session" and e.get("name") == "model_run")
-    return spans[runs]
-
-
-def op_breakdown(profile_json: str | Path, runs: slice = slice(None)) -> dict:
-    """Per-op-type kernel time of an ORT profile, over the ``runs`` (session.run calls) selected.
-
-    Returns ``{"runs": n, "total_ms_per_run": x, "ops": [{"op", "ms_per_run", "share", "nodes"}]}``
-    sorted by time. Node events are assigned to runs by their timestamps (``model_run`` spans).
-    """
+def _node_times(profile_json: str | Path, runs: slice) -> tuple[dict, list[float]]:
+    """``({(node, op): [ms in each selected run]}, [wall ms of each selected run])``."""
     events = json.loads(Path(profile_json).read_text())
-    runs = _runs(events, runs)
-    if not runs:
-        return {"runs": 0, "total_ms_per_run": 0.0, "ops": []}
-    per_op: dict[str, float] = defaultdict(float)
-    nodes: dict[str, set] = defaultdict(set)
+    spans = sorted((e["ts"], e["ts"] + e["dur"]) for e in events
+                   if e.get("cat") == "Session" and e.get("name") == "model_run")[runs]
+    times: dict[tuple[str, str], list[float]] = defaultdict(lambda: [0.0] * len(spans))
     for e in events:
         if e.get("cat") != "Node" or not e.get("name", "").endswith("_kernel_time"):
             continue
-        if not any(a <= e["ts"] <= b for a, b in runs):
-            continue
-        op = e.get("args", {}).get("op_name", "?")
-        per_op[op] += e["dur"] / 1000.0
-        nodes[op].add(e["name"])
-    wall = sum(b - a for a, b in runs) / 1000.0 / len(runs)
+        for i, (a, b) in enumerate(spans):
+            if a <= e["ts"] <= b:
+                key = (e["name"].removesuffix("_kernel_time"), e.get("args", {}).get("op_name", "?"))
+                times[key][i] += e["dur"] / 1000.0
+                break
+    return times, [(b - a) / 1000.0 for a, b in spans]
+
+
+def op_breakdown(profile_json: str | Path, runs: slice = slice(None), top_nodes: int = 12) -> dict:
+    """Kernel time per op type and the slowest nodes, over the selected session runs.
+
+    Each node's time is its median over the runs (a node preempted in one run by another process
+    does not dominate), op types sum their nodes' medians. Returns ``{"runs", "wall_ms_per_run",
+    "kernel_ms_per_run", "ops": [{"op", "ms_per_run", "share", "nodes"}], "top_nodes": [...]}``.
+    """
+    import statistics
+
+    times, walls = _node_times(profile_json, runs)
+    if not walls:
+        return {"runs": 0, "wall_ms_per_run": 0.0, "kernel_ms_per_run": 0.0, "ops": [], "top_nodes": []}
+    node_ms = {key: statistics.median(v) for key, v in times.items()}
+    per_op: dict[str, float] = defaultdict(float)
+    count: dict[str, int] = defaultdict(int)
+    for (_, op), ms in node_ms.items():
+        per_op[op] += ms
+        count[op] += 1
     total = sum(per_op.values())
-    ops = [{"op": op, "ms_per_run": ms / len(runs), "share": ms / total if total else 0.0,
-            "nodes": len(nodes[op])} for op, ms in sorted(per_op.items(), key=lambda kv: -kv[1])]
-    return {"runs": len(runs), "wall_ms_per_run": wall, "kernel_ms_per_run": total / len(runs), "ops": ops}
-
-
-def node_breakdown(profile_json: str | Path, runs: slice = slice(None), top: int = 12) -> list[dict]:
-    """The ``top`` single nodes by kernel time per run (names tell which layer / weight)."""
-    events = json.loads(Path(profile_json).read_text())
-    runs = _runs(events, runs)
-    per_node: dict[tuple[str, str], float] = defaultdict(float)
-    for e in events:
-        if e.get("cat") == "Node" and e.get("name", "").endswith("_kernel_time") and \
-                any(a <= e["ts"] <= b for a, b in runs):
-            per_node[(e["name"].removesuffix("_kernel_time"), e.get("args", {}).get("op_name", "?"))] += \
-                e["dur"] / 1000.0
-    n = max(1, len(runs))
-    return [{"node": k[0], "op": k[1], "ms_per_run": v / n}
-            for k, v in sorted(per_node.items(), key=lambda kv: -kv[1])[:top]]
+    ops = [{"op": op, "ms_per_run": ms, "share": ms / total if total else 0.0, "nodes": count[op]}
+           for op, ms in sorted(per_op.items(), key=lambda kv: -kv[1])]
+    top = [{"node": k[0], "op": k[1], "ms_per_run": v}
+           for k, v in sorted(node_ms.items(), key=lambda kv: -kv[1])[:top_nodes]]
+    return {"runs": len(walls), "wall_ms_per_run": statistics.median(walls), "kernel_ms_per_run": total,
+            "ops": ops, "top_nodes": top}
 
 
 def decoder_weight_bytes(decoder_onnx: str | Path) -> dict:

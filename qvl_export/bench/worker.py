@@ -113,7 +113,8 @@ def task_bandwidth(task: dict, sink: Sink) -> None:
     src = np.ones(n, dtype=np.float32)
     dst = np.zeros_like(src)  # touched: no page faults inside the timing
     threads = int(task["threads"])
-    bounds = [(c[0], c[-1] + 1) for c in np.array_split(np.arange(n), threads)]
+    edges = [n * i // threads for i in range(threads + 1)]
+    bounds = list(zip(edges[:-1], edges[1:]))
     pool = ThreadPoolExecutor(threads)  # numpy releases the GIL in copyto / dot
 
     def copy():
@@ -291,7 +292,7 @@ def task_ort_profile(task: dict, sink: Sink) -> None:
     """onnxruntime's profiler on the decoder (prefill, decode steps) and the vision graph."""
     import tempfile
 
-    from qvl_export.bench.ort_engine import node_breakdown, op_breakdown, open_profiling_pipeline
+    from qvl_export.bench.ort_engine import op_breakdown, open_profiling_pipeline
     from qvl_export.runtimes import indexing
     from qvl_export.runtimes.pipeline import KVCache
 
@@ -309,19 +310,17 @@ def task_ort_profile(task: dict, sink: Sink) -> None:
             token = int(np.argmax(pipe.decoder_step(np.asarray([[token]], dtype=np.int64), no_image,
                                                     pos[:, None, :], cache)[0]))
     path = backend.end()["decoder"]
-    sink.put("decoder_prefill", {**op_breakdown(path, slice(3, 4)), "top_nodes": node_breakdown(path, slice(3, 4))})
-    sink.put("decoder_decode", {**op_breakdown(path, slice(4, None)),
-                                "top_nodes": node_breakdown(path, slice(4, None))})
+    sink.put("decoder_prefill", op_breakdown(path, slice(3, 4)))
+    sink.put("decoder_decode", op_breakdown(path, slice(4, None)))
     sink.put("decoder_prompt_tokens", len(ids))
     del pipe, backend
     if task.get("vision_page"):
         pipe, backend = open_profiling_pipeline(task["artifacts"], ("vision", "merger"), threads, prefix + "-vis")
         patches, grid, _ = page_patches(pipe.spec, task["vision_page"])
-        for _ in range(2):
+        for _ in range(1 + int(task.get("vision_runs", 3))):  # the first run is warm-up
             pipe.encode_images([patches], [grid])
         paths = backend.end()
-        sink.put("vision", {"px": task["vision_page"], **op_breakdown(paths["vision"], slice(1, 2)),
-                            "top_nodes": node_breakdown(paths["vision"], slice(1, 2))})
+        sink.put("vision", {"px": task["vision_page"], **op_breakdown(paths["vision"], slice(1, None))})
 
 
 TASKS = {

@@ -1,0 +1,88 @@
+"""Benchmark harness: PyTorch eager vs our ONNX Runtime artifacts (``qvl-export bench``).
+
+    from qvl_export.bench import run_bench
+    report = run_bench("qwen2.5-vl-3b", layers=4, threads=2, out_dir="bench-out")
+
+Wiring into the click CLI (``cli.py``)::
+
+    from qvl_export.bench import click_options
+
+    @main.command()
+    @click_options
+    def bench(**options):
+        \"\"\"Benchmark PyTorch eager vs the ONNX Runtime artifacts on random weights.\"\"\"
+        from qvl_export.bench import run_bench_cli
+        run_bench_cli(**options)
+
+``OPTIONS`` lists the same options as data (``(param_decls, kwargs)`` for ``click.option``).
+Importing this package is cheap: torch, transformers and onnxruntime load only in the workers.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from qvl_export.bench.configs import MODELS
+
+__all__ = ["run_bench", "run_bench_cli", "click_options", "OPTIONS", "MODELS"]
+
+OPTIONS: list[tuple[tuple[str, ...], dict]] = [
+    (("--model",), dict(type=str, default="qwen2.5-vl-3b", show_default=True,
+                        help=f"Shape to benchmark (random weights): {', '.join(MODELS)}.")),
+    (("--layers",), dict(type=int, default=2, show_default=True,
+                         help="Cut vision and LLM depth to N layers (0 = full depth; per-layer costs stay comparable).")),
+    (("--threads",), dict(type=int, default=2, show_default=True, help="Threads for every engine.")),
+    (("-o", "--output", "out_dir"), dict(type=str, default="bench-out", show_default=True,
+                                         help="Folder for bench.json, table.txt and the plot.")),
+    (("--pixels",), dict(type=str, default="448,896,1344", show_default=True,
+                         help="Square page sides for the vision figures, comma separated.")),
+    (("--decode-tokens",), dict(type=int, default=64, show_default=True)),
+    (("--prompt-tokens",), dict(type=int, default=32, show_default=True, help="Text tokens after the page.")),
+    (("--repeats",), dict(type=int, default=3, show_default=True, help="Timed runs per figure (median).")),
+    (("--skip-torch",), dict(is_flag=True, help="Measure only our artifacts.")),
+    (("--no-profile",), dict(is_flag=True, help="Skip the onnxruntime profile of the decoder and vision graphs.")),
+    (("--reuse",), dict(is_flag=True, help="Keep and reuse the checkpoint and artifacts of an identical earlier run.")),
+    (("--idle-wait",), dict(type=float, default=0.0, show_default=True,
+                            help="Seconds to wait at most, before each worker, for other processes to go quiet.")),
+    (("--retries",), dict(type=int, default=0, show_default=True,
+                          help="Re-run a worker this many times when other processes used > 0.25 cores meanwhile.")),
+    (("--memory-reserve-mb",), dict(type=float, default=1024.0, show_default=True,
+                                    help="Stop a worker when available memory falls below this.")),
+]
+
+
+def click_options(func):
+    """Decorate a click command with every bench option."""
+    import click
+
+    for decls, kwargs in reversed(OPTIONS):
+        func = click.option(*decls, **kwargs)(func)
+    return func
+
+
+def run_bench(*args, **kwargs):
+    """See :func:`qvl_export.bench.harness.run_bench`."""
+    from qvl_export.bench.harness import run_bench as impl
+
+    return impl(*args, **kwargs)
+
+
+def run_bench_cli(model: str, layers: int, threads: int, out_dir: str, pixels: str, decode_tokens: int,
+                  prompt_tokens: int, repeats: int, skip_torch: bool, no_profile: bool, reuse: bool,
+                  idle_wait: float, retries: int, memory_reserve_mb: float) -> dict:
+    """The CLI entry: parse the option strings, run, print the table to stdout."""
+    import sys
+
+    from qvl_export.bench.harness import run_bench as impl
+
+    sides = tuple(int(p) for p in str(pixels).replace(" ", "").split(",") if p)
+    report = impl(model, None if layers == 0 else layers, threads, Path(out_dir), sides, decode_tokens,
+                  prompt_tokens, skip_torch, repeats=repeats, profile=not no_profile, reuse=reuse,
+                  memory_reserve_mb=memory_reserve_mb, idle_wait_s=idle_wait, retries=retries,
+                  progress=lambda msg: print(f"[bench] {msg}", file=sys.stderr, flush=True))
+    from qvl_export.bench.report import table
+
+    print(table(report))
+    print(f"\nwritten: {Path(out_dir) / 'bench.json'}, {Path(out_dir) / 'table.txt'}, "
+          f"{Path(out_dir) / 'encoder_time_vs_pixels.png'}")
+    return report
