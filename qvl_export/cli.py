@@ -66,8 +66,12 @@ def _say(msg: str) -> None:
               help="Run the parity gate against the PyTorch reference after building.")
 @click.option("--gates", type=click.Path(path_type=Path, exists=True, dir_okay=False), default=None,
               help="JSON file overriding the parity thresholds.")
+@click.option("--passes", "only_passes", default=None,
+              help="Comma-separated passes to run (default: every pass of the target; 'none' for none).")
+@click.option("--skip-pass", "skip_passes", multiple=True, help="A pass to leave out; repeatable.")
 @click.option("--force", is_flag=True, help="Replace an existing artifacts folder.")
-def build(model_dir, output, target, precision, window_attention, run_parity, gates, force):
+def build(model_dir, output, target, precision, window_attention, run_parity, gates, only_passes, skip_passes,
+          force):
     """Trace MODEL_DIR into ONNX parts (the built-in demo checkpoint when omitted), then check parity."""
     from qvl_export.building.artifacts import BuildOptions, build as do_build
 
@@ -77,10 +81,27 @@ def build(model_dir, output, target, precision, window_attention, run_parity, ga
         _say("no MODEL_DIR given: using the built-in demo checkpoint (random-weight Qwen2.5-VL)")
         model_dir = demo_checkpoint()
     output = output or Path("build") / Path(model_dir).name
+    only = None if only_passes is None else [p for p in only_passes.split(",") if p.strip() and p != "none"]
     do_build(model_dir, output, BuildOptions(target=target, precision=precision,
-                                             window_attention=window_attention, force=force, progress=_say))
+                                             window_attention=window_attention, force=force, progress=_say,
+                                             passes=only, skip_passes=list(skip_passes)))
     if run_parity:
         _parity(output, model_dir, gates, quick=True)
+
+
+@main.command("passes")
+@click.option("--target", type=click.Choice(["ort", "trt"]), default=None, help="Only this target's passes.")
+def list_passes(target):
+    """List the graph passes in the order they run, with the parts and targets they apply to."""
+    from qvl_export.passes import all_passes
+    from qvl_export.passes.base import PARTS, TARGETS
+
+    for p in all_passes():
+        targets = [t for t in TARGETS if t in p.targets]
+        if target and target not in targets:
+            continue
+        parts = [x for x in PARTS if x in p.parts]
+        click.echo(f"{p.name:<28} [{','.join(targets)}] [{','.join(parts)}] {p.description}")
 
 
 @main.command()

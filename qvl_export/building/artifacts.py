@@ -34,6 +34,8 @@ class BuildOptions:
     target: str = "ort"
     precision: str = "fp32"
     window_attention: str = "fused"  # Qwen2.5-VL window blocks: "fused" (per window) or "dense" (S x S mask)
+    passes: list[str] | None = None  # only these passes (None: the target's full list)
+    skip_passes: list[str] = field(default_factory=list)
     force: bool = False
     progress: Callable[[str], None] | None = None
     extra: dict = field(default_factory=dict)
@@ -91,6 +93,7 @@ def library_versions() -> dict[str, str]:
 def build(model_dir: str | Path, out_dir: str | Path, options: BuildOptions = BuildOptions()) -> Manifest:
     """Trace every part, run the passes, write the artifacts folder atomically. Returns its manifest."""
     from qvl_export.export.parts import decoder_part, merger_part, trace_part, vision_part
+    from qvl_export.passes import run_passes, select_passes
 
     model_dir, out_dir = Path(model_dir), Path(out_dir)
     if options.target not in TARGETS:
@@ -98,6 +101,8 @@ def build(model_dir: str | Path, out_dir: str | Path, options: BuildOptions = Bu
     if options.precision not in PRECISIONS:
         raise QvlError(f"Precision {options.precision!r} is not available; use one of {', '.join(PRECISIONS)}.")
     _check_destination(out_dir, options.force)
+    for part_name in ("vision", "merger", "decoder"):  # unknown pass names fail before any work
+        select_passes(options.target, part_name, options.passes, options.skip_passes)
     say = options.progress or (lambda msg: log.info("%s", msg))
 
     spec, weights = validate_checkpoint(model_dir)
@@ -116,9 +121,13 @@ def build(model_dir: str | Path, out_dir: str | Path, options: BuildOptions = Bu
         for name, make in makers.items():
             say(f"tracing {name}")
             model = trace_part(make())
+            chosen = select_passes(options.target, name, options.passes, options.skip_passes)
+            if chosen:
+                say(f"passes on {name}: {', '.join(p.name for p in chosen)}")
+            model, records = run_passes(model, chosen)
             file, data = save_part(model, tmp, name)
             parts[name] = PartInfo(name, file, data, _tensor_infos(model.graph.inputs),
-                                   _tensor_infos(model.graph.outputs), options.precision)
+                                   _tensor_infos(model.graph.outputs), options.precision, passes=records)
             del model
         for fname in COPIED_FILES:
             if (model_dir / fname).exists():

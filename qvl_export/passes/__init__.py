@@ -1,0 +1,42 @@
+"""Graph passes and the ordered pass list of every (target, part).
+
+The order is declared here, in one place. ``qvl-export passes`` prints it; ``qvl-export build
+--passes/--skip-pass`` selects from it; the manifest records what each pass changed.
+"""
+
+from __future__ import annotations
+
+from qvl_export.errors import QvlError
+from qvl_export.passes.base import GraphPass, run_passes
+from qvl_export.passes.cleanup import FoldConstantsAndCleanup
+
+# One ordered list for all; a pass runs on the (target, part) pairs it declares.
+PIPELINE: list[type[GraphPass]] = [
+    FoldConstantsAndCleanup,
+]
+
+
+def all_passes() -> list[GraphPass]:
+    return [cls() for cls in PIPELINE]
+
+
+def select_passes(target: str, part: str, only: list[str] | None = None,
+                  skip: list[str] | None = None) -> list[GraphPass]:
+    """The passes to run on ``part`` for ``target``: the declared order, filtered."""
+    known = {p.name for p in all_passes()}
+    for name in (only or []) + (skip or []):
+        if name not in known:
+            raise QvlError(f"Unknown pass {name!r}; 'qvl-export passes' lists them: {', '.join(sorted(known))}.")
+    chosen = []
+    for p in all_passes():
+        if not p.applies_to(target, part):
+            continue
+        if only is not None and p.name not in only:
+            continue
+        if skip and p.name in skip:
+            continue
+        chosen.append(p)
+    return chosen
+
+
+__all__ = ["GraphPass", "PIPELINE", "all_passes", "run_passes", "select_passes"]
