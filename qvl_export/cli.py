@@ -54,6 +54,20 @@ def _say(msg: str) -> None:
     click.echo(f"[qvl-export] {msg}", err=True)
 
 
+def _warn(msg: str) -> None:
+    click.echo(f"[qvl-export] warning: {msg}", err=True)
+
+
+@main.command()
+@click.argument("bundle", type=click.Path(path_type=Path))
+def engine(bundle):
+    """Build the TensorRT engines of BUNDLE here, on the GPU that will run them."""
+    from qvl_export.building.trt import build_engines
+
+    build_engines(bundle, _warn, _say)
+    _say(f"engines written into {bundle}; run it with 'qvl-export run {bundle} ...'")
+
+
 @main.command()
 @click.argument("model_dir", required=False, type=click.Path(path_type=Path))
 @click.option("-o", "--output", "output", type=click.Path(path_type=Path), default=None,
@@ -69,8 +83,18 @@ def _say(msg: str) -> None:
 @click.option("--passes", "only_passes", default=None,
               help="Comma-separated passes to run (default: every pass of the target; 'none' for none).")
 @click.option("--skip-pass", "skip_passes", multiple=True, help="A pass to leave out; repeatable.")
+@click.option("--device", default="x86-gpu", show_default=True,
+              help="trt target device: x86-gpu, jetson-orin, jetson-orin-nx, jetson-orin-nano, jetson-thor.")
+@click.option("--bundle", is_flag=True, help="trt target: write a bundle to build the engines on the device.")
+@click.option("--engine-min-pixels", default=56 * 56, show_default=True, type=click.IntRange(1))
+@click.option("--engine-opt-pixels", default=896 * 896, show_default=True, type=click.IntRange(1))
+@click.option("--engine-max-pixels", default=1344 * 1344, show_default=True, type=click.IntRange(1))
+@click.option("--max-images", default=1, show_default=True, type=click.IntRange(1), help="Images per prompt.")
+@click.option("--max-seq", default=4096, show_default=True, type=click.IntRange(2), help="Prompt + new tokens.")
+@click.option("--max-batch", default=1, show_default=True, type=click.IntRange(1))
 @click.option("--force", is_flag=True, help="Replace an existing artifacts folder.")
 def build(model_dir, output, target, precision, window_attention, run_parity, gates, only_passes, skip_passes,
+          device, bundle, engine_min_pixels, engine_opt_pixels, engine_max_pixels, max_images, max_seq, max_batch,
           force):
     """Trace MODEL_DIR into ONNX parts (the built-in demo checkpoint when omitted), then check parity."""
     from qvl_export.building.artifacts import BuildOptions, build as do_build
@@ -81,10 +105,17 @@ def build(model_dir, output, target, precision, window_attention, run_parity, ga
         _say("no MODEL_DIR given: using the built-in demo checkpoint (random-weight Qwen2.5-VL)")
         model_dir = demo_checkpoint()
     output = output or Path("build") / Path(model_dir).name
+    from qvl_export.building.devices import Ranges
+
     only = None if only_passes is None else [p for p in only_passes.split(",") if p.strip() and p != "none"]
+    ranges = Ranges(min_pixels=engine_min_pixels, opt_pixels=engine_opt_pixels, max_pixels=engine_max_pixels,
+                    max_images=max_images, max_seq=max_seq, max_batch=max_batch)
     do_build(model_dir, output, BuildOptions(target=target, precision=precision,
                                              window_attention=window_attention, force=force, progress=_say,
-                                             passes=only, skip_passes=list(skip_passes)))
+                                             passes=only, skip_passes=list(skip_passes), device=device,
+                                             bundle=bundle, ranges=ranges, warn=_warn))
+    if bundle:
+        _say(f"bundle written to {output}: copy it to the {device} and run 'qvl-export engine {output.name}' there")
     if run_parity:
         _parity(output, model_dir, gates, quick=True)
 

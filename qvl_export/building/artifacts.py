@@ -36,6 +36,10 @@ class BuildOptions:
     window_attention: str = "fused"  # Qwen2.5-VL window blocks: "fused" (per window) or "dense" (S x S mask)
     passes: list[str] | None = None  # only these passes (None: the target's full list)
     skip_passes: list[str] = field(default_factory=list)
+    device: str = "x86-gpu"  # trt target: device profile (devices.DEVICES)
+    bundle: bool = False  # trt target: write a bundle to build engines on the device
+    ranges: "Ranges | None" = None  # trt target: shape ranges of the engines  # noqa: F821
+    warn: Callable[[str], None] | None = None
     force: bool = False
     progress: Callable[[str], None] | None = None
     extra: dict = field(default_factory=dict)
@@ -104,8 +108,22 @@ def build(model_dir: str | Path, out_dir: str | Path, options: BuildOptions = Bu
     for part_name in ("vision", "merger", "decoder"):  # unknown pass names fail before any work
         select_passes(options.target, part_name, options.passes, options.skip_passes)
     say = options.progress or (lambda msg: log.info("%s", msg))
+    warn = options.warn or (lambda msg: log.warning("%s", msg))
+    if options.bundle and options.target != "trt":
+        raise QvlError("--bundle is for --target trt (engines built on the device).")
+    if options.target == "trt" and not options.bundle:
+        from qvl_export.building.trt_engine import require_tensorrt
+
+        require_tensorrt()  # fail before any tracing when engines cannot be built here
 
     spec, weights = validate_checkpoint(model_dir)
+    trt_info = None
+    if options.target == "trt":
+        from qvl_export.building.devices import Ranges
+        from qvl_export.building.trt import check_device
+
+        precisions = {p: options.precision for p in ("vision", "merger", "decoder")}
+        trt_info = check_device(spec, precisions, options.device, options.ranges or Ranges(), warn)
     say(f"checkpoint: {spec.architecture} (vision {spec.vision.depth}x{spec.vision.hidden_size}, "
         f"LLM {spec.text.num_hidden_layers}x{spec.text.hidden_size})")
     out_dir.parent.mkdir(parents=True, exist_ok=True)
@@ -125,6 +143,10 @@ def build(model_dir: str | Path, out_dir: str | Path, options: BuildOptions = Bu
             if chosen:
                 say(f"passes on {name}: {', '.join(p.name for p in chosen)}")
             model, records = run_passes(model, chosen)
+            if options.target == "trt":
+                from qvl_export.building.trt import lint_part
+
+                records.append({"pass": "trt_lint", "findings": lint_part(model, name)})
             file, data = save_part(model, tmp, name)
             parts[name] = PartInfo(name, file, data, _tensor_infos(model.graph.inputs),
                                    _tensor_infos(model.graph.outputs), options.precision, passes=records)
@@ -141,6 +163,14 @@ def build(model_dir: str | Path, out_dir: str | Path, options: BuildOptions = Bu
             options={"window_attention": options.window_attention},
         )
         manifest.write(tmp)
+        if trt_info is not None:
+            from qvl_export.building.trt import build_engines, copy_bundle_readme, write_build_config
+
+            write_build_config(tmp, trt_info)
+            if options.bundle:
+                copy_bundle_readme(tmp, options.device)
+            else:
+                manifest = build_engines(tmp, warn, say)
         _move_into_place(tmp, out_dir)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)

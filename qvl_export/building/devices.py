@@ -1,0 +1,243 @@
+"""Target devices, their precision rules, TensorRT optimization profiles and a memory estimate.
+
+Pure Python (no TensorRT needed): every rule here is unit-tested on CPU.
+
+- FP8 needs SM 8.9+ (Ada / Hopper / Blackwell). Jetson Orin is Ampere SM 8.7: fp16, bf16, int8 -
+  no fp8 (the error suggests int8). Jetson Thor is Blackwell SM 11.0: fp8 too.
+- Jetson memory is shared by the CPU and the GPU: the estimate is checked against what is left
+  after the OS and the runtime (``reserved_gb``).
+- Engines are not portable across TensorRT versions or GPUs: the bundle is built on the device.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+from qvl_export.errors import QvlError
+from qvl_export.loading.config import ModelSpec
+
+# bytes per weight / activation element by precision
+WEIGHT_BYTES = {"fp32": 4.0, "fp16": 2.0, "bf16": 2.0, "int8": 1.0, "fp8": 1.0}
+ACT_BYTES = {"fp32": 4.0, "fp16": 2.0, "bf16": 2.0, "int8": 2.0, "fp8": 2.0}  # q/dq'd activations run in fp16
+
+
+@dataclass(frozen=True)
+class Device:
+    name: str
+    description: str
+    sm: tuple[int, int] | None  # None: any GPU (checked against the GPU present at build time)
+    memory_gb: float | None  # None: unknown until the build machine is seen
+    reserved_gb: float = 0.0
+    precisions: tuple[str, ...] = ("fp32", "fp16", "bf16", "int8", "fp8")
+    jetson: bool = False
+
+
+DEVICES = {
+    "x86-gpu": Device("x86-gpu", "discrete NVIDIA GPU (fp8 needs SM 8.9+)", None, None),
+    "jetson-orin": Device("jetson-orin", "Jetson AGX Orin 64 GB (Ampere SM 8.7)", (8, 7), 64.0, 3.0,
+                          ("fp32", "fp16", "bf16", "int8"), True),
+    "jetson-orin-nx": Device("jetson-orin-nx", "Jetson Orin NX 16 GB (SM 8.7)", (8, 7), 16.0, 2.5,
+                             ("fp32", "fp16", "bf16", "int8"), True),
+    "jetson-orin-nano": Device("jetson-orin-nano", "Jetson Orin Nano 8 GB (SM 8.7)", (8, 7), 8.0, 2.0,
+                               ("fp32", "fp16", "bf16", "int8"), True),
+    "jetson-thor": Device("jetson-thor", "Jetson AGX Thor 128 GB (Blackwell SM 11.0)", (11, 0), 128.0, 4.0,
+                          ("fp32", "fp16", "bf16", "int8", "fp8"), True),
+}
+
+
+def get_device(name: str) -> Device:
+    if name not in DEVICES:
+        raise QvlError(f"Unknown device {name!r}; choose one of {', '.join(DEVICES)}.")
+    return DEVICES[name]
+
+
+def check_precision(device: Device, precisions: dict[str, str], sm: tuple[int, int] | None = None) -> None:
+    """Refuse a per-part precision the device cannot run, with the alternative to use."""
+    sm = sm or device.sm
+    for part, prec in precisions.items():
+        if prec == "fp8" and (prec not in device.precisions or (sm is not None and sm < (8, 9))):
+            where = f"SM {sm[0]}.{sm[1]}" if sm else device.name
+            raise QvlError(f"FP8 needs an SM 8.9+ GPU (Ada, Hopper, Blackwell, Jetson Thor); {device.name} "
+                           f"({where}) has none: build {part} with --precision int8 (or fp16) instead.")
+        if prec not in device.precisions:
+            raise QvlError(f"{device.name} does not support {prec} for {part}; use one of "
+                           f"{', '.join(device.precisions)}.")
+
+
+@dataclass(frozen=True)
+class Ranges:
+    """Declared runtime ranges the engines are built for."""
+
+    min_pixels: int = 56 * 56
+    opt_pixels: int = 896 * 896
+    max_pixels: int = 1344 * 1344
+    max_images: int = 1
+    max_seq: int = 4096  # prompt + generated tokens
+    opt_seq: int = 1024
+    max_batch: int = 1
+
+    def validate(self, spec: ModelSpec) -> None:
+        if not self.min_pixels <= self.opt_pixels <= self.max_pixels:
+            raise QvlError("Pixel ranges must satisfy min <= opt <= max.")
+        if self.max_images < 1 or self.max_batch < 1:
+            raise QvlError("--max-images and --max-batch must be at least 1.")
+        if not 1 <= self.opt_seq <= self.max_seq:
+            raise QvlError("Sequence ranges must satisfy 1 <= opt <= max.")
+        if self.max_seq > spec.text.max_position_embeddings:
+            raise QvlError(f"--max-seq {self.max_seq} exceeds the model's context "
+                           f"{spec.text.max_position_embeddings}.")
+        tokens = self.max_images * vision_tokens(spec, self.max_pixels) // spec.vision.merge_unit
+        if tokens >= self.max_seq:
+            raise QvlError(f"{self.max_images} image(s) of {self.max_pixels} pixels take {tokens} tokens, more "
+                           f"than --max-seq {self.max_seq}: raise --max-seq or lower --max-pixels.")
+
+
+def vision_tokens(spec: ModelSpec, pixels: int) -> int:
+    """Patch tokens of a square-ish page of ``pixels`` (grid rounded to merge units)."""
+    unit = spec.vision.patch_size * spec.vision.spatial_merge_size
+    side = max(1, round(math.sqrt(pixels) / unit))
+    return (side * spec.vision.spatial_merge_size) ** 2
+
+
+def padded_vision_tokens(spec: ModelSpec, pixels: int, images: int = 1, worst: bool = False) -> int:
+    """Slots the vision graph sees: windows padded to L (Qwen2.5-VL); worst case for max profiles."""
+    tokens = vision_tokens(spec, pixels)
+    if not spec.vision.windowed:
+        return images * tokens
+    v = spec.vision
+    units_side = int(math.sqrt(tokens // v.merge_unit))
+    if worst:  # any aspect ratio: at most one partial window per row and per column more
+        windows = (math.ceil(units_side / v.window_units) + 1) ** 2
+    else:
+        windows = math.ceil(units_side / v.window_units) ** 2
+    return images * windows * v.window_tokens
+
+
+@dataclass
+class Profile:
+    """min/opt/max shape per dynamic input of one optimization profile."""
+
+    name: str
+    shapes: dict[str, tuple[tuple[int, ...], tuple[int, ...], tuple[int, ...]]] = field(default_factory=dict)
+
+
+def profiles(spec: ModelSpec, part: str, r: Ranges) -> list[Profile]:
+    """TensorRT optimization profiles of ``part`` for the declared ranges.
+
+    The decoder gets two: prefill (T tokens, empty cache) and decode (1 token, growing cache), so
+    each is tuned for its own shapes.
+    """
+    v, t = spec.vision, spec.text
+    if part in ("vision", "merger"):
+        group = v.window_tokens if v.windowed else v.merge_unit
+        lo = _round_up(padded_vision_tokens(spec, r.min_pixels), group)
+        opt = _round_up(padded_vision_tokens(spec, r.opt_pixels), group)
+        hi = _round_up(padded_vision_tokens(spec, r.max_pixels, r.max_images, worst=True), group)
+        opt = min(max(opt, lo), hi)
+        if part == "vision":
+            shapes = {"patches": ((lo, v.patch_dim), (opt, v.patch_dim), (hi, v.patch_dim)),
+                      "rope_cos": ((lo, v.head_dim), (opt, v.head_dim), (hi, v.head_dim)),
+                      "rope_sin": ((lo, v.head_dim), (opt, v.head_dim), (hi, v.head_dim)),
+                      "image_ids": ((lo,), (opt,), (hi,))}
+        else:
+            shapes = {"vision_hidden": ((lo, v.hidden_size), (opt, v.hidden_size), (hi, v.hidden_size))}
+        return [Profile(part, shapes)]
+    if part != "decoder":
+        raise ValueError(part)
+    b = r.max_batch
+    kv = (t.num_key_value_heads, t.head_dim)
+    img_max = r.max_images * vision_tokens(spec, r.max_pixels) // v.merge_unit
+    img_opt = min(img_max, vision_tokens(spec, r.opt_pixels) // v.merge_unit)
+    prefill = Profile("prefill", {
+        "input_ids": ((1, 1), (1, r.opt_seq), (b, r.max_seq)),
+        "image_embeds": ((0, t.hidden_size), (img_opt, t.hidden_size), (img_max, t.hidden_size)),
+        "position_ids": ((3, 1, 1), (3, 1, r.opt_seq), (3, b, r.max_seq)),
+    })
+    decode = Profile("decode", {
+        "input_ids": ((1, 1), (1, 1), (b, 1)),
+        "image_embeds": ((0, t.hidden_size), (0, t.hidden_size), (0, t.hidden_size)),
+        "position_ids": ((3, 1, 1), (3, 1, 1), (3, b, 1)),
+    })
+    for i in range(t.num_hidden_layers):
+        for kind in ("key", "value"):
+            name = f"past_key_values.{i}.{kind}"
+            prefill.shapes[name] = ((1, *kv[:1], 0, kv[1]), (1, kv[0], 0, kv[1]), (b, kv[0], 0, kv[1]))
+            decode.shapes[name] = ((1, kv[0], 1, kv[1]), (1, kv[0], r.opt_seq, kv[1]),
+                                   (b, kv[0], r.max_seq - 1, kv[1]))
+    return [prefill, decode]
+
+
+def _round_up(x: int, m: int) -> int:
+    return max(m, (x + m - 1) // m * m)
+
+
+@dataclass
+class MemoryEstimate:
+    weights_gb: float
+    activations_gb: float
+    kv_cache_gb: float
+    build_peak_gb: float  # host RAM the engine build needs (weights x3-4, Edge-LLM#30)
+
+    @property
+    def runtime_gb(self) -> float:
+        return self.weights_gb + self.activations_gb + self.kv_cache_gb
+
+    def to_dict(self) -> dict:
+        return {"weights_gb": round(self.weights_gb, 3), "activations_gb": round(self.activations_gb, 3),
+                "kv_cache_gb": round(self.kv_cache_gb, 3), "runtime_gb": round(self.runtime_gb, 3),
+                "build_peak_gb": round(self.build_peak_gb, 3)}
+
+
+def parameter_counts(spec: ModelSpec) -> dict[str, int]:
+    v, t = spec.vision, spec.text
+    if v.family == "qwen2_5_vl":
+        mlp = 3 * v.hidden_size * v.intermediate_size + 2 * v.intermediate_size + v.hidden_size
+        norms = 2 * v.hidden_size
+    else:
+        mlp = 2 * v.hidden_size * v.intermediate_size + v.intermediate_size + v.hidden_size
+        norms = 4 * v.hidden_size
+    block = 4 * v.hidden_size * v.hidden_size + 4 * v.hidden_size + mlp + norms
+    vision = v.patch_dim * v.hidden_size + v.depth * block
+    unit = v.hidden_size * v.merge_unit
+    merger = unit * unit + unit + unit * v.out_hidden_size + v.out_hidden_size + norms // 2
+    kv = t.num_key_value_heads * t.head_dim
+    layer = (t.hidden_size * (t.hidden_size + 2 * kv) + t.hidden_size + 2 * kv + t.hidden_size * t.hidden_size
+             + 3 * t.hidden_size * t.intermediate_size + 2 * t.hidden_size)
+    embed = t.vocab_size * t.hidden_size
+    decoder = embed + t.num_hidden_layers * layer + t.hidden_size + (0 if t.tie_word_embeddings else embed)
+    return {"vision": vision, "merger": merger, "decoder": decoder}
+
+
+def estimate_memory(spec: ModelSpec, precisions: dict[str, str], r: Ranges) -> MemoryEstimate:
+    """Engine weights + peak activations + KV cache at the declared ranges (GB, 1e9 bytes)."""
+    counts = parameter_counts(spec)
+    weights = sum(counts[p] * WEIGHT_BYTES[precisions.get(p, "fp16")] for p in counts)
+    v, t = spec.vision, spec.text
+    s = padded_vision_tokens(spec, r.max_pixels, r.max_images, worst=True)
+    act_b = ACT_BYTES[precisions.get("vision", "fp16")]
+    # vision: a few [S, C] / [S, I] buffers live at once + full-attention scores [heads, S, S] (fp32 softmax)
+    vision_act = (6 * s * v.hidden_size + 2 * s * v.intermediate_size) * act_b + v.num_heads * s * s * 4
+    dec_b = ACT_BYTES[precisions.get("decoder", "fp16")]
+    seq = r.max_batch * r.max_seq
+    decoder_act = (6 * seq * t.hidden_size + 2 * seq * t.intermediate_size) * dec_b \
+        + r.max_batch * t.num_attention_heads * r.max_seq * r.max_seq * 4 + r.max_batch * t.vocab_size * 4
+    kv = 2 * t.num_hidden_layers * r.max_batch * t.num_key_value_heads * r.max_seq * t.head_dim * dec_b
+    # parts run one after the other: the larger activation peak counts; KV is live with the decoder
+    return MemoryEstimate(weights / 1e9, max(vision_act, decoder_act) / 1e9, kv / 1e9, 3.5 * weights / 1e9)
+
+
+def check_memory(device: Device, est: MemoryEstimate, warn) -> None:
+    """Error when the engines cannot fit the device; warn when the on-device build may not."""
+    if device.memory_gb is None:
+        return
+    usable = device.memory_gb - device.reserved_gb
+    if est.runtime_gb > usable:
+        raise QvlError(f"Estimated {est.runtime_gb:.1f} GB (weights {est.weights_gb:.1f} + activations "
+                       f"{est.activations_gb:.1f} + KV cache {est.kv_cache_gb:.1f}) exceeds the "
+                       f"{usable:.1f} GB usable on {device.name}: lower --max-seq / --max-pixels / --max-batch "
+                       "or use a lower precision (int8).")
+    if device.jetson and est.build_peak_gb > usable:
+        warn(f"building the engines on {device.name} may need ~{est.build_peak_gb:.1f} GB of RAM (more than "
+             f"{usable:.1f} GB usable): add swap on the device or build the largest part with a smaller "
+             "--max-seq.")

@@ -1,0 +1,68 @@
+"""Minimal CUDA runtime access through cuda-python (no torch): device buffers and copies."""
+
+from __future__ import annotations
+
+import numpy as np
+
+
+def get_cudart():
+    """The cudart module of cuda-python (new or old layout), or None when it is not installed."""
+    try:
+        from cuda.bindings import runtime as cudart  # cuda-python >= 12.6
+    except ImportError:
+        try:
+            from cuda import cudart  # older cuda-python
+        except ImportError:
+            return None
+    return cudart
+
+
+def cudart_call(result):
+    """Unwrap cuda-python's (err, *values) tuples; raise on a CUDA error."""
+    err, *values = result if isinstance(result, tuple) else (result,)
+    if int(err) != 0:
+        raise RuntimeError(f"CUDA error {err}")
+    if not values:
+        return None
+    return values[0] if len(values) == 1 else tuple(values)
+
+
+class DeviceBuffer:
+    """A growable device allocation; ``ensure(nbytes)`` reallocates only when it must grow."""
+
+    def __init__(self, cudart):
+        self.cudart = cudart
+        self.ptr = 0
+        self.nbytes = 0
+
+    def ensure(self, nbytes: int) -> int:
+        if nbytes > self.nbytes:
+            self.free()
+            self.ptr = int(cudart_call(self.cudart.cudaMalloc(max(nbytes, 256))))
+            self.nbytes = max(nbytes, 256)
+        return self.ptr
+
+    def upload(self, array: np.ndarray, stream) -> int:
+        array = np.ascontiguousarray(array)
+        ptr = self.ensure(array.nbytes)
+        if array.nbytes:
+            cudart_call(self.cudart.cudaMemcpyAsync(ptr, array.ctypes.data, array.nbytes,
+                                                    self.cudart.cudaMemcpyKind.cudaMemcpyHostToDevice, stream))
+        return ptr
+
+    def download(self, out: np.ndarray, stream) -> np.ndarray:
+        if out.nbytes:
+            cudart_call(self.cudart.cudaMemcpyAsync(out.ctypes.data, self.ptr, out.nbytes,
+                                                    self.cudart.cudaMemcpyKind.cudaMemcpyDeviceToHost, stream))
+        return out
+
+    def free(self) -> None:
+        if self.ptr:
+            self.cudart.cudaFree(self.ptr)
+            self.ptr, self.nbytes = 0, 0
+
+    def __del__(self):
+        try:
+            self.free()
+        except Exception:
+            pass
