@@ -24,6 +24,24 @@ TINY = {
 }
 
 
+def pytest_collection_modifyitems(config, items):
+    """GPU tests run only where TensorRT and a GPU are present (``-m gpu`` to select them)."""
+    try:
+        import tensorrt  # noqa: F401
+
+        from qvl_export.building.trt_engine import gpu_compute_capability
+
+        has_gpu = gpu_compute_capability() is not None
+    except ImportError:
+        has_gpu = False
+    if has_gpu:
+        return
+    skip = pytest.mark.skip(reason="needs an NVIDIA GPU and TensorRT")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
+
+
 @pytest.fixture(scope="session", autouse=True)
 def _isolated_cache(tmp_path_factory):
     """Keep the demo checkpoint cache inside the test session."""
