@@ -73,7 +73,16 @@ def engine(bundle):
 @click.option("-o", "--output", "output", type=click.Path(path_type=Path), default=None,
               help="Artifacts folder (default: build/<model name>).")
 @click.option("--target", type=click.Choice(["ort", "trt"]), default="ort", show_default=True)
-@click.option("--precision", default="fp32", show_default=True, help="fp32 (more in later versions).")
+@click.option("--precision", default="fp32", show_default=True,
+              help="fp32, int8 or fp8 for every part, or per part: vision=fp32,merger=fp32,decoder=int8.")
+@click.option("--calib-docs", type=click.Path(path_type=Path), default=None,
+              help="Folder of PNG/JPEG/WebP/PDF calibration documents (default: the built-in set).")
+@click.option("--calib-limit", type=click.IntRange(1), default=None, help="Use at most N calibration documents.")
+@click.option("--calib-cache", type=click.Path(path_type=Path), default=None,
+              help="Folder to store / reuse the calibration feeds.")
+@click.option("--calibrator", type=click.Choice(["percentile", "max", "entropy", "distribution"]),
+              default="percentile", show_default=True, help="int8 activation calibrator (fp8: distribution).")
+@click.option("--sensitivity", is_flag=True, help="Print every quantized op's local quantization error.")
 @click.option("--window-attention", type=click.Choice(["fused", "dense"]), default="fused", show_default=True,
               help="Qwen2.5-VL window blocks: per-window attention, or the S x S mask baseline.")
 @click.option("--parity/--no-parity", "run_parity", default=True, show_default=True,
@@ -93,7 +102,8 @@ def engine(bundle):
 @click.option("--max-seq", default=4096, show_default=True, type=click.IntRange(2), help="Prompt + new tokens.")
 @click.option("--max-batch", default=1, show_default=True, type=click.IntRange(1))
 @click.option("--force", is_flag=True, help="Replace an existing artifacts folder.")
-def build(model_dir, output, target, precision, window_attention, run_parity, gates, only_passes, skip_passes,
+def build(model_dir, output, target, precision, calib_docs, calib_limit, calib_cache, calibrator, sensitivity,
+          window_attention, run_parity, gates, only_passes, skip_passes,
           device, bundle, engine_min_pixels, engine_opt_pixels, engine_max_pixels, max_images, max_seq, max_batch,
           force):
     """Trace MODEL_DIR into ONNX parts (the built-in demo checkpoint when omitted), then check parity."""
@@ -113,7 +123,9 @@ def build(model_dir, output, target, precision, window_attention, run_parity, ga
     do_build(model_dir, output, BuildOptions(target=target, precision=precision,
                                              window_attention=window_attention, force=force, progress=_say,
                                              passes=only, skip_passes=list(skip_passes), device=device,
-                                             bundle=bundle, ranges=ranges, warn=_warn))
+                                             bundle=bundle, ranges=ranges, warn=_warn, calib_docs=calib_docs,
+                                             calib_limit=calib_limit, calib_cache=calib_cache,
+                                             calibrator=calibrator, sensitivity=sensitivity))
     if bundle:
         _say(f"bundle written to {output}: copy it to the {device} and run 'qvl-export engine {output.name}' there")
     if run_parity:

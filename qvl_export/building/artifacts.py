@@ -17,12 +17,13 @@ from typing import Callable
 
 from qvl_export.errors import QvlError
 from qvl_export.loading.config import ModelSpec, parse_model_config
-from qvl_export.manifest import MANIFEST, Manifest, PartInfo, TensorInfo
+from qvl_export.manifest import MANIFEST, PART_NAMES, Manifest, PartInfo, TensorInfo
 
 log = logging.getLogger(__name__)
 
 TARGETS = ("ort", "trt")
-PRECISIONS = ("fp32",)
+PRECISIONS = ("fp32", "int8", "fp8")
+QUANTIZED = ("int8", "fp8")
 # files copied next to the parts so the runtime needs nothing from the checkpoint
 COPIED_FILES = ("tokenizer.json", "tokenizer_config.json", "preprocessor_config.json", "chat_template.json",
                 "chat_template.jinja", "generation_config.json", "config.json")
@@ -40,6 +41,11 @@ class BuildOptions:
     bundle: bool = False  # trt target: write a bundle to build engines on the device
     ranges: "Ranges | None" = None  # trt target: shape ranges of the engines  # noqa: F821
     warn: Callable[[str], None] | None = None
+    calib_docs: Path | None = None  # folder of PNG/JPEG/WebP/PDF (default: the built-in documents)
+    calib_limit: int | None = None  # at most this many calibration documents
+    calib_cache: Path | None = None  # reuse / store the calibration feeds here
+    calibrator: str = "percentile"
+    sensitivity: bool = False  # print every quantized op's local error
     force: bool = False
     progress: Callable[[str], None] | None = None
     extra: dict = field(default_factory=dict)
@@ -94,18 +100,41 @@ def library_versions() -> dict[str, str]:
     return out
 
 
+def parse_precision(text: str) -> dict[str, str]:
+    """``int8`` (every part) or ``vision=fp16,decoder=int8`` (unnamed parts: fp32)."""
+    text = (text or "fp32").strip()
+    if "=" not in text:
+        out = {p: text for p in PART_NAMES}
+    else:
+        out = {p: "fp32" for p in PART_NAMES}
+        for item in text.split(","):
+            part, _, prec = item.partition("=")
+            part, prec = part.strip(), prec.strip()
+            if part not in PART_NAMES:
+                raise QvlError(f"Unknown part {part!r} in --precision; parts are {', '.join(PART_NAMES)}.")
+            out[part] = prec
+    for part, prec in out.items():
+        if prec not in PRECISIONS:
+            raise QvlError(f"Precision {prec!r} ({part}) is not available; use one of {', '.join(PRECISIONS)}.")
+    return out
+
+
+def precision_label(precisions: dict[str, str]) -> str:
+    values = set(precisions.values())
+    return values.pop() if len(values) == 1 else ",".join(f"{k}={v}" for k, v in precisions.items())
+
+
 def build(model_dir: str | Path, out_dir: str | Path, options: BuildOptions = BuildOptions()) -> Manifest:
-    """Trace every part, run the passes, write the artifacts folder atomically. Returns its manifest."""
+    """Trace every part, run the passes, quantize, write the artifacts folder atomically."""
     from qvl_export.export.parts import decoder_part, merger_part, trace_part, vision_part
     from qvl_export.passes import run_passes, select_passes
 
     model_dir, out_dir = Path(model_dir), Path(out_dir)
     if options.target not in TARGETS:
         raise QvlError(f"Unknown target {options.target!r}; use one of {', '.join(TARGETS)}.")
-    if options.precision not in PRECISIONS:
-        raise QvlError(f"Precision {options.precision!r} is not available; use one of {', '.join(PRECISIONS)}.")
+    precisions = parse_precision(options.precision)
     _check_destination(out_dir, options.force)
-    for part_name in ("vision", "merger", "decoder"):  # unknown pass names fail before any work
+    for part_name in PART_NAMES:  # unknown pass names fail before any work
         select_passes(options.target, part_name, options.passes, options.skip_passes)
     say = options.progress or (lambda msg: log.info("%s", msg))
     warn = options.warn or (lambda msg: log.warning("%s", msg))
@@ -115,6 +144,9 @@ def build(model_dir: str | Path, out_dir: str | Path, options: BuildOptions = Bu
         from qvl_export.building.trt_engine import require_tensorrt
 
         require_tensorrt()  # fail before any tracing when engines cannot be built here
+    quantized = [p for p, prec in precisions.items() if prec in QUANTIZED]
+    if options.calib_docs is not None and not quantized:
+        warn("--calib-docs is only used by int8/fp8 builds; ignoring it")
 
     spec, weights = validate_checkpoint(model_dir)
     trt_info = None
@@ -122,8 +154,8 @@ def build(model_dir: str | Path, out_dir: str | Path, options: BuildOptions = Bu
         from qvl_export.building.devices import Ranges
         from qvl_export.building.trt import check_device
 
-        precisions = {p: options.precision for p in ("vision", "merger", "decoder")}
         trt_info = check_device(spec, precisions, options.device, options.ranges or Ranges(), warn)
+    docs = _calibration_documents(options) if quantized else []  # bad --calib-docs fails before tracing
     say(f"checkpoint: {spec.architecture} (vision {spec.vision.depth}x{spec.vision.hidden_size}, "
         f"LLM {spec.text.num_hidden_layers}x{spec.text.hidden_size})")
     out_dir.parent.mkdir(parents=True, exist_ok=True)
@@ -131,6 +163,7 @@ def build(model_dir: str | Path, out_dir: str | Path, options: BuildOptions = Bu
     try:
         tmp.chmod(0o777 & ~_umask())
         parts: dict[str, PartInfo] = {}
+        late: dict[str, list] = {}
         makers = {
             "vision": lambda: vision_part(spec, weights, options.window_attention),
             "merger": lambda: merger_part(spec, weights),
@@ -140,28 +173,42 @@ def build(model_dir: str | Path, out_dir: str | Path, options: BuildOptions = Bu
             say(f"tracing {name}")
             model = trace_part(make())
             chosen = select_passes(options.target, name, options.passes, options.skip_passes)
-            if chosen:
-                say(f"passes on {name}: {', '.join(p.name for p in chosen)}")
-            model, records = run_passes(model, chosen)
-            if options.target == "trt":
-                from qvl_export.building.trt import lint_part
-
-                records.append({"pass": "trt_lint", "findings": lint_part(model, name)})
+            # contrib-op fusions run after quantization so Q/DQ lands on plain MatMuls
+            early = [p for p in chosen if not (quantized and p.after_quantization)]
+            late[name] = [p for p in chosen if quantized and p.after_quantization]
+            if early:
+                say(f"passes on {name}: {', '.join(p.name for p in early)}")
+            model, records = run_passes(model, early)
             file, data = save_part(model, tmp, name)
             parts[name] = PartInfo(name, file, data, _tensor_infos(model.graph.inputs),
-                                   _tensor_infos(model.graph.outputs), options.precision, passes=records)
+                                   _tensor_infos(model.graph.outputs), "fp32", passes=records)
             del model
         for fname in COPIED_FILES:
             if (model_dir / fname).exists():
                 shutil.copy2(model_dir / fname, tmp / fname)
         say("hashing the source checkpoint")
         manifest = Manifest(
-            spec=spec, parts=parts, target=options.target, precision=options.precision,
+            spec=spec, parts=parts, target=options.target, precision=precision_label(precisions),
             source={"path": str(model_dir.resolve()), "sha256": weights.fingerprint(),
                     "architecture": spec.architecture},
             versions=library_versions(),
-            options={"window_attention": options.window_attention},
+            options={"window_attention": options.window_attention, "precisions": precisions},
         )
+        manifest.write(tmp)
+        if quantized:
+            from qvl_export.building.quantization import quantize_parts
+
+            quantize_parts(tmp, manifest, precisions, docs, options, say)
+            for name, passes in late.items():
+                if passes:
+                    _late_passes(tmp, manifest.parts[name], passes, say)
+        if options.target == "trt":
+            import onnx_ir as ir
+
+            from qvl_export.building.trt import lint_part
+
+            for name, part in manifest.parts.items():
+                part.passes.append({"pass": "trt_lint", "findings": lint_part(ir.load(tmp / part.file), name)})
         manifest.write(tmp)
         if trt_info is not None:
             from qvl_export.building.trt import build_engines, copy_bundle_readme, write_build_config
@@ -177,6 +224,32 @@ def build(model_dir: str | Path, out_dir: str | Path, options: BuildOptions = Bu
         raise
     say(f"artifacts written to {out_dir}")
     return manifest
+
+
+def _calibration_documents(options: BuildOptions):
+    from qvl_export.calibration.documents import builtin_documents
+    from qvl_export.calibration.sources import folder_documents
+
+    if options.calib_docs is not None:
+        return folder_documents(options.calib_docs, limit=options.calib_limit)
+    return builtin_documents(options.calib_limit)
+
+
+def _late_passes(folder: Path, part: PartInfo, passes, say) -> None:
+    import onnx_ir as ir
+
+    from qvl_export.passes import run_passes
+
+    say(f"passes on {part.name} after quantization: {', '.join(p.name for p in passes)}")
+    model = ir.load(folder / part.file)
+    model, records = run_passes(model, passes)
+    old_data = part.external_data
+    for path in (folder / part.file, folder / old_data if old_data else None):
+        if path is not None and path.exists():
+            path.unlink()
+    part.file, part.external_data = save_part(model, folder, part.name)
+    part.inputs, part.outputs = _tensor_infos(model.graph.inputs), _tensor_infos(model.graph.outputs)
+    part.passes.extend(records)
 
 
 def _umask() -> int:

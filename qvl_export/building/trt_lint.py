@@ -129,7 +129,13 @@ def _lint_weighted(node: ir.Node, label: str) -> list[LintFinding]:
         if _is_weight(deq.inputs[0]):
             axis = deq.attributes["axis"].as_int() if "axis" in deq.attributes else 1
             w_rank = len(deq.inputs[0].shape) if deq.inputs[0].shape is not None else 2
-            out_axis = w_rank - 1 if node.op_type == "MatMul" else 0
+            if node.op_type == "MatMul":
+                out_axis = w_rank - 1
+            elif node.op_type == "Gemm":  # B is [K, N], or [N, K] with transB
+                trans_b = node.attributes["transB"].as_int() if "transB" in node.attributes else 0
+                out_axis = 0 if trans_b else 1
+            else:
+                out_axis = 0
             if scale is not None and scale.size > 1 and axis % max(w_rank, 1) != out_axis:
                 out.append(LintFinding("error", "qdq-weight-axis", label, f"weight scale axis {axis}; per output "
                                                                           f"channel is axis {out_axis}"))

@@ -39,23 +39,48 @@ CHECKS = (
 )
 
 
-def load_gates(precision: str, gates_file: Path | None = None) -> dict[str, float]:
+LOSSINESS = ("fp32", "fp16", "bf16", "fp8", "int8")  # end-to-end stages take the lossiest part's gates
+
+
+def _gates_file(gates_file: Path | None) -> dict:
     defaults = json.loads(resources.files("qvl_export.parity").joinpath("gates.json").read_text())
-    gates = dict(defaults.get(precision, {}))
-    if not gates:
-        raise QvlError(f"No default parity gates for precision {precision!r}; pass --gates FILE.")
-    if gates_file is not None:
-        try:
-            user = json.loads(Path(gates_file).read_text())
-        except (OSError, ValueError) as err:
-            raise QvlError(f"Gates file {gates_file} is unreadable ({err}); it must be JSON.") from None
-        override = user.get(precision, user) if isinstance(user, dict) else None
+    if gates_file is None:
+        return defaults
+    try:
+        user = json.loads(Path(gates_file).read_text())
+    except (OSError, ValueError) as err:
+        raise QvlError(f"Gates file {gates_file} is unreadable ({err}); it must be JSON.") from None
+    if not isinstance(user, dict):
+        raise QvlError(f"Gates file {gates_file} must hold an object of thresholds.")
+    known = {k for prec in defaults.values() if isinstance(prec, dict) for k in prec}
+    flat = {k: v for k, v in user.items() if not isinstance(v, dict)}
+    merged = {k: dict(v) if isinstance(v, dict) else v for k, v in defaults.items()}
+    for prec, override in list(user.items()) + ([("*", flat)] if flat else []):
         if not isinstance(override, dict):
-            raise QvlError(f"Gates file {gates_file} must hold an object of thresholds.")
-        unknown = sorted(k for k in override if k not in gates and not k.startswith("_") and k not in defaults)
+            continue
+        unknown = sorted(k for k in override if k not in known and not k.startswith("_"))
         if unknown:
-            raise QvlError(f"Gates file {gates_file} has unknown keys {unknown}; known: {sorted(gates)}.")
-        gates.update({k: float(v) for k, v in override.items() if k in gates})
+            raise QvlError(f"Gates file {gates_file} has unknown keys {unknown}; known: {sorted(known)}.")
+        targets = [p for p in merged if isinstance(merged[p], dict)] if prec == "*" else [prec]
+        for t in targets:
+            merged.setdefault(t, {}).update({k: float(v) for k, v in override.items() if k in known})
+    return merged
+
+
+def load_gates(precision: str | dict[str, str], gates_file: Path | None = None) -> dict[str, float]:
+    """Thresholds for a build: per-part precisions pick the vision/merger gates, the lossiest part
+    picks the end-to-end ones (prefill logits, steps, greedy)."""
+    table = _gates_file(gates_file)
+    precisions = precision if isinstance(precision, dict) else {"vision": precision, "merger": precision,
+                                                                "decoder": precision}
+    for prec in set(precisions.values()):
+        if not isinstance(table.get(prec), dict):
+            raise QvlError(f"No parity gates for precision {prec!r}; pass --gates FILE with them.")
+    worst = max(precisions.values(), key=LOSSINESS.index)
+    gates = dict(table[worst])
+    gates["vision_cosine"] = table[precisions["vision"]]["vision_cosine"]
+    gates["merger_cosine"] = min(table[precisions["merger"]]["merger_cosine"],
+                                 table[precisions["vision"]]["merger_cosine"])
     return gates
 
 
@@ -170,7 +195,7 @@ def run_parity(artifacts: str | Path, reference_dir: str | Path, gates_file: Pat
 
     artifacts = Path(artifacts)
     manifest = Manifest.read(artifacts)
-    gates = load_gates(manifest.precision, gates_file)
+    gates = load_gates(manifest.options.get("precisions") or manifest.precision, gates_file)
     reference_dir = Path(reference_dir)
     if not (reference_dir / "config.json").exists():
         raise QvlError(f"{reference_dir} is not a checkpoint folder (no config.json); pass the model the "

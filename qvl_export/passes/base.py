@@ -25,6 +25,8 @@ class GraphPass(ir.passes.InPlacePass):
     description: ClassVar[str] = ""
     targets: ClassVar[tuple[str, ...]] = TARGETS
     parts: ClassVar[tuple[str, ...]] = PARTS
+    # contrib-op fusions set this: in int8/fp8 builds they run after Q/DQ placement
+    after_quantization: ClassVar[bool] = False
 
     def applies_to(self, target: str, part: str) -> bool:
         return target in self.targets and part in self.parts

@@ -51,6 +51,8 @@ def test_gates_file_overrides(tmp_path):
     path.write_text(json.dumps({"fp32": {"vision_cosine": 0.5}}))
     assert load_gates("fp32", path)["vision_cosine"] == 0.5
     assert load_gates("fp32")["vision_cosine"] == 0.99999
+    path.write_text(json.dumps({"vision_cosine": 0.25}))  # flat: applies to every precision
+    assert load_gates("fp32", path)["vision_cosine"] == 0.25
     path.write_text(json.dumps({"vison_cosine": 0.5}))
     from qvl_export.errors import QvlError
 

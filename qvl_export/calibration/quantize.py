@@ -1,0 +1,155 @@
+"""Static W8A8 quantization of one part with onnxruntime.quantization, placed by TensorRT's rules.
+
+Why onnxruntime.quantization (and not ModelOpt's ONNX PTQ): it runs here on CPU with the same
+onnxruntime the parity gate uses, supports int8 and float8 (E4M3) QDQ, per-channel weights and
+per-tensor activations, MinMax / Percentile / Entropy / Distribution calibrators, and its QDQ
+output is what TensorRT's explicit quantization reads. ModelOpt's ONNX PTQ follows the same rules
+but pulls a CUDA stack into the build and gives nothing more on CPU.
+
+Placement (TensorRT explicit quantization): only weighted MatMul/Gemm nodes (B is a constant) are
+quantized - both inputs, weights per output channel (axis 1 of a [K, N] MatMul weight),
+activations per tensor, symmetric (zero point 0); their outputs stay unquantized; attention
+MatMuls (both inputs activations) stay in float. The precision guard's nodes are excluded.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from qvl_export.errors import QvlError
+
+log = logging.getLogger(__name__)
+
+QUANT_PRECISIONS = ("int8", "fp8")
+CALIBRATORS = ("max", "percentile", "entropy", "distribution")
+
+
+@dataclass
+class WeightedNode:
+    name: str  # ONNX node name
+    scope: str  # module path from the exporter's metadata, e.g. "layers.3.mlp.down_proj"
+    weight: str  # initializer name of the constant input
+    produces_output: bool = False  # feeds a graph output directly (lm_head)
+
+
+@dataclass
+class QuantReport:
+    part: str
+    precision: str
+    calibrator: str
+    quantized: list[str] = field(default_factory=list)  # scopes
+    kept: dict[str, str] = field(default_factory=dict)  # scope -> why it stays in float
+
+    def to_dict(self) -> dict:
+        return {"part": self.part, "precision": self.precision, "calibrator": self.calibrator,
+                "quantized_count": len(self.quantized), "kept_high_precision": self.kept}
+
+
+def weighted_nodes(model) -> list[WeightedNode]:
+    """MatMul/Gemm nodes of an onnx.ModelProto whose second input is an initializer."""
+    inits = {i.name for i in model.graph.initializer}
+    outputs = {o.name for o in model.graph.output}
+    consumers: dict[str, list] = {}
+    for n in model.graph.node:
+        for i in n.input:
+            consumers.setdefault(i, []).append(n)
+    out = []
+    for n in model.graph.node:
+        if n.op_type not in ("MatMul", "Gemm") or len(n.input) < 2 or n.input[1] not in inits:
+            continue
+        scope = _scope(n) or n.name
+        feeds_out = any(o in outputs for o in n.output) or any(
+            o2 in outputs for c in consumers.get(n.output[0], []) for o2 in c.output if c.op_type in ("Add",))
+        out.append(WeightedNode(n.name, scope, n.input[1], feeds_out))
+    return out
+
+
+def _scope(node) -> str | None:
+    for p in node.metadata_props:
+        if p.key == "pkg.torch.onnx.name_scopes":
+            try:
+                scopes = [s.strip(" '\"") for s in p.value.strip("[]").split(",")]
+            except ValueError:
+                return None
+            modules = [s for s in scopes if s and "." in s or s in ("lm_head",)]
+            return modules[-1] if modules else None
+    return None
+
+
+class _Reader:
+    """onnxruntime CalibrationDataReader over a list of feed dicts (only the model's inputs)."""
+
+    def __init__(self, feeds: list[dict[str, np.ndarray]], input_names: list[str]):
+        self.feeds = [{k: v for k, v in f.items() if k in input_names} for f in feeds]
+        self.i = 0
+
+    def get_next(self):
+        if self.i >= len(self.feeds):
+            return None
+        self.i += 1
+        return self.feeds[self.i - 1]
+
+    def rewind(self):
+        self.i = 0
+
+
+def quantize_part(src: Path, dst: Path, feeds: list[dict[str, np.ndarray]], precision: str, part: str,
+                  calibrator: str = "percentile", exclude: dict[str, str] | None = None,
+                  external_data: bool = False) -> QuantReport:
+    """Quantize ``src`` into ``dst`` calibrated on ``feeds``; ``exclude`` maps scopes to reasons."""
+    import onnx
+    from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
+
+    if precision not in QUANT_PRECISIONS:
+        raise ValueError(precision)
+    if calibrator not in CALIBRATORS:
+        raise QvlError(f"Unknown calibrator {calibrator!r}; use one of {', '.join(CALIBRATORS)}.")
+    if not feeds:
+        raise QvlError(f"No calibration data for the {part} part; give documents with --calib-docs.")
+    model = onnx.load(str(src), load_external_data=False)
+    nodes = weighted_nodes(model)
+    exclude = exclude or {}
+    report = QuantReport(part, precision, calibrator)
+    chosen = []
+    for n in nodes:
+        reason = exclude.get(n.scope) or exclude.get(n.name)
+        if reason:
+            report.kept[n.scope] = reason
+        else:
+            chosen.append(n.name)
+            report.quantized.append(n.scope)
+    if not chosen:
+        raise QvlError(f"Nothing to quantize in {part}: every weighted op is guarded.")
+    input_names = [i.name for i in model.graph.input]
+    del model
+    if precision == "fp8":
+        qtype, method = QuantType.QFLOAT8E4M3FN, CalibrationMethod.Distribution
+        if calibrator != "distribution":
+            log.info("fp8 calibration uses the distribution calibrator (onnxruntime's only float8 method)")
+        report.calibrator = "distribution"
+    else:
+        qtype = QuantType.QInt8
+        method = {"max": CalibrationMethod.MinMax, "percentile": CalibrationMethod.Percentile,
+                  "entropy": CalibrationMethod.Entropy,
+                  "distribution": CalibrationMethod.Distribution}[calibrator]
+    extra = {
+        "ActivationSymmetric": True,
+        "WeightSymmetric": True,
+        "MatMulConstBOnly": True,
+        "QuantizeBias": False,  # TensorRT takes float biases; int32 bias Q/DQ is an onnxruntime-ism
+        "OpTypesToExcludeOutputQuantization": ["MatMul", "Gemm"],
+        "QDQOpTypePerChannelSupportToAxis": {"MatMul": 1},
+        "CalibPercentile": 99.999,
+        "CalibMaxIntermediateOutputs": 8,
+    }
+    quantize_static(
+        str(src), str(dst), _Reader(feeds, input_names), quant_format=QuantFormat.QDQ,
+        op_types_to_quantize=["MatMul", "Gemm"], per_channel=precision == "int8", reduce_range=False,
+        activation_type=qtype, weight_type=qtype, nodes_to_quantize=chosen, calibrate_method=method,
+        use_external_data_format=external_data, extra_options=extra,
+    )
+    return report
