@@ -99,8 +99,7 @@ def decoder_part(spec: ModelSpec, weights: CheckpointWeights) -> PartSpec:
 
     def build():
         m = Decoder(t, spec.tokens.image_token_id).eval()
-        aliases = {"embed_tokens.weight": "model.embed_tokens.weight", **m.weight_aliases()}
-        weights.load_into(m, "model.", aliases)
+        weights.load_into(m, "model.", m.weight_aliases(), m.transposed_weights())
         return m
 
     def example(m):

@@ -93,15 +93,22 @@ class CheckpointWeights:
                            "the file is corrupt: re-download it.") from None
         return tensor.float()
 
-    def load_into(self, module, prefix: str, aliases: dict[str, str] | None = None) -> None:
-        """Fill every parameter of ``module`` from ``prefix + name`` (or an alias), checking shapes."""
+    def load_into(self, module, prefix: str, aliases: dict[str, str] | None = None,
+                  transposed: dict[str, str] | None = None) -> None:
+        """Fill every parameter of ``module`` from ``prefix + name`` (or an alias), checking shapes.
+
+        ``transposed`` maps parameters stored as the transpose of a checkpoint tensor to that tensor.
+        """
         import torch
 
         aliases = aliases or {}
+        transposed = transposed or {}
         with torch.no_grad():
             for name, param in module.named_parameters():
-                source = aliases.get(name, prefix + name)
+                source = transposed.get(name) or aliases.get(name, prefix + name)
                 tensor = self.get(source)
+                if name in transposed:
+                    tensor = tensor.t()
                 if tensor.numel() != param.numel():
                     raise QvlError(f"Weight '{source}' has shape {tuple(tensor.shape)} but the config implies "
                                    f"{tuple(param.shape)}; config.json and the weights disagree.")

@@ -87,6 +87,19 @@ class DecoderLayer(nn.Module):
         return x + self.mlp(self.post_attention_layernorm(x)), k, v
 
 
+class LmHead(nn.Module):
+    """logits = x @ W^T with W^T stored as [H, V]: a constant MatMul weight (quantizable per output
+    channel). With tied embeddings the same [H, V] table also serves the token lookup (a Gather on
+    axis 1), so the largest tensor of the model is stored once."""
+
+    def __init__(self, spec: TextSpec):
+        super().__init__()
+        self.weight_t = nn.Parameter(torch.empty(spec.hidden_size, spec.vocab_size))
+
+    def forward(self, x):
+        return torch.matmul(x, self.weight_t)
+
+
 class Decoder(nn.Module):
     """input_ids, image_embeds, position_ids, past KV -> logits [B, 1, V], present KV."""
 
@@ -96,10 +109,10 @@ class Decoder(nn.Module):
         super().__init__()
         self.spec = spec
         self.image_token_id = image_token_id
-        self.embed_tokens = nn.Embedding(spec.vocab_size, spec.hidden_size)
+        self.embed_tokens = None if spec.tie_word_embeddings else nn.Embedding(spec.vocab_size, spec.hidden_size)
         self.layers = nn.ModuleList([DecoderLayer(spec) for _ in range(spec.num_hidden_layers)])
         self.norm = RMSNorm(spec.hidden_size, spec.rms_norm_eps)
-        self.lm_head = None if spec.tie_word_embeddings else nn.Linear(spec.hidden_size, spec.vocab_size, bias=False)
+        self.lm_head = LmHead(spec)
         self.register_buffer("inv_freq", inv_freq(spec), persistent=False)
         self.register_buffer("mrope_component", mrope_component(spec), persistent=False)
 
@@ -128,7 +141,11 @@ class Decoder(nn.Module):
 
     def embed(self, input_ids: torch.Tensor, image_embeds: torch.Tensor) -> torch.Tensor:
         """Token embeddings with image rows replaced by image_embeds (in order)."""
-        text = self.embed_tokens(input_ids)  # [B, T, H]
+        if self.embed_tokens is None:  # tied: rows of the [H, V] lm_head table
+            flat = torch.index_select(self.lm_head.weight_t, 1, input_ids.reshape(-1))  # [H, B*T]
+            text = flat.t().reshape(*input_ids.shape, self.spec.hidden_size)
+        else:
+            text = self.embed_tokens(input_ids)  # [B, T, H]
         is_image = input_ids == self.image_token_id
         # row r of image_embeds goes to the r-th image token; row 0 of the padded table is unused
         order = torch.cumsum(is_image.reshape(-1).to(torch.int64), 0).reshape(input_ids.shape)
@@ -151,9 +168,12 @@ class Decoder(nn.Module):
             x, k, v = layer(x, cos, sin, allowed, past[2 * i], past[2 * i + 1])
             presents += [k, v]
         x = self.norm(x[:, -1:, :])
-        weight = self.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
-        logits = torch.matmul(x, weight.t())  # [B, 1, V]
+        logits = self.lm_head(x)  # [B, 1, V]
         return (logits, *presents)
 
     def weight_aliases(self) -> dict[str, str]:
-        return {"lm_head.weight": "lm_head.weight"} if self.lm_head is not None else {}
+        return {} if self.embed_tokens is None else {"embed_tokens.weight": "model.embed_tokens.weight"}
+
+    def transposed_weights(self) -> dict[str, str]:
+        source = "model.embed_tokens.weight" if self.spec.tie_word_embeddings else "lm_head.weight"
+        return {"lm_head.weight_t": source}
