@@ -74,7 +74,8 @@ def engine(bundle):
               help="Artifacts folder (default: build/<model name>).")
 @click.option("--target", type=click.Choice(["ort", "trt"]), default="ort", show_default=True)
 @click.option("--precision", default="fp32", show_default=True,
-              help="fp32, int8 or fp8 for every part, or per part: vision=fp32,merger=fp32,decoder=int8.")
+              help="fp32, fp16, bf16 (trt), int8 or fp8 for every part, or per part: "
+                   "vision=fp16,merger=fp16,decoder=int8.")
 @click.option("--calib-docs", type=click.Path(path_type=Path), default=None,
               help="Folder of PNG/JPEG/WebP/PDF calibration documents (default: the built-in set).")
 @click.option("--calib-limit", type=click.IntRange(1), default=None, help="Use at most N calibration documents.")
@@ -128,7 +129,9 @@ def build(model_dir, output, target, precision, calib_docs, calib_limit, calib_c
                                              calibrator=calibrator, sensitivity=sensitivity))
     if bundle:
         _say(f"bundle written to {output}: copy it to the {device} and run 'qvl-export engine {output.name}' there")
-    if run_parity:
+    if run_parity and "bf16" in precision:
+        _say("parity skipped: bf16 runs on TensorRT only; run 'qvl-export parity' where the engines run")
+    elif run_parity:
         _parity(output, model_dir, gates, quick=True)
 
 

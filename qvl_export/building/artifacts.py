@@ -22,7 +22,7 @@ from qvl_export.manifest import MANIFEST, PART_NAMES, Manifest, PartInfo, Tensor
 log = logging.getLogger(__name__)
 
 TARGETS = ("ort", "trt")
-PRECISIONS = ("fp32", "int8", "fp8")
+PRECISIONS = ("fp32", "fp16", "bf16", "int8", "fp8")
 QUANTIZED = ("int8", "fp8")
 # files copied next to the parts so the runtime needs nothing from the checkpoint
 COPIED_FILES = ("tokenizer.json", "tokenizer_config.json", "preprocessor_config.json", "chat_template.json",
@@ -145,6 +145,9 @@ def build(model_dir: str | Path, out_dir: str | Path, options: BuildOptions = Bu
 
         require_tensorrt()  # fail before any tracing when engines cannot be built here
     quantized = [p for p, prec in precisions.items() if prec in QUANTIZED]
+    if "bf16" in precisions.values() and options.target != "trt":
+        raise QvlError("onnxruntime's CPU provider has no bf16 kernels, so bf16 parts could not be run or "
+                       "checked here: use fp16, or bf16 with --target trt.")
     if options.calib_docs is not None and not quantized:
         warn("--calib-docs is only used by int8/fp8 builds; ignoring it")
 
@@ -171,7 +174,7 @@ def build(model_dir: str | Path, out_dir: str | Path, options: BuildOptions = Bu
         }
         for name, make in makers.items():
             say(f"tracing {name}")
-            model = trace_part(make())
+            model = trace_part(make(), precisions[name] if precisions[name] in ("fp16", "bf16") else "fp32")
             chosen = select_passes(options.target, name, options.passes, options.skip_passes)
             # contrib-op fusions run after quantization so Q/DQ lands on plain MatMuls
             early = [p for p in chosen if not (quantized and p.after_quantization)]
@@ -180,8 +183,9 @@ def build(model_dir: str | Path, out_dir: str | Path, options: BuildOptions = Bu
                 say(f"passes on {name}: {', '.join(p.name for p in early)}")
             model, records = run_passes(model, early)
             file, data = save_part(model, tmp, name)
+            traced = precisions[name] if precisions[name] in ("fp16", "bf16") else "fp32"
             parts[name] = PartInfo(name, file, data, _tensor_infos(model.graph.inputs),
-                                   _tensor_infos(model.graph.outputs), "fp32", passes=records)
+                                   _tensor_infos(model.graph.outputs), traced, passes=records)
             del model
         for fname in COPIED_FILES:
             if (model_dir / fname).exists():

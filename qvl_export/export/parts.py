@@ -30,6 +30,8 @@ class PartSpec:
     example: Callable[["torch.nn.Module"], tuple]  # noqa: F821
     dynamic: Callable[["torch.nn.Module"], tuple]  # noqa: F821
     axes: dict[str, dict[int, str]] = field(default_factory=dict)  # input/output name -> {axis: name}
+    # inputs that take the part's dtype in an fp16/bf16 trace (rotary tables and ids stay as they are)
+    low_precision_inputs: tuple[str, ...] = ()
 
 
 def vision_part(spec: ModelSpec, weights: CheckpointWeights, window_attention: str = "fused") -> PartSpec:
@@ -63,7 +65,7 @@ def vision_part(spec: ModelSpec, weights: CheckpointWeights, window_attention: s
         return ({0: seq}, {0: seq}, {0: seq}, {0: seq})
 
     axes = {n: {0: "vision_tokens"} for n in ("patches", "rope_cos", "rope_sin", "image_ids", "vision_hidden")}
-    return PartSpec("vision", build, example, dynamic, axes)
+    return PartSpec("vision", build, example, dynamic, axes, ("patches",))
 
 
 def merger_part(spec: ModelSpec, weights: CheckpointWeights) -> PartSpec:
@@ -86,7 +88,7 @@ def merger_part(spec: ModelSpec, weights: CheckpointWeights) -> PartSpec:
         return ({0: v.merge_unit * Dim("units", min=1, max=1 << 20)},)
 
     axes = {"vision_hidden": {0: "vision_tokens"}, "image_embeds": {0: "image_tokens"}}
-    return PartSpec("merger", build, example, dynamic, axes)
+    return PartSpec("merger", build, example, dynamic, axes, ("vision_hidden",))
 
 
 def decoder_part(spec: ModelSpec, weights: CheckpointWeights) -> PartSpec:
@@ -125,15 +127,39 @@ def decoder_part(spec: ModelSpec, weights: CheckpointWeights) -> PartSpec:
         for kind in ("key", "value"):
             axes[f"past_key_values.{i}.{kind}"] = {0: "batch", 2: "past"}
             axes[f"present.{i}.{kind}"] = {0: "batch", 2: "past_plus_seq"}
-    return PartSpec("decoder", build, example, dynamic, axes)
+    low = ("image_embeds",) + tuple(n for n in axes if n.startswith("past_key_values."))
+    return PartSpec("decoder", build, example, dynamic, axes, low)
 
 
-def trace_part(part: PartSpec):
-    """Build, trace and free the torch module; returns the ONNX model as an ``onnx_ir.Model``."""
+DTYPES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
+
+
+def trace_part(part: PartSpec, precision: str = "fp32"):
+    """Build, trace and free the torch module; returns the ONNX model as an ``onnx_ir.Model``.
+
+    fp16/bf16: the parameters and the part's activation inputs take that dtype; buffers (rotary
+    frequencies, section tables) stay float32, and the modules' own ``.float()`` casts keep norms,
+    rotary and softmax in float32 - so the graph carries exactly the casts the modules declare.
+    """
     import torch
 
     module = part.build()
     args = part.example(module)
+    if precision in ("fp16", "bf16"):
+        dtype = getattr(torch, DTYPES[precision])
+        with torch.no_grad():
+            for p in module.parameters():
+                p.data = p.data.to(dtype)
+        names = list(module.input_names)
+        flat = []
+        for i, a in enumerate(args):
+            if isinstance(a, (tuple, list)):
+                flat.append(type(a)(x.to(dtype) for x in a))  # *past
+            elif names[i] in part.low_precision_inputs:
+                flat.append(a.to(dtype))
+            else:
+                flat.append(a)
+        args = tuple(flat)
     log.info("tracing %s", part.name)
     with torch.no_grad(), warnings.catch_warnings(), _quiet_exporter():
         # the exporter warns about merged axis names and missing torchvision ops: not actionable here
