@@ -58,7 +58,8 @@ def collect_feeds(pipe, docs: list[Document], settings: CalibSettings,
                 return
         feeds[part].append({k: np.array(v, copy=True) for k, v in f.items()})
 
-    pipe.recorder = record
+    inner = pipe.backend
+    pipe.backend = _Recording(inner, record)
     try:
         for i, doc in enumerate(docs):
             pipe.generate([doc.image], doc.prompt, max_new_tokens=settings.max_new_tokens,
@@ -66,8 +67,23 @@ def collect_feeds(pipe, docs: list[Document], settings: CalibSettings,
             if progress:
                 progress(i + 1, len(docs))
     finally:
-        pipe.recorder = None
+        pipe.backend = inner
     return feeds
+
+
+class _Recording:
+    """Wraps a runtime backend: every part run is recorded (feeds copied) before it executes."""
+
+    def __init__(self, inner, record: Callable[[str, dict[str, np.ndarray]], None]):
+        self._inner = inner
+        self._record = record
+
+    def run(self, part: str, feeds: dict[str, np.ndarray]):
+        self._record(part, feeds)
+        return self._inner.run(part, feeds)
+
+    def __getattr__(self, name):
+        return getattr(self._inner, name)
 
 
 def save_cache(folder: Path, key: str, feeds: dict[str, list[dict[str, np.ndarray]]]) -> None:

@@ -85,16 +85,22 @@ class _Reader:
 
     def __init__(self, feeds: list[dict[str, np.ndarray]], input_names: list[str]):
         self.feeds = [{k: v for k, v in f.items() if k in input_names} for f in feeds]
-        self.i = 0
+        self.i, self.end = 0, len(self.feeds)
+
+    def __len__(self) -> int:
+        return len(self.feeds)
+
+    def set_range(self, start_index: int, end_index: int) -> None:
+        self.i, self.end = start_index, min(end_index, len(self.feeds))
 
     def get_next(self):
-        if self.i >= len(self.feeds):
+        if self.i >= self.end:
             return None
         self.i += 1
         return self.feeds[self.i - 1]
 
     def rewind(self):
-        self.i = 0
+        self.i, self.end = 0, len(self.feeds)
 
 
 def quantize_part(src: Path, dst: Path, feeds: list[dict[str, np.ndarray]], precision: str, part: str,
@@ -144,7 +150,9 @@ def quantize_part(src: Path, dst: Path, feeds: list[dict[str, np.ndarray]], prec
         "OpTypesToExcludeOutputQuantization": ["MatMul", "Gemm"],
         "QDQOpTypePerChannelSupportToAxis": {"MatMul": 1},
         "CalibPercentile": 99.999,
-        "CalibMaxIntermediateOutputs": 8,
+        # feeds have ragged shapes (sequence lengths): collect one feed at a time, the histogram
+        # calibrators stack a chunk's outputs into one array
+        "CalibStridedMinMax": 1,
     }
     quantize_static(
         str(src), str(dst), _Reader(feeds, input_names), quant_format=QuantFormat.QDQ,
