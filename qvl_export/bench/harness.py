@@ -54,6 +54,7 @@ class WorkerRun:
     cached: bool = False
     waited_s: float = 0.0  # waiting for other processes to go quiet before the (last) attempt
     attempts: int = 1
+    memory_guard: bool = False  # stopped by the memory guard
 
     @property
     def ok(self) -> bool:
@@ -103,18 +104,49 @@ def _wait_for_idle(ctx: _Context) -> float:
     return time.perf_counter() - t0
 
 
-def _run_worker(ctx: _Context, name: str, task: dict, reuse: bool = False) -> WorkerRun:
-    """Run ``task`` in a worker; when other processes competed for the CPU meanwhile, wait for
-    the machine to go quiet and run it again (``ctx.retries`` times at most)."""
+def _run_worker(ctx: _Context, name: str, task: dict, reuse: bool = False, timing: bool = True) -> WorkerRun:
+    """Run ``task`` in a worker. For a ``timing`` worker, first wait for the machine to go quiet,
+    and when other processes competed for the CPU meanwhile, run it again (``ctx.retries`` times
+    at most); the checkpoint and exports are neither waited for nor repeated."""
     run = None
-    for attempt in range(1 + max(0, ctx.retries)):
-        waited = _wait_for_idle(ctx)
+    contended = max(0, ctx.retries) if timing else 0
+    squeezed = 1  # one more try when other processes' memory, not the worker's, set off the guard
+    attempt = 0
+    while True:
+        waited = _wait_for_idle(ctx) if timing else 0.0
         run = _run_worker_once(ctx, name, task, reuse and attempt == 0)
-        run.waited_s, run.attempts = waited, attempt + 1
-        if not run.ok or run.cached or run.other_cpu_cores <= CONTENTION:
+        attempt += 1
+        run.waited_s, run.attempts = waited, attempt
+        if run.cached:
             break
+        if run.memory_guard and squeezed and run.max_rss_mb < 0.5 * _used_mb():
+            squeezed -= 1
+            _wait_for_memory(ctx, run.max_rss_mb)
+            continue
+        if run.ok and run.other_cpu_cores > CONTENTION and contended:
+            contended -= 1
+            continue
+        break
     ctx.runs[name] = run
     return run
+
+
+def _used_mb() -> float:
+    import psutil
+
+    vm = psutil.virtual_memory()
+    return (vm.total - vm.available) / 2**20
+
+
+def _wait_for_memory(ctx: _Context, need_mb: float) -> None:
+    """Wait (up to ``max(ctx.idle_wait_s, 60)`` s) until ``need_mb`` + twice the reserve is available."""
+    import psutil
+
+    t0 = time.perf_counter()
+    want = need_mb + 2 * ctx.memory_reserve_mb
+    ctx.say(f"other processes hold the memory; waiting for {want:.0f} MiB to be available")
+    while psutil.virtual_memory().available / 2**20 < want and time.perf_counter() - t0 < max(ctx.idle_wait_s, 60):
+        time.sleep(2.0)
 
 
 def _run_worker_once(ctx: _Context, name: str, task: dict, reuse: bool = False) -> WorkerRun:
@@ -189,20 +221,22 @@ def _run_worker_once(ctx: _Context, name: str, task: dict, reuse: bool = False) 
             result = {}
     if error is None and proc.returncode != 0:
         error = f"worker exited with code {proc.returncode}: {_tail(log_path)}"
-    run = WorkerRun(name, result, proc.returncode, wall, error, other / samples if samples else 0.0, max_rss)
+    run = WorkerRun(name, result, proc.returncode, wall, error, other / samples if samples else 0.0, max_rss,
+                    memory_guard=error is not None and error.startswith("stopped by the memory guard"))
     ctx.say(f"{name}: {'done' if run.ok else 'FAILED: ' + error.splitlines()[0]} in {wall:.1f} s"
             + (f" (other processes used {run.other_cpu_cores:.2f} cores meanwhile)" if run.other_cpu_cores > 0.25
                else ""))
     return run
 
 
-def _parallel(ctx: _Context, jobs: int, calls: list[tuple[str, dict]], reuse: bool = False) -> None:
+def _parallel(ctx: _Context, jobs: int, calls: list[tuple[str, dict]], reuse: bool = False,
+              timing: bool = True) -> None:
     if jobs <= 1:
         for name, task in calls:
-            _run_worker(ctx, name, task, reuse)
+            _run_worker(ctx, name, task, reuse, timing)
         return
     with ThreadPoolExecutor(jobs) as pool:
-        list(pool.map(lambda c: _run_worker(ctx, c[0], c[1], reuse), calls))
+        list(pool.map(lambda c: _run_worker(ctx, c[0], c[1], reuse, timing), calls))
 
 
 def run_bench(model: str, layers: int | None = None, threads: int = 2, out_dir: str | Path = "bench-out",
@@ -249,12 +283,13 @@ def run_bench(model: str, layers: int | None = None, threads: int = 2, out_dir: 
 
     _run_worker(ctx, "bandwidth", {"kind": "bandwidth", "mib": bandwidth_mib, "threads": threads})
     made = _run_worker(ctx, "checkpoint", {"kind": "checkpoint", "model": model, "layers": layers,
-                                           "out": str(checkpoint)}, reuse and (checkpoint / "config.json").exists())
+                                           "out": str(checkpoint)}, reuse and (checkpoint / "config.json").exists(),
+                       timing=False)
     if made.ok:
         _parallel(ctx, jobs, [(f"export-{v}", {"kind": "export", "checkpoint": str(checkpoint),
                                                "out": str(artifacts[v]), "window_attention": v,
                                                "model": model, "layers": layers})
-                              for v in variants], reuse)
+                              for v in variants], reuse, timing=False)
     built = {v: made.ok and ctx.runs[f"export-{v}"].ok for v in variants}
 
     calls = []

@@ -332,6 +332,8 @@ def plot(r: dict, path: "Path") -> None:
                 ys.append(row[engine]["ms"])
         if xs:
             ax.plot(xs, ys, marker="o", label=label)
+    if not ax.lines:
+        ax.text(0.5, 0.5, "no vision figures (see bench.json warnings)", ha="center", transform=ax.transAxes)
     ax.set_xscale("log")
     ax.set_yscale("log")
     ax.set_xlabel("page pixels (millions)")
@@ -340,7 +342,8 @@ def plot(r: dict, path: "Path") -> None:
     ax.set_title(f"{r['model']}: ViT {cfg['vision']['depth']}x{cfg['vision']['hidden']}, {r['threads']} threads, fp32",
                  fontsize=10)
     ax.grid(True, which="both", alpha=0.3)
-    ax.legend()
+    if ax.lines:
+        ax.legend()
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)

@@ -120,9 +120,8 @@ def train_tokenizer(vocab_size: int, seed: int = 0):
     return tok
 
 
-def make_checkpoint(out_dir: str | Path, dims: CheckpointDims = CheckpointDims()) -> Path:
-    """Write a complete random-weight checkpoint of ``dims.family`` into ``out_dir``."""
-    import torch
+def build_model_config(dims: CheckpointDims, tok):
+    """transformers config and model class of ``dims.family`` for tokenizer ``tok``: (config, model_cls)."""
     from transformers import (
         Qwen2_5_VLConfig,
         Qwen2_5_VLForConditionalGeneration,
@@ -130,9 +129,6 @@ def make_checkpoint(out_dir: str | Path, dims: CheckpointDims = CheckpointDims()
         Qwen2VLForConditionalGeneration,
     )
 
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    tok = train_tokenizer(dims.tokenizer_vocab, dims.seed)
     ids = {t: tok.token_to_id(t) for t in SPECIAL_TOKENS}
     vocab = ((tok.get_vocab_size() + 63) // 64) * 64  # padded like Qwen's 151936 / 152064
 
@@ -162,28 +158,21 @@ def make_checkpoint(out_dir: str | Path, dims: CheckpointDims = CheckpointDims()
         vision = dict(depth=dims.vision_depth, embed_dim=dims.vision_hidden, num_heads=dims.vision_heads,
                       mlp_ratio=dims.vision_intermediate // dims.vision_hidden, hidden_size=dims.text_hidden,
                       initializer_range=dims.init_std)
-        config = Qwen2VLConfig(text_config=text, vision_config=vision, **special)
-        model_cls = Qwen2VLForConditionalGeneration
-    elif dims.family == "qwen2_5_vl":
+        return Qwen2VLConfig(text_config=text, vision_config=vision, **special), Qwen2VLForConditionalGeneration
+    if dims.family == "qwen2_5_vl":
         vision = dict(depth=dims.vision_depth, hidden_size=dims.vision_hidden, num_heads=dims.vision_heads,
                       intermediate_size=dims.vision_intermediate, out_hidden_size=dims.text_hidden,
                       fullatt_block_indexes=list(dims.fullatt_block_indexes), window_size=dims.window_size,
                       initializer_range=dims.init_std)
-        config = Qwen2_5_VLConfig(text_config=text, vision_config=vision, **special)
-        model_cls = Qwen2_5_VLForConditionalGeneration
-    else:
-        raise ValueError(f"unknown family {dims.family!r}")
+        return (Qwen2_5_VLConfig(text_config=text, vision_config=vision, **special),
+                Qwen2_5_VLForConditionalGeneration)
+    raise ValueError(f"unknown family {dims.family!r}")
 
-    torch.manual_seed(dims.seed)
-    model = model_cls(config).eval()
-    with torch.no_grad():  # norms start at 1.0; randomise them so parity sees their weights
-        for name, p in model.named_parameters():
-            if name.endswith("norm.weight") or ".norm1." in name or ".norm2." in name or "ln_q" in name:
-                p.uniform_(0.5, 1.5)
-            elif name.endswith(".bias"):
-                p.normal_(0.0, dims.init_std)
-    model.save_pretrained(out)
 
+def write_processing_files(out_dir: str | Path, tok, dims: CheckpointDims) -> None:
+    """Tokenizer, tokenizer/chat/generation configs and preprocessor config beside a saved model."""
+    out = Path(out_dir)
+    ids = {t: tok.token_to_id(t) for t in SPECIAL_TOKENS}
     tok.save(str(out / "tokenizer.json"))
     tok_config = {
         "tokenizer_class": "Qwen2Tokenizer",
@@ -215,6 +204,27 @@ def make_checkpoint(out_dir: str | Path, dims: CheckpointDims = CheckpointDims()
         "size": {"shortest_edge": dims.min_pixels, "longest_edge": dims.max_pixels},
         "patch_size": 14, "temporal_patch_size": 2, "merge_size": 2,
     }, indent=2))
+
+
+def make_checkpoint(out_dir: str | Path, dims: CheckpointDims = CheckpointDims()) -> Path:
+    """Write a complete random-weight checkpoint of ``dims.family`` into ``out_dir``."""
+    import torch
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    tok = train_tokenizer(dims.tokenizer_vocab, dims.seed)
+    config, model_cls = build_model_config(dims, tok)
+
+    torch.manual_seed(dims.seed)
+    model = model_cls(config).eval()
+    with torch.no_grad():  # norms start at 1.0; randomise them so parity sees their weights
+        for name, p in model.named_parameters():
+            if name.endswith("norm.weight") or ".norm1." in name or ".norm2." in name or "ln_q" in name:
+                p.uniform_(0.5, 1.5)
+            elif name.endswith(".bias"):
+                p.normal_(0.0, dims.init_std)
+    model.save_pretrained(out)
+    write_processing_files(out, tok, dims)
     return out
 
 

@@ -8,11 +8,26 @@ from __future__ import annotations
 
 from qvl_export.errors import QvlError
 from qvl_export.passes.base import GraphPass, run_passes
-from qvl_export.passes.cleanup import FoldConstantsAndCleanup
+from qvl_export.passes.cleanup import CleanupAfterFusions, FoldConstantsAndCleanup
+from qvl_export.passes.fuse_decoder_attention import FuseDecoderAttention
+from qvl_export.passes.fuse_rms_norm import FuseRmsNorm
+from qvl_export.passes.fuse_vision_attention import FuseVisionAttention
+from qvl_export.passes.fuse_vision_gelu import FuseVisionGelu
+from qvl_export.passes.fuse_vision_rotary import FuseVisionRotary
+from qvl_export.passes.pack_decoder_matmuls import PackDecoderMatMuls
+from qvl_export.passes.quantize_embeddings import QuantizeEmbeddings
 
 # One ordered list for all; a pass runs on the (target, part) pairs it declares.
 PIPELINE: list[type[GraphPass]] = [
     FoldConstantsAndCleanup,
+    FuseRmsNorm,  # ort; all parts (RMSNorm: the decoder, Qwen2.5-VL's vision tower and merger)
+    FuseVisionRotary,  # ort vision; before the attention fusion (it reads the rotated q/k as they come)
+    FuseVisionAttention,  # ort vision; window/full attention -> MultiHeadAttention on its flash path
+    FuseVisionGelu,  # ort merger; erf GELU -> Gelu
+    FuseDecoderAttention,  # ort decoder; changes the decoder's K/V inputs to in-place buffers
+    PackDecoderMatMuls,  # both targets; after the attention fusion (packs what feeds GQA)
+    CleanupAfterFusions,  # CSE merges the per-layer copies the fusions made
+    QuantizeEmbeddings,  # ort decoder, int8/fp8 builds only: runs after Q/DQ placement
 ]
 
 

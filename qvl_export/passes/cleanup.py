@@ -28,3 +28,12 @@ class FoldConstantsAndCleanup(GraphPass):
                   common.CommonSubexpressionEliminationPass(), common.RemoveUnusedNodesPass()):
             modified |= p(model).modified
         return ir.passes.PassResult(model, modified or len(model.graph) != before)
+
+
+class CleanupAfterFusions(FoldConstantsAndCleanup):
+    """The same cleanup, run last: fusions build per-layer copies of shared subgraphs (the decoder's
+    rotary tables, one per layer) that common-subexpression elimination merges back into one, and
+    leave producers nothing reads any more."""
+
+    name = "cleanup_after_fusions"
+    description = "fold_constants again after the fusions: merge their per-layer copies (CSE), drop what they left"

@@ -1,8 +1,15 @@
-"""ONNX Runtime backend of the thin runtime: one InferenceSession per part."""
+"""ONNX Runtime backend of the thin runtime: one InferenceSession per part.
+
+A decoder whose KV inputs are fixed-capacity buffers (``seqlens_k`` among its inputs, see
+``passes/fuse_decoder_attention.py``) runs through IOBinding with each ``present.{i}.*`` output bound
+to the memory of its ``past_key_values.{i}.*`` input: GroupQueryAttention sees the same buffer on both
+sides and writes only the new rows. Every other part (and the plain decoder) runs with ``session.run``.
+"""
 
 from __future__ import annotations
 
 import logging
+import re
 from pathlib import Path
 
 import numpy as np
@@ -24,14 +31,18 @@ class OrtBackend:
 
         self.folder = Path(folder)
         self.manifest = manifest
-        opts = ort.SessionOptions()
-        if threads:
-            opts.intra_op_num_threads = threads
-            opts.inter_op_num_threads = 1
-        opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         self.providers = providers or ["CPUExecutionProvider"]
         self.sessions = {}
         for name, part in manifest.parts.items():
+            opts = ort.SessionOptions()
+            if threads:
+                opts.intra_op_num_threads = threads
+                opts.inter_op_num_threads = 1
+            opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+            if part.precision == "fp8":
+                # the CPU provider has no float8 kernels: run the Q/DQ pairs as written (fake quant)
+                # instead of letting the QDQ optimizers move float8 tensors into ops that lack them
+                opts.add_session_config_entry("session.disable_quant_qdq", "1")
             path = self.folder / part.file
             if not path.exists():
                 raise QvlError(f"{path} is missing; the artifacts folder is incomplete: rebuild it.")
@@ -41,7 +52,60 @@ class OrtBackend:
                 raise QvlError(f"onnxruntime could not load {path.name} ({str(err).splitlines()[0]}); "
                                "rebuild the artifacts.") from None
         self.output_names = {n: [o.name for o in s.get_outputs()] for n, s in self.sessions.items()}
+        self.in_place = {n: in_place_outputs([i.name for i in s.get_inputs()], self.output_names[n])
+                         for n, s in self.sessions.items()}
 
     def run(self, part: str, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
-        """Outputs of ``part`` in manifest order."""
+        """Outputs of ``part`` in manifest order (in-place outputs are their input arrays, updated)."""
+        if self.in_place[part]:
+            return run_in_place(self.sessions[part], self.output_names[part], feeds, self.in_place[part])
         return self.sessions[part].run(self.output_names[part], feeds)
+
+
+_PRESENT = re.compile(r"present\.(\d+)\.(key|value)")
+
+
+def in_place_outputs(input_names: list[str], output_names: list[str]) -> dict[str, str]:
+    """``{output: input}`` pairs that share one buffer: ``present.{i}.*`` -> ``past_key_values.{i}.*`` of a
+    decoder with buffer KV inputs (it has ``seqlens_k``); empty for every other graph."""
+    if "seqlens_k" not in input_names:
+        return {}
+    pairs = {}
+    for name in output_names:
+        m = _PRESENT.fullmatch(name)
+        if m and f"past_key_values.{m[1]}.{m[2]}" in input_names:
+            pairs[name] = f"past_key_values.{m[1]}.{m[2]}"
+    return pairs
+
+
+def run_in_place(session, output_names: list[str], feeds: dict[str, np.ndarray],
+                 shared: dict[str, str]) -> list[np.ndarray]:
+    """``session.run`` through IOBinding; each ``shared`` output is written into its input's array.
+
+    The shared inputs must be C-contiguous and writeable (a KVCache's buffers are); one that is not is
+    copied first and the copy is returned in its place, so the result is right either way.
+    """
+    binding = session.io_binding()
+    buffers = {}
+    for name in set(shared.values()):
+        arr = feeds[name]
+        if not (arr.flags.c_contiguous and arr.flags.writeable):
+            arr = np.ascontiguousarray(arr).copy()
+        buffers[name] = arr
+    alive = []  # inputs bound by address must outlive the run
+    for name, arr in feeds.items():
+        if name in buffers:
+            buf = buffers[name]
+            binding.bind_input(name, "cpu", 0, buf.dtype.type, list(buf.shape), buf.ctypes.data)
+        else:
+            alive.append(np.ascontiguousarray(arr))
+            binding.bind_cpu_input(name, alive[-1])
+    for name in output_names:
+        if name in shared:
+            buf = buffers[shared[name]]
+            binding.bind_output(name, "cpu", 0, buf.dtype.type, list(buf.shape), buf.ctypes.data)
+        else:
+            binding.bind_output(name, "cpu")
+    session.run_with_iobinding(binding)
+    values = binding.get_outputs()
+    return [buffers[shared[name]] if name in shared else values[i].numpy() for i, name in enumerate(output_names)]

@@ -54,16 +54,86 @@ class Generation:
     step_logits: list[np.ndarray] = field(default_factory=list)  # [V] float32 each, if asked for
 
 
-class KVCache:
-    """Past keys/values as arrays [B, kv_heads, P, head_dim], one pair per layer."""
+KV_CONCAT = "concat"  # plain decoder graph: present = Concat(past, new), a new array every step
+KV_BUFFER = "buffer"  # GroupQueryAttention graph (pass fuse_decoder_attention): fixed buffers updated in place
 
-    def __init__(self, num_layers: int, kv_heads: int, head_dim: int, dtype=np.float32, batch: int = 1):
+
+def kv_layout(decoder_input_names) -> str:
+    """The decoder's KV cache layout, read from its inputs: ``seqlens_k`` marks the in-place buffer graph."""
+    return KV_BUFFER if "seqlens_k" in set(decoder_input_names) else KV_CONCAT
+
+
+class KVCache:
+    """Past keys/values, one pair per layer, in the layout of the decoder graph that fills it.
+
+    - ``concat`` (plain graph, trt target / no passes): ``arrays`` are [B, kv_heads, P, head_dim]; each step
+      the graph returns past + new as new arrays (the whole cache is copied).
+    - ``buffer`` (fused graph): ``arrays`` are buffers [B, kv_heads, C, head_dim] whose first ``length`` rows
+      are valid. A step writes only its T new rows, in place: the backend binds ``present.{i}.*`` to the
+      memory of ``past_key_values.{i}.*``. ``capacity`` rows are allocated on first use (``generate`` asks
+      for prompt + max_new_tokens); a step that needs more grows them to max(needed, 2 x C), rounded up
+      to ``ALIGN`` rows - one copy of the valid rows per doubling.
+    """
+
+    ALIGN = 256
+
+    def __init__(self, num_layers: int, kv_heads: int, head_dim: int, dtype=np.float32, batch: int = 1,
+                 capacity: int = 0):
+        self.kv_heads, self.head_dim, self.dtype = kv_heads, head_dim, np.dtype(dtype)
+        self.capacity_hint = int(capacity)
+        self.length = 0  # valid rows (tokens) per layer
         empty = np.zeros((batch, kv_heads, 0, head_dim), dtype=dtype)
         self.arrays = [empty] * (2 * num_layers)
 
     @property
-    def length(self) -> int:
+    def capacity(self) -> int:
         return self.arrays[0].shape[2]
+
+    def reserve(self, batch: int, total: int) -> None:
+        """``buffer`` layout: make room for ``total`` rows of a batch of ``batch``, keeping the valid rows."""
+        if total <= self.capacity and batch == self.arrays[0].shape[0]:
+            return
+        if batch != self.arrays[0].shape[0] and self.length:
+            raise QvlError(f"The KV cache holds a batch of {self.arrays[0].shape[0]}; a step of batch {batch} "
+                           "needs a new cache.")
+        rows = max(total, self.capacity_hint, 2 * self.capacity)
+        rows = -(-rows // self.ALIGN) * self.ALIGN
+        grown = []
+        for old in self.arrays:
+            new = np.zeros((batch, self.kv_heads, rows, self.head_dim), dtype=self.dtype)
+            new[:, :, :self.length] = old[:, :, :self.length]
+            grown.append(new)
+        self.arrays = grown
+
+    def valid(self) -> list[np.ndarray]:
+        """Cached rows per layer, [B, kv_heads, length, head_dim] views (key, value, key, value, ...)."""
+        return [a[:, :, :self.length] for a in self.arrays]
+
+
+def decoder_feeds(layout: str, input_ids: np.ndarray, image_embeds: np.ndarray, position_ids: np.ndarray,
+                  cache: KVCache) -> dict[str, np.ndarray]:
+    """The decoder's feeds for one step in ``layout``; ``buffer`` makes room in the cache for the step."""
+    feeds = {"input_ids": input_ids, "image_embeds": image_embeds, "position_ids": position_ids}
+    if layout == KV_BUFFER:
+        batch, steps = input_ids.shape
+        total = cache.length + steps
+        cache.reserve(batch, total)
+        feeds["seqlens_k"] = np.full(batch, total - 1, dtype=np.int32)  # per sequence: valid rows after the step - 1
+        feeds["total_sequence_length"] = np.asarray(total, dtype=np.int32)
+    for i in range(len(cache.arrays) // 2):
+        feeds[f"past_key_values.{i}.key"] = cache.arrays[2 * i]
+        feeds[f"past_key_values.{i}.value"] = cache.arrays[2 * i + 1]
+    return feeds
+
+
+def advance_cache(layout: str, cache: KVCache, presents: Sequence[np.ndarray], steps: int) -> None:
+    """Take the decoder's ``present`` outputs as the cache after a step of ``steps`` tokens.
+
+    In ``buffer`` layout they are the cache buffers themselves when the backend bound them in place, or
+    full-capacity copies when it did not (a backend without IOBinding): both hold the same rows.
+    """
+    cache.arrays = list(presents)
+    cache.length = cache.length + steps if layout == KV_BUFFER else cache.arrays[0].shape[2]
 
 
 class Pipeline:
@@ -79,6 +149,7 @@ class Pipeline:
             else np.float32
         self.embed_dtype = np.float16 if manifest.parts["decoder"].input("image_embeds").dtype == "float16" \
             else np.float32
+        self.kv_layout = kv_layout(t.name for t in manifest.parts["decoder"].inputs)
 
     @classmethod
     def load(cls, folder: str | Path, threads: int | None = None, backend: str | None = None) -> "Pipeline":
@@ -131,15 +202,18 @@ class Pipeline:
 
     def decoder_step(self, input_ids: np.ndarray, image_embeds: np.ndarray, position_ids: np.ndarray,
                      cache: KVCache) -> np.ndarray:
-        """input_ids [B, T], image_embeds [N, D], position_ids [3, B, T] -> logits [B, V]; cache grows."""
-        feeds = {"input_ids": input_ids, "image_embeds": image_embeds.astype(self.embed_dtype, copy=False),
-                 "position_ids": position_ids}
-        for i in range(self.spec.text.num_hidden_layers):
-            feeds[f"past_key_values.{i}.key"] = cache.arrays[2 * i]
-            feeds[f"past_key_values.{i}.value"] = cache.arrays[2 * i + 1]
+        """input_ids [B, T], image_embeds [N, D], position_ids [3, B, T] -> logits [B, V]; cache grows by T."""
+        feeds = decoder_feeds(self.kv_layout, input_ids, image_embeds.astype(self.embed_dtype, copy=False),
+                              position_ids, cache)
         out = self.backend.run("decoder", feeds)
-        cache.arrays = out[1:]
+        advance_cache(self.kv_layout, cache, out[1:], input_ids.shape[1])
         return out[0][:, -1, :].astype(np.float32, copy=False)
+
+    def new_cache(self, batch: int = 1, capacity: int = 0) -> KVCache:
+        """An empty KV cache for this decoder; ``capacity`` tokens are allocated up front (buffer layout)."""
+        text = self.spec.text
+        return KVCache(text.num_hidden_layers, text.num_key_value_heads, text.head_dim, self.kv_dtype, batch,
+                       capacity)
 
     def _cast(self, part: str, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         info = self.manifest.parts[part]
@@ -195,7 +269,7 @@ class Pipeline:
         timings["vision_s"] = time.perf_counter() - t1
 
         text = self.spec.text
-        cache = KVCache(text.num_hidden_layers, text.num_key_value_heads, text.head_dim, self.kv_dtype)
+        cache = self.new_cache(capacity=total)
         t2 = time.perf_counter()
         logits = self.decoder_step(prep.input_ids[None], embeds, prep.position_ids[:, None, :], cache)[0]
         timings["prefill_s"] = time.perf_counter() - t2

@@ -31,7 +31,9 @@ def test_manifest_describes_parts(artifacts, checkpoint):
         assert part.precision == "fp32"
     dec = m.parts["decoder"]
     assert dec.input("input_ids").shape == ["batch", "seq"]
-    assert dec.input("past_key_values.0.key").shape[2] == "past"
+    # ort target: fuse_decoder_attention makes the K/V fixed-capacity buffers, located by seqlens_k
+    assert dec.input("past_key_values.0.key").shape[2] == "kv_capacity"
+    assert dec.input("seqlens_k").shape == ["batch"] and dec.input("total_sequence_length").shape == []
     assert m.parts["vision"].input("patches").shape == ["vision_tokens", 1176]
     for f in ("tokenizer.json", "preprocessor_config.json", "generation_config.json"):
         assert (folder / f).exists()

@@ -67,12 +67,21 @@ def test_fused_windows_equal_dense_mask(checkpoint):
 
 @pytest.mark.parametrize("family", FAMILIES)
 def test_decoder_prefill_decode_batch(family, checkpoint, artifacts):
-    """Prefill with images (empty past), then decode steps, batch 2, vs the torch module."""
+    """Prefill with images (empty past), then decode steps, batch 2, vs the torch module.
+
+    The artifacts' decoder may hold its K/V in fixed buffers updated in place (fuse_decoder_attention):
+    it is fed through the runtime's own cache code, and its valid rows are compared.
+    """
+    from qvl_export.runtimes.onnxrt import in_place_outputs, run_in_place
+    from qvl_export.runtimes.pipeline import KVCache, advance_cache, decoder_feeds, kv_layout
+
     ckpt, art = checkpoint(family), artifacts(family)
     spec, weights = parse_model_config(ckpt), CheckpointWeights(ckpt)
     t = spec.text
     module = decoder_part(spec, weights).build()
     sess = session(art, "decoder")
+    inputs, outputs = [i.name for i in sess.get_inputs()], [o.name for o in sess.get_outputs()]
+    layout, shared = kv_layout(inputs), in_place_outputs(inputs, outputs)
     rng = np.random.default_rng(5)
     b, seq = 2, 11
     ids = rng.integers(0, 100, (b, seq)).astype(np.int64)
@@ -80,18 +89,18 @@ def test_decoder_prefill_decode_batch(family, checkpoint, artifacts):
     embeds = rng.standard_normal((8, t.hidden_size)).astype(np.float32)
     pos = np.stack([np.arange(seq), np.arange(seq) // 2, np.arange(seq) % 3])[:, None].repeat(b, 1)
     pos = pos.astype(np.int64)
-    past = [np.zeros((b, t.num_key_value_heads, 0, t.head_dim), np.float32) for _ in range(2 * t.num_hidden_layers)]
+    cache = KVCache(t.num_hidden_layers, t.num_key_value_heads, t.head_dim, np.float32, b)
     for step in range(3):
-        feeds = {"input_ids": ids, "image_embeds": embeds, "position_ids": pos}
-        feeds.update({f"past_key_values.{i // 2}.{'key' if i % 2 == 0 else 'value'}": p for i, p in enumerate(past)})
-        out = sess.run(None, feeds)
+        past = [a.copy() for a in cache.valid()]
+        feeds = decoder_feeds(layout, ids, embeds, pos, cache)
+        out = run_in_place(sess, outputs, feeds, shared) if shared else sess.run(outputs, feeds)
+        advance_cache(layout, cache, out[1:], ids.shape[1])
         with torch.no_grad():
-            ref = module(*(torch.from_numpy(feeds[n]) for n in module.input_names))
+            ref = module(*(torch.from_numpy(x) for x in (ids, embeds, pos, *past)))
         np.testing.assert_allclose(out[0], ref[0].numpy(), atol=1e-4, rtol=1e-4)
-        for o, r in zip(out[1:], ref[1:]):
+        for o, r in zip(cache.valid(), ref[1:]):
             np.testing.assert_allclose(o, r.numpy(), atol=1e-5, rtol=1e-4)
-        assert out[1].shape[2] == past[0].shape[2] + ids.shape[1]
-        past = out[1:]
+        assert cache.length == past[0].shape[2] + ids.shape[1]
         ids = rng.integers(0, 100, (b, 1)).astype(np.int64)
         embeds = np.zeros((0, t.hidden_size), np.float32)
-        pos = np.full((3, b, 1), past[0].shape[2] + 7, dtype=np.int64)
+        pos = np.full((3, b, 1), cache.length + 7, dtype=np.int64)

@@ -1,0 +1,330 @@
+"""Decoder attention -> ``com.microsoft.GroupQueryAttention`` over a KV cache updated in place.
+
+What the traced decoder computes per layer (``qvl_export.models.decoder.DecoderAttention``)::
+
+    q/k/v [B, T, H*Dh] -> Reshape [B, T, H, Dh] -> Transpose [B, H, T, Dh]
+    q, k  -> x * cos + rotate_half(x) * sin                     (fp32, M-RoPE folded into cos/sin [B, 1, T, Dh])
+    present_k/v = Concat(past_k/v [B, Hkv, P, Dh], k/v, axis=2)  (the whole cache is copied every step)
+    q grouped [B, Hkv, G*T, Dh]; softmax(Where(causal, q k^T * scale, f32 min)) v; back to [B, T, H*Dh]
+
+What this pass makes of it::
+
+    q/k [B, T, H*Dh] -> com.microsoft.RotaryEmbedding (per-token table: row b*T + t of cos/sin[..., :Dh/2])
+    -> GroupQueryAttention(q, k, v [B, T, Hkv*Dh], past_k, past_v, seqlens_k, total_sequence_length)
+
+GQA does the causal softmax attention itself and writes the new rows of K/V into ``present``; when
+the caller binds ``present.{i}.*`` to the same buffer as ``past_key_values.{i}.*`` (onnxruntime
+IOBinding, ``runtimes/onnxrt.py``) nothing else is copied: the cache stays in place and grows by T
+rows a step. No Transpose is left: q/k/v stay [B, T, heads*Dh] from the projections to GQA.
+
+Graph IO after the pass (the runtime picks the cache layout from ``seqlens_k`` being an input):
+
+- ``seqlens_k [B] int32`` = valid cache rows after this step - 1; ``total_sequence_length [] int32`` = its max;
+- ``past_key_values.{i}.key/value [B, Hkv, C, Dh]``: fixed-capacity buffers (C = ``kv_capacity``), the
+  first P = total - T rows valid; ``present.{i}.key/value`` the same shape (the same buffer when bound).
+
+M-RoPE: the graph still computes cos/sin [B, 1, T, Dh] once per forward from ``position_ids`` (t/h/w
+per frequency, fp32); RotaryEmbedding indexes that per-token table (its two halves are equal, checked),
+so image tokens in prefill keep their 3-D positions. GQA's own rotary (``do_rotary=1``) cannot: it
+indexes one 1-D position per token in a cos/sin cache of >= total_sequence_length rows (ORT 1.31
+rejects a per-token table in decode, and needs head_dim % 16 == 0). Checked by measurement too
+(real width: hidden 2048, 16/2 heads, Dh 128, ORT 1.31 CPU fp32, 2 threads, one layer's attention,
+interleaved runs): prefill of 298 tokens 62 ms traced -> 52 ms GQA + our rotary ops -> 40 ms GQA +
+RotaryEmbedding; a decode step at 300 cached tokens 0.23 ms -> 0.3 ms (GQA's CPU kernel walks K/V
+once per query head; ours reads it once per KV head), i.e. < 0.1% of a decode step at that width.
+
+Valid when: every layer has exactly this structure, q/k/cos/sin are float32 (RotaryEmbedding would
+do the RoPE math in the graph's dtype) and the mask is the decoder's own causal mask with the past
+length read from the past K/V (checked; a partial match raises, as it would mix two cache layouts).
+Limits inherited from GQA: a multi-token step on a non-empty cache needs batch 1 (prefill always
+starts from an empty cache); batches must not hold padding (as for the plain graph). onnxruntime
+only: the trt target keeps the plain graph.
+
+onnxscript's own ``ort_fusions.gqa`` does not match our graph: it expects HF's repeat_kv Expand,
+an additive mask from an ``attention_mask`` input and ``RotaryEmbedding`` produced by its cos/sin
+cache fusion (onnxscript/rewriter/ort_fusions/gqa.py, ``GroupQueryAttention.pattern``). The rotate-half
+sub-pattern below mirrors onnxscript/rewriter/ort_fusions/rotary_embedding.py ``_rotate_half_pattern``.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+
+import numpy as np
+import onnx_ir as ir
+import onnx_ir.passes.common as common
+
+from qvl_export.errors import QvlError
+from qvl_export.passes.base import GraphPass
+
+log = logging.getLogger(__name__)
+
+SEQLENS_K = "seqlens_k"
+TOTAL_SEQUENCE_LENGTH = "total_sequence_length"
+CAPACITY_DIM = "kv_capacity"
+_PAST = re.compile(r"past_key_values\.(\d+)\.(key|value)$")
+_PRESENT = re.compile(r"present\.(\d+)\.(key|value)$")
+
+
+def _const(value: ir.Value | None) -> np.ndarray | None:
+    if value is None or value.const_value is None:
+        return None
+    return value.const_value.numpy()
+
+
+def _is_const(value: ir.Value | None, expected) -> bool:
+    arr = _const(value)
+    return arr is not None and arr.size == np.size(expected) and bool((arr.reshape(-1) == np.reshape(expected, -1)).all())
+
+
+def _rotary_pattern(op, x, cos, sin, hi_start, hi_end, axes, steps, lo_start, lo_end, lo_axes, lo_steps):
+    """x * cos + rotate_half(x) * sin, rotate_half(x) = Concat(-x[..., Dh/2:], x[..., :Dh/2])."""
+    hi = op.Slice(x, hi_start, hi_end, axes, steps)
+    lo = op.Slice(x, lo_start, lo_end, lo_axes, lo_steps)
+    rotated = op.Concat(op.Neg(hi), lo, axis=-1)
+    return op.Add(op.Mul(x, cos), op.Mul(rotated, sin))
+
+
+def _rotary_vars(prefix: str) -> dict:
+    from onnxscript.rewriter import pattern
+
+    names = ("hi_start", "hi_end", "axes", "steps", "lo_start", "lo_end", "lo_axes", "lo_steps")
+    return {n: pattern.Var(f"{prefix}_{n}") for n in names}
+
+
+def _causal_mask_patterns():
+    """allowed [G*T, P+T] = Tile(k_pos[None, :] <= q_pos[:, None], [G, 1]) as ``Decoder.forward`` traces it
+    (one pattern with the Tile over query groups, one without it for G = 1)."""
+    from onnxscript.rewriter import pattern
+
+    class CausalMask(pattern.PatternBase):
+        def __init__(self, tiled: bool):
+            super().__init__(f"CausalMask{'Tiled' if tiled else ''}")
+            self.tiled = tiled
+
+        def pattern(self, op, seq_len, past_len, zero, one, zero2, one2, axes_row, axes_col, expand_shape,
+                    repeats):
+            q_pos = op.Add(op.Range(zero, seq_len, one), past_len)
+            k_pos = op.Range(zero2, op.Add(seq_len, past_len), one2)
+            causal = op.LessOrEqual(op.Unsqueeze(k_pos, axes_row), op.Unsqueeze(q_pos, axes_col))
+            if not self.tiled:
+                return op.Expand(causal, expand_shape)
+            expanded = pattern.OrValue([op.Expand(causal, expand_shape), causal])
+            return op.Tile(expanded, repeats)
+
+        def check(self, context, zero, one, zero2, one2, axes_row, axes_col, **_):
+            result = pattern.MatchResult()
+            if not (_is_const(zero, 0) and _is_const(zero2, 0) and _is_const(one, 1) and _is_const(one2, 1)):
+                return result.fail("positions are not Range(0, n, 1)")
+            if not (_is_const(axes_row, [0]) and _is_const(axes_col, [1])):
+                return result.fail("not k_pos[None, :] <= q_pos[:, None]")
+            return result
+
+    return [CausalMask(True), CausalMask(False)]
+
+
+def _halves_equal(table: ir.Value) -> bool:
+    """``table`` is ``Cos/Sin(Unsqueeze?(Concat(f, f, axis=-1)))``: its two halves on the last axis are equal."""
+    node = table.producer()
+    if node is None or node.op_type not in ("Cos", "Sin"):
+        return False
+    node = node.inputs[0].producer()
+    if node is not None and node.op_type == "Unsqueeze":
+        node = node.inputs[0].producer()
+    return (node is not None and node.op_type == "Concat" and len(node.inputs) == 2
+            and node.inputs[0] is node.inputs[1] and node.attributes.get_int("axis", 0) in (-1, 2))
+
+
+def _past_length_source(value: ir.Value) -> ir.Value | None:
+    """The graph input whose axis 2 ``value`` is (``Squeeze(Shape(past, start=2, end=3))``), else None."""
+    node = value.producer()
+    if node is not None and node.op_type == "Squeeze":
+        node = node.inputs[0].producer()
+    if node is None or node.op_type != "Shape":
+        return None
+    start = node.attributes.get_int("start", 0)
+    end = node.attributes.get_int("end", None)
+    if start != 2 or end != 3:
+        return None
+    return node.inputs[0]
+
+
+class _AttentionToGQA:
+    """The rewrite rule (pattern + check + rewrite); built lazily so importing the pass is cheap."""
+
+    @staticmethod
+    def make(seqlens_k: ir.Value, total_len: ir.Value):
+        from onnxscript.rewriter import _ir_utils, pattern
+
+        causal_masks = _causal_mask_patterns()
+
+        class AttentionToGQA(pattern.RewriteRuleClassBase):
+            def pattern(self, op, q_lin, k_lin, v_lin, q_shape, k_shape, v_shape, cos, sin, past_key, past_value,
+                        allowed, scale, min_value, grouped_shape, heads_shape, out_shape):
+                qv, kv = _rotary_vars("q"), _rotary_vars("k")
+                q = op.Transpose(op.Reshape(q_lin, q_shape, _outputs=["q_bsnh"]), perm=[0, 2, 1, 3])
+                k = op.Transpose(op.Reshape(k_lin, k_shape, _outputs=["k_bsnh"]), perm=[0, 2, 1, 3])
+                v = op.Transpose(op.Reshape(v_lin, v_shape), perm=[0, 2, 1, 3])
+                q_rot = _rotary_pattern(op, q, cos, sin, **qv)
+                k_rot = _rotary_pattern(op, k, cos, sin, **kv)
+                present_key = op.Concat(past_key, k_rot, axis=2)
+                present_value = op.Concat(past_value, v, axis=2)
+                q_grouped = op.Reshape(q_rot, grouped_shape, _outputs=["q_grouped"])
+                scores = op.Mul(op.MatMul(q_grouped, op.Transpose(present_key, perm=[0, 1, 3, 2])), scale)
+                probs = op.Softmax(op.Where(allowed, scores, min_value), axis=-1)
+                context = op.MatMul(probs, present_value)
+                heads = op.Transpose(op.Reshape(context, heads_shape), perm=[0, 2, 1, 3])
+                return op.Reshape(heads, out_shape), present_key, present_value
+
+            def check(self, context, q_bsnh, k_bsnh, q_grouped, cos, sin, past_key, past_value, allowed, scale,
+                      min_value, **bindings):
+                result = pattern.MatchResult()
+                graph = context.graph_or_function
+                for past in (past_key, past_value):
+                    if past not in graph.inputs or not _PAST.match(past.name or ""):
+                        return result.fail("past K/V is not a past_key_values.* graph input", past)
+                shapes = {"q": q_bsnh.shape, "k": k_bsnh.shape, "q_grouped": q_grouped.shape, "cos": cos.shape,
+                          "sin": sin.shape}
+                if any(s is None or s.rank() != 4 for s in shapes.values()):
+                    return result.fail(f"rank-4 shapes needed, got {shapes}")
+                heads, head_dim = q_bsnh.shape[2], q_bsnh.shape[3]
+                kv_heads = k_bsnh.shape[2]
+                if not all(isinstance(d, int) for d in (heads, head_dim, kv_heads)) or heads % kv_heads:
+                    return result.fail(f"heads {heads} / kv heads {kv_heads} / head dim {head_dim} not static")
+                if q_grouped.shape[1] != kv_heads or q_grouped.shape[3] != head_dim:
+                    return result.fail("queries are not grouped as [B, kv_heads, groups*T, head_dim]", q_grouped)
+                for name in ("cos", "sin"):
+                    s = shapes[name]
+                    if s[1] != 1 or s[3] != head_dim:
+                        return result.fail(f"{name} is not [B, 1, T, head_dim]", cos if name == "cos" else sin)
+                if q_bsnh.dtype != ir.DataType.FLOAT or cos.dtype != ir.DataType.FLOAT:
+                    return result.fail("fp32 only: RotaryEmbedding would run the RoPE math in the graph's dtype")
+                for table in (cos, sin):
+                    if not _halves_equal(table):
+                        return result.fail("cos/sin are not cat(freqs, freqs): a [.., Dh/2] table cannot hold them",
+                                           table)
+                half = head_dim // 2
+                for prefix in ("q", "k"):
+                    b = {n: bindings[f"{prefix}_{n}"] for n in ("hi_start", "hi_end", "axes", "steps", "lo_start",
+                                                                "lo_end", "lo_axes", "lo_steps")}
+                    last = (lambda v: _is_const(v, [-1]) or _is_const(v, [3]))
+                    if not (_is_const(b["hi_start"], [half]) and _const(b["hi_end"]) is not None
+                            and int(_const(b["hi_end"]).reshape(-1)[0]) >= head_dim
+                            and _is_const(b["lo_start"], [0]) and _is_const(b["lo_end"], [half])
+                            and last(b["axes"]) and last(b["lo_axes"])
+                            and _is_const(b["steps"], [1]) and _is_const(b["lo_steps"], [1])):
+                        return result.fail(f"{prefix}: not rotate_half on the last axis at head_dim/2 = {half}")
+                scale_value = _ir_utils.get_singleton_value(scale)
+                if not isinstance(scale_value, float):
+                    return result.fail("attention scale is not a constant scalar", scale)
+                floor = _ir_utils.get_singleton_value(min_value)
+                if not isinstance(floor, float) or floor > -1e30:
+                    return result.fail("masked scores are not set to a large negative constant", min_value)
+                mask_node = allowed.producer()
+                match = None
+                for causal_mask in causal_masks if mask_node is not None else ():
+                    match = match or causal_mask.match(context.model, graph, mask_node,
+                                                       check_nodes_are_removable=False)
+                if not match:
+                    return result.fail("the mask is not the decoder's causal mask", allowed)
+                if _past_length_source(match.bindings["past_len"]) is None:
+                    return result.fail("the causal mask's past length is not the past K/V length (axis 2)")
+                self.heads, self.kv_heads, self.head_dim = heads, kv_heads, head_dim
+                self.scale = float(scale_value)
+                return result
+
+            def rewrite(self, op, q_lin, k_lin, v_lin, cos, sin, past_key, past_value, **_):
+                # per-token rotary table [B*T, Dh/2] (the first half of cos/sin: the halves are equal) and each
+                # token's row in it; computed once for all layers (CSE merges the copies)
+                half = self.head_dim // 2
+                first_half = [op.Constant(value_ints=[v]) for v in (0, half, 3)]
+                rows = op.Constant(value_ints=[-1, half])
+                cos_table, sin_table = (op.Reshape(op.Slice(c, *first_half), rows) for c in (cos, sin))
+                batch_seq = op.Shape(q_lin, start=0, end=2)
+                count = op.ReduceProd(batch_seq, keepdims=0)
+                row_of_token = op.Reshape(op.Range(op.Constant(value_int=0), count, op.Constant(value_int=1)),
+                                          batch_seq)  # [B, T]
+                q = op.RotaryEmbedding(q_lin, row_of_token, cos_table, sin_table, num_heads=self.heads,
+                                       rotary_embedding_dim=self.head_dim, interleaved=0, _domain="com.microsoft")
+                k = op.RotaryEmbedding(k_lin, row_of_token, cos_table, sin_table, num_heads=self.kv_heads,
+                                       rotary_embedding_dim=self.head_dim, interleaved=0, _domain="com.microsoft")
+                return op.GroupQueryAttention(
+                    q, k, v_lin, past_key, past_value, seqlens_k, total_len,
+                    num_heads=self.heads, kv_num_heads=self.kv_heads, scale=self.scale, do_rotary=0,
+                    _domain="com.microsoft", _outputs=3)
+
+        return AttentionToGQA.rule(name="AttentionToGQA")
+
+
+class FuseDecoderAttention(GraphPass):
+    name = "fuse_decoder_attention"
+    description = ("decoder attention -> com.microsoft.GroupQueryAttention; past/present K/V become in-place "
+                   "buffers (+ seqlens_k, total_sequence_length inputs)")
+    targets = ("ort",)
+    parts = ("decoder",)
+
+    def call(self, model: ir.Model) -> ir.passes.PassResult:
+        from onnxscript.rewriter import pattern
+
+        graph = model.graph
+        past = {v.name: v for v in graph.inputs if _PAST.match(v.name or "")}
+        if not past or any(v.name in (SEQLENS_K, TOTAL_SEQUENCE_LENGTH) for v in graph.inputs):
+            self.last_details = {"skipped": "no past_key_values inputs" if not past else "already fused"}
+            return ir.passes.PassResult(model, False)
+        layers = len(past) // 2
+        batch = next(v for v in graph.inputs if v.name == "input_ids").shape[0]
+        seqlens_k = ir.Value(name=SEQLENS_K, type=ir.TensorType(ir.DataType.INT32), shape=ir.Shape([batch]))
+        total_len = ir.Value(name=TOTAL_SEQUENCE_LENGTH, type=ir.TensorType(ir.DataType.INT32), shape=ir.Shape([]))
+        at = max(i for i, v in enumerate(graph.inputs) if not _PAST.match(v.name or "")) + 1
+        graph.inputs.insert(at, total_len)
+        graph.inputs.insert(at, seqlens_k)
+
+        rules = pattern.RewriteRuleSet([_AttentionToGQA.make(seqlens_k, total_len)])
+        count = rules.apply_to_model(model)
+        if count == 0:
+            graph.inputs.remove(seqlens_k)
+            graph.inputs.remove(total_len)
+            tracer = pattern.MatchingTracer()
+            rules.apply_to_model(model, tracer=tracer)
+            self.last_details = {"fused": 0, "why_not": _failure_reasons(tracer)}
+            log.warning("fuse_decoder_attention matched no layer: %s", self.last_details["why_not"])
+            return ir.passes.PassResult(model, False)
+        if count != layers:
+            raise QvlError(f"fuse_decoder_attention fused {count} of {layers} decoder layers; a partial fusion would "
+                           "mix two KV cache layouts. Skip the pass (--skip-pass fuse_decoder_attention) and report "
+                           "the decoder structure that did not match.")
+        common.RemoveUnusedNodesPass()(model)
+        self._capacity_axes(graph)
+        self.last_details = {"fused": count, "new_inputs": [SEQLENS_K, TOTAL_SEQUENCE_LENGTH]}
+        return ir.passes.PassResult(model, True)
+
+    @staticmethod
+    def _capacity_axes(graph: ir.Graph) -> None:
+        """past/present K/V axis 2 is the buffer capacity now; nothing may still read it as the past length."""
+        for value in list(graph.inputs) + list(graph.outputs):
+            if _PAST.match(value.name or "") or _PRESENT.match(value.name or ""):
+                dims = list(value.shape)
+                dims[2] = ir.SymbolicDim(CAPACITY_DIM)
+                value.shape = ir.Shape(dims)
+            if _PAST.match(value.name or ""):
+                for use in value.uses():
+                    node = use.node
+                    if node.op_type == "GroupQueryAttention":
+                        continue
+                    if node.op_type == "Shape" and node.attributes.get_int("end", 4) <= 2:
+                        continue  # batch / heads only
+                    raise QvlError(f"After fuse_decoder_attention, node {node.name!r} ({node.op_type}) still reads "
+                                   f"{value.name} as if its axis 2 were the past length; the KV buffer layout would "
+                                   "be wrong. Skip the pass and report the decoder structure.")
+
+
+def _failure_reasons(tracer) -> list[str]:
+    """The distinct reasons the best partial matches failed (a check's words, or how far matching got)."""
+    reasons = []
+    for infos in tracer.best_matches_map.values():
+        for info in infos:
+            text = info.match_result.reason or info.status.name
+            if text not in reasons:
+                reasons.append(text)
+    return reasons[:5]
