@@ -206,5 +206,19 @@ def _parity(artifacts: Path, reference: Path, gates: Path | None, quick: bool) -
         raise GateFailed(f"parity gate failed: {report.failure_summary()}")
 
 
+def _bench_command():
+    from qvl_export.bench import click_options
+
+    @main.command()
+    @click_options
+    def bench(**options):
+        """Benchmark PyTorch eager vs the ONNX Runtime artifacts on random weights at real widths."""
+        from qvl_export.bench import run_bench_cli
+
+        run_bench_cli(**options)
+
+
+_bench_command()
+
 if __name__ == "__main__":
     main()

@@ -277,18 +277,19 @@ def run_bench(model: str, layers: int | None = None, threads: int = 2, out_dir: 
     started = time.time()
     load_before = os.getloadavg()
 
+    code = _code_fingerprint()  # a reused checkpoint / build must come from the same code
     checkpoint = work / "checkpoint"
     artifacts = {v: work / f"artifacts-{v}" for v in variants}
     common = {"threads": threads, "warmup": warmup, "repeats": repeats}
 
     _run_worker(ctx, "bandwidth", {"kind": "bandwidth", "mib": bandwidth_mib, "threads": threads})
     made = _run_worker(ctx, "checkpoint", {"kind": "checkpoint", "model": model, "layers": layers,
-                                           "out": str(checkpoint)}, reuse and (checkpoint / "config.json").exists(),
+                                           "out": str(checkpoint), "code": code}, reuse and (checkpoint / "config.json").exists(),
                        timing=False)
     if made.ok:
         _parallel(ctx, jobs, [(f"export-{v}", {"kind": "export", "checkpoint": str(checkpoint),
                                                "out": str(artifacts[v]), "window_attention": v,
-                                               "model": model, "layers": layers})
+                                               "model": model, "layers": layers, "code": code})
                               for v in variants], reuse, timing=False)
     built = {v: made.ok and ctx.runs[f"export-{v}"].ok for v in variants}
 
@@ -336,6 +337,19 @@ def run_bench(model: str, layers: int | None = None, threads: int = 2, out_dir: 
         for path in [checkpoint, *artifacts.values()]:
             shutil.rmtree(path, ignore_errors=True)
     return result
+
+
+def _code_fingerprint() -> str:
+    """sha256 over the package's source files outside ``bench/`` (what a checkpoint or build depends on)."""
+    import hashlib
+
+    root = Path(__file__).resolve().parents[1]
+    h = hashlib.sha256()
+    for path in sorted(root.rglob("*.py")):
+        if "bench" not in path.relative_to(root).parts:
+            h.update(str(path.relative_to(root)).encode())
+            h.update(path.read_bytes())
+    return h.hexdigest()[:16]
 
 
 def _machine(load_before: tuple[float, float, float]) -> dict:

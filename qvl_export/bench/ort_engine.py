@@ -46,24 +46,36 @@ class TimedBackend:
 
 
 class _ProfilingBackend:
-    """One profiling InferenceSession per part (same options as OrtBackend, plus profiling)."""
+    """One profiling InferenceSession per part, run as ``OrtBackend`` runs them (same session
+    options, IOBinding with the KV buffers in place for a GroupQueryAttention decoder)."""
 
     def __init__(self, folder: Path, manifest: Manifest, parts: tuple[str, ...], threads: int, prefix: str):
         import onnxruntime as ort
 
+        from qvl_export.runtimes.onnxrt import in_place_outputs
+
         self.sessions = {}
         for name in parts:
+            part = manifest.parts[name]
             opts = ort.SessionOptions()
             opts.intra_op_num_threads = threads
             opts.inter_op_num_threads = 1
             opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+            if part.precision == "fp8":  # as OrtBackend: no float8 kernels on CPU, run Q/DQ as written
+                opts.add_session_config_entry("session.disable_quant_qdq", "1")
             opts.enable_profiling = True
             opts.profile_file_prefix = f"{prefix}-{name}"
-            self.sessions[name] = ort.InferenceSession(str(folder / manifest.parts[name].file), opts,
+            self.sessions[name] = ort.InferenceSession(str(folder / part.file), opts,
                                                        providers=["CPUExecutionProvider"])
         self.output_names = {n: [o.name for o in s.get_outputs()] for n, s in self.sessions.items()}
+        self.in_place = {n: in_place_outputs([i.name for i in s.get_inputs()], self.output_names[n])
+                         for n, s in self.sessions.items()}
 
     def run(self, part, feeds):
+        from qvl_export.runtimes.onnxrt import run_in_place
+
+        if self.in_place[part]:
+            return run_in_place(self.sessions[part], self.output_names[part], feeds, self.in_place[part])
         return self.sessions[part].run(self.output_names[part], feeds)
 
     def end(self) -> dict[str, str]:

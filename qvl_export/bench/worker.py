@@ -254,7 +254,6 @@ def task_torch_llm(task: dict, sink: Sink) -> None:
 def task_ort_llm(task: dict, sink: Sink) -> None:
     from qvl_export.bench.ort_engine import open_pipeline
     from qvl_export.runtimes import indexing
-    from qvl_export.runtimes.pipeline import KVCache
 
     t0 = time.perf_counter()
     pipe, backend = open_pipeline(task["artifacts"], ("decoder",), int(task["threads"]))
@@ -268,7 +267,7 @@ def task_ort_llm(task: dict, sink: Sink) -> None:
     graph: dict[str, list[float]] = {"prefill": [], "decode": []}
 
     def generate(steps: int) -> tuple[float, float]:
-        cache = KVCache(text.num_hidden_layers, text.num_key_value_heads, text.head_dim, pipe.kv_dtype)
+        cache = pipe.new_cache(capacity=len(ids) + steps)  # as generate() sizes it
         backend.take()
         t = time.perf_counter()
         logits = pipe.decoder_step(ids[None], embeds, positions[:, None, :], cache)
@@ -300,7 +299,6 @@ def task_ort_profile(task: dict, sink: Sink) -> None:
 
     from qvl_export.bench.ort_engine import op_breakdown, open_profiling_pipeline
     from qvl_export.runtimes import indexing
-    from qvl_export.runtimes.pipeline import KVCache
 
     threads, steps = int(task["threads"]), int(task["decode_steps"])
     prefix = str(Path(tempfile.mkdtemp(prefix="ortprof-")) / "p")
@@ -309,7 +307,7 @@ def task_ort_profile(task: dict, sink: Sink) -> None:
     text = pipe.spec.text
     no_image = np.zeros((0, text.hidden_size), dtype=np.float32)
     for n in (2, steps):  # run 0 prefill + 2 decode steps are warm-up; then prefill + ``steps`` steps
-        cache = KVCache(text.num_hidden_layers, text.num_key_value_heads, text.head_dim, pipe.kv_dtype)
+        cache = pipe.new_cache(capacity=len(ids) + n)
         token = int(np.argmax(pipe.decoder_step(ids[None], embeds, positions[:, None, :], cache)[0]))
         for _ in range(n):
             pos = indexing.decode_positions(cache.length, delta, 1)

@@ -356,7 +356,11 @@ def run_phase2(model, batcher: Batcher, sched: Schedule, val: dict[str, Any], de
         text_group["lr"] = lr_at(step, sched.joint_steps, sched.joint_lr, 0)
         vision_group["lr"] = lr_at(step, sched.joint_steps, sched.joint_vision_lr, 0)
         seeds = list(range(seed_base + step * sched.batch, seed_base + (step + 1) * sched.batch))
-        loss = lm_loss(model, batcher.examples(seeds), sched.route_weight)
+        batch = batcher.examples(seeds)
+        # The ViT runs outside the model call so only the decoder is asked for attention maps.
+        batch["image_embeds"] = model.model.visual(batch.pop("pixel_values"),
+                                                   grid_thw=batch["image_grid_thw"]).pooler_output
+        loss = lm_loss(model, batch, sched.route_weight)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(list(model.parameters()), 1.0)

@@ -49,14 +49,9 @@ MASKED = -1e30  # k_x of a masked key; times q_x = 1 it sends the score to ~-1e2
 
 
 def _const(value: ir.Value | None) -> np.ndarray | None:
-    if value is None:
-        return None
-    if value.const_value is not None:
-        return value.const_value.numpy()
-    node = value.producer()
-    if node is not None and node.op_type == "Constant" and "value" in node.attributes:
-        return node.attributes["value"].as_tensor().numpy()
-    return None
+    from onnxscript.rewriter._ir_utils import get_numpy_value  # initializers and Constant nodes alike
+
+    return get_numpy_value(value)
 
 
 def _producer(value: ir.Value | None, op_type: str) -> ir.Node | None:
@@ -162,12 +157,11 @@ def _rule(windowed: bool):
                 return result.fail("masked scores are not set to a large negative constant", fill)
             window = None
             if windowed:
-                want = [-1, None, heads, head_dim]
                 shape_consts = [_const(x) for x in (q_shape, k_shape, v_shape)]
                 if any(c is None or c.size != 4 for c in shape_consts):
                     return result.fail("window reshapes are not constant [-1, L, N, hd]", q_shape)
                 window = int(shape_consts[0][1])
-                if any(c.tolist() != [want[0], window, heads, head_dim] for c in shape_consts):
+                if any(c.tolist() != [-1, window, heads, head_dim] for c in shape_consts):
                     return result.fail("window reshapes are not [-1, L, N, hd] with one L", q_shape)
             out = _const(out_shape)
             if out is None or out.size != 2 or out[1] != heads * head_dim:

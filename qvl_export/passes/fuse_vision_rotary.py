@@ -33,14 +33,9 @@ TABLES = ("rope_cos", "rope_sin")
 
 
 def _const(value: ir.Value | None) -> np.ndarray | None:
-    if value is None:
-        return None
-    if value.const_value is not None:
-        return value.const_value.numpy()
-    node = value.producer()
-    if node is not None and node.op_type == "Constant" and "value" in node.attributes:
-        return node.attributes["value"].as_tensor().numpy()
-    return None
+    from onnxscript.rewriter._ir_utils import get_numpy_value  # initializers and Constant nodes alike
+
+    return get_numpy_value(value)
 
 
 def _scalar(value: ir.Value | None) -> int | None:

@@ -66,9 +66,10 @@ def test_int8_artifacts_shrink(quantized, artifacts):
     assert ratio < 0.40, ratio  # tiny model: graph and scale overhead; real widths are measured in benchmarks
 
 
-def test_calibration_cache_is_reused(quantized, checkpoint, tmp_path, capsys):
+def test_calibration_cache_is_reused(quantized, checkpoint, tmp_path, tmp_path_factory):
     quantized("qwen2_vl", "int8")  # fills the cache
-    cache = next(p for p in tmp_path.parent.parent.iterdir() if p.name.startswith("calib-qwen2_vl"))
+    cache = tmp_path_factory.getbasetemp() / "calib-qwen2_vl"
+    assert (cache / "index.json").exists()
     said = []
     build(checkpoint("qwen2_vl"), tmp_path / "again", BuildOptions(precision="int8", calib_limit=6,
                                                                    calib_cache=cache, progress=said.append))
