@@ -1,0 +1,1 @@
+"""The built-in demo model: rendered documents, its training script and the trained checkpoint."""

@@ -48,8 +48,10 @@ def test_checkpoint_parses_with_our_config_parser():
 def test_eval_report_covers_a_heldout_set():
     report = json.loads((CHECKPOINT / "eval.json").read_text())
     assert report["heldout"] >= 200
-    assert 0.0 <= report["exact_match"] <= 1.0
-    assert report["seconds"]["total"] < 20 * 60
+    assert report["exact_match"] >= 0.9
+    # The run's own CPU time (one thread): what it costs on an idle machine. Its wall time is in
+    # eval.json too, with the load average of the other jobs that shared the machine.
+    assert report["seconds"]["process_cpu"] < 20 * 60
 
 
 def _sample():
