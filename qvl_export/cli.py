@@ -82,7 +82,8 @@ def engine(bundle):
 @click.option("--calib-cache", type=click.Path(path_type=Path), default=None,
               help="Folder to store / reuse the calibration feeds.")
 @click.option("--calibrator", type=click.Choice(["percentile", "max", "entropy", "distribution"]),
-              default="percentile", show_default=True, help="int8 activation calibrator (fp8: distribution).")
+              default="percentile", show_default=True,
+              help="int8 activation calibrator (fp8 always uses max: amax / 448 per tensor).")
 @click.option("--sensitivity", is_flag=True, help="Print every quantized op's local quantization error.")
 @click.option("--window-attention", type=click.Choice(["fused", "dense"]), default="fused", show_default=True,
               help="Qwen2.5-VL window blocks: per-window attention, or the S x S mask baseline.")
@@ -111,10 +112,12 @@ def build(model_dir, output, target, precision, calib_docs, calib_limit, calib_c
     from qvl_export.building.artifacts import BuildOptions, build as do_build
 
     if model_dir is None:
-        from qvl_export.loading.synthetic import demo_checkpoint
+        from qvl_export.demo import checkpoint_dir
 
-        _say("no MODEL_DIR given: using the built-in demo checkpoint (random-weight Qwen2.5-VL)")
-        model_dir = demo_checkpoint()
+        _say("no MODEL_DIR given: building the built-in demo model (a 1.5M-parameter Qwen2.5-VL trained to read "
+             "invoice totals)")
+        model_dir = checkpoint_dir()
+        output = output or Path("build") / "demo"
     output = output or Path("build") / Path(model_dir).name
     from qvl_export.building.devices import Ranges
 

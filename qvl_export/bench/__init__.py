@@ -46,6 +46,10 @@ OPTIONS: list[tuple[tuple[str, ...], dict]] = [
                             help="Seconds to wait at most, before each worker, for other processes to go quiet.")),
     (("--retries",), dict(type=int, default=0, show_default=True,
                           help="Re-run a worker this many times when other processes used > 0.25 cores meanwhile.")),
+    (("--quantized",), dict(type=str, default="", show_default=False,
+                            help="Also build and time our artifacts at these precisions against our fp32 (int8).")),
+    (("--calib-limit",), dict(type=int, default=4, show_default=True,
+                              help="Built-in calibration documents for the --quantized builds.")),
     (("--memory-reserve-mb",), dict(type=float, default=1024.0, show_default=True,
                                     help="Stop a worker when available memory falls below this.")),
 ]
@@ -69,7 +73,8 @@ def run_bench(*args, **kwargs):
 
 def run_bench_cli(model: str, layers: int, threads: int, out_dir: str, pixels: str, decode_tokens: int,
                   prompt_tokens: int, repeats: int, skip_torch: bool, no_profile: bool, reuse: bool,
-                  idle_wait: float, retries: int, memory_reserve_mb: float) -> dict:
+                  idle_wait: float, retries: int, memory_reserve_mb: float, quantized: str = "",
+                  calib_limit: int = 4) -> dict:
     """The CLI entry: parse the option strings, run, print the table to stdout."""
     import sys
 
@@ -79,6 +84,7 @@ def run_bench_cli(model: str, layers: int, threads: int, out_dir: str, pixels: s
     report = impl(model, None if layers == 0 else layers, threads, Path(out_dir), sides, decode_tokens,
                   prompt_tokens, skip_torch, repeats=repeats, profile=not no_profile, reuse=reuse,
                   memory_reserve_mb=memory_reserve_mb, idle_wait_s=idle_wait, retries=retries,
+                  quantized=tuple(q for q in quantized.replace(" ", "").split(",") if q), calib_limit=calib_limit,
                   progress=lambda msg: print(f"[bench] {msg}", file=sys.stderr, flush=True))
     from qvl_export.bench.report import table
 

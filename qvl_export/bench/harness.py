@@ -33,10 +33,14 @@ from pathlib import Path
 from typing import Callable
 
 from qvl_export.bench.configs import bench_model
+from qvl_export.errors import QvlError
 
 log = logging.getLogger(__name__)
 
 DEFAULT_PIXELS = (448, 896, 1344)
+# Quantized builds the harness can time here: int8 runs real integer kernels on onnxruntime CPU
+# (fp8 runs as fake quantization on CPU, fp16/bf16 lack CPU kernels: their timings would mislead).
+QUANTIZED_VARIANTS = ("int8",)
 CONTENTION = 0.25  # CPU cores used by other processes above which a worker's timings are suspect
 
 
@@ -244,8 +248,8 @@ def run_bench(model: str, layers: int | None = None, threads: int = 2, out_dir: 
               skip_torch: bool = False, *, repeats: int = 3, warmup: int = 1, prefill_pixels: int | None = None,
               profile: bool = True, bandwidth_mib: int = 1024, reuse: bool = False, keep_work: bool = False,
               jobs: int = 1, memory_reserve_mb: float = 1024.0, timeout_s: float = 3600.0,
-              idle_wait_s: float = 0.0, retries: int = 0,
-              progress: Callable[[str], None] | None = None) -> dict:
+              idle_wait_s: float = 0.0, retries: int = 0, quantized: tuple[str, ...] = (),
+              calib_limit: int | None = 4, progress: Callable[[str], None] | None = None) -> dict:
     """Benchmark ``model`` (see ``configs.MODELS``) and write ``bench.json``, ``table.txt`` and
     ``encoder_time_vs_pixels.png`` into ``out_dir``. Returns the report dict.
 
@@ -255,7 +259,10 @@ def run_bench(model: str, layers: int | None = None, threads: int = 2, out_dir: 
     timed runs after ``warmup`` untimed ones; figures are medians. ``reuse`` keeps and reuses the
     checkpoint and artifacts of an earlier identical run in ``out_dir/work`` (implies
     ``keep_work``); otherwise they are deleted at the end. ``jobs > 1`` runs independent workers
-    at once: only for smoke tests, the timings then compete for the cores. On a shared machine,
+    at once: only for smoke tests, the timings then compete for the cores. ``quantized``: extra
+    builds of our artifacts at these precisions (``int8``), calibrated on ``calib_limit`` built-in
+    documents, measured like the fp32 ones (vision, prefill, decode, bytes, peak RSS) and reported
+    against our fp32 build. On a shared machine,
     ``idle_wait_s`` waits (at most that long) for other processes to go quiet before each worker,
     and a worker during which they used more than 0.25 cores is run again up to ``retries`` times.
     """
@@ -267,12 +274,16 @@ def run_bench(model: str, layers: int | None = None, threads: int = 2, out_dir: 
     work.mkdir(parents=True, exist_ok=True)
     pixels = tuple(sorted(int(p) for p in pixels))
     if not pixels:
-        raise ValueError("pixels must name at least one page size")
+        raise QvlError("--pixels must name at least one page size, e.g. 448,896.")
     prefill_px = int(prefill_pixels or (896 if 896 in pixels else pixels[-1]))
     say = progress or (lambda msg: log.info("%s", msg))
     ctx = _Context(work, threads, timeout_s, memory_reserve_mb, say, idle_wait_s, retries)
     windowed = spec.dims.family == "qwen2_5_vl"
-    variants = ("fused", "dense") if windowed else ("fused",)
+    unknown = sorted(set(quantized) - set(QUANTIZED_VARIANTS))
+    if unknown:
+        raise QvlError(f"--quantized {','.join(unknown)} cannot be timed on onnxruntime CPU (fp8 runs as fake "
+                       f"quantization, fp16/bf16 have no CPU kernels); choose from {', '.join(QUANTIZED_VARIANTS)}.")
+    variants = (("fused", "dense") if windowed else ("fused",)) + tuple(dict.fromkeys(quantized))
     keep = keep_work or reuse
     started = time.time()
     load_before = os.getloadavg()
@@ -288,8 +299,8 @@ def run_bench(model: str, layers: int | None = None, threads: int = 2, out_dir: 
                        timing=False)
     if made.ok:
         _parallel(ctx, jobs, [(f"export-{v}", {"kind": "export", "checkpoint": str(checkpoint),
-                                               "out": str(artifacts[v]), "window_attention": v,
-                                               "model": model, "layers": layers, "code": code})
+                                               "out": str(artifacts[v]), "model": model, "layers": layers,
+                                               "code": code, **_variant_options(v, calib_limit)})
                               for v in variants], reuse, timing=False)
     built = {v: made.ok and ctx.runs[f"export-{v}"].ok for v in variants}
 
@@ -306,6 +317,9 @@ def run_bench(model: str, layers: int | None = None, threads: int = 2, out_dir: 
         calls.append(("torch-llm", {"kind": "torch_llm", "checkpoint": str(checkpoint), **llm}))
     if built["fused"]:
         calls.append(("ort-llm", {"kind": "ort_llm", "artifacts": str(artifacts["fused"]), **llm}))
+    for q in quantized:
+        if built[q]:
+            calls.append((f"ort-llm-{q}", {"kind": "ort_llm", "artifacts": str(artifacts[q]), **llm}))
     _parallel(ctx, jobs, calls)
     if profile and built["fused"]:
         _run_worker(ctx, "ort-profile", {"kind": "ort_profile", "artifacts": str(artifacts["fused"]),
@@ -323,6 +337,7 @@ def run_bench(model: str, layers: int | None = None, threads: int = 2, out_dir: 
         "model": model, "layers": layers, "threads": threads, "pixels": list(pixels),
         "prefill_pixels": prefill_px, "prompt_tokens": prompt_tokens, "decode_tokens": decode_tokens,
         "repeats": repeats, "warmup": warmup, "skip_torch": skip_torch, "variants": list(variants),
+        "quantized": list(dict.fromkeys(quantized)), "calib_limit": calib_limit,
         "config": spec.describe(), "machine": _machine(load_before), "versions": _versions(),
         "started": time.strftime("%Y-%m-%dT%H:%M:%S", time.localtime(started)),
         "wall_s": time.time() - started,
@@ -337,6 +352,14 @@ def run_bench(model: str, layers: int | None = None, threads: int = 2, out_dir: 
         for path in [checkpoint, *artifacts.values()]:
             shutil.rmtree(path, ignore_errors=True)
     return result
+
+
+def _variant_options(variant: str, calib_limit: int | None) -> dict:
+    """Build options of an artifacts variant: a window-attention layout, or a quantized precision
+    (fused windows)."""
+    if variant in QUANTIZED_VARIANTS:
+        return {"window_attention": "fused", "precision": variant, "calib_limit": calib_limit}
+    return {"window_attention": variant}
 
 
 def _code_fingerprint() -> str:

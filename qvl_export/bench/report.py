@@ -32,6 +32,8 @@ VARIANT = {"torch": None, "ort_fused": "fused", "ort_dense": "dense"}
 LABELS = {"torch": "PyTorch eager (sdpa)", "ort_fused": "ORT fused windows", "ort_dense": "ORT dense mask"}
 GOAL_SPEEDUP = 1.5
 GOAL_SCALING = 5.0
+GOAL_INT8_DECODE = 2.0  # int8 decode tokens/s over our fp32 decode
+GOAL_INT8_BYTES = 0.3  # int8 artifact bytes over our fp32 artifact bytes
 
 
 def _ratio(a, b):
@@ -122,6 +124,45 @@ def _scaling(vision: dict) -> dict:
     return out
 
 
+def _quantized(meta: dict, runs: dict, vision: dict, prefill: dict, decode: dict, export: dict) -> dict:
+    """Each quantized build against our fp32 build (same checkpoint, passes and threads)."""
+    out = {}
+    base_bytes = export.get("fused", {}).get("bytes")
+    for q in meta.get("quantized", []):
+        fig: dict = {"export": export.get(q)}
+        run = runs.get(f"export-{q}")
+        if run is not None and run.ok:
+            fig["part_bytes"] = run.result.get("part_bytes")
+            fig["quantization"] = run.result.get("quantization")
+        fig["bytes_ratio"] = _ratio(export.get(q, {}).get("bytes"), base_bytes)
+        llm = runs.get(f"ort-llm-{q}")
+        figs = llm.result.get("llm") if llm is not None else None
+        if figs:
+            fig["prefill_ms"] = figs["prefill_ms"]
+            fig["decode_tokens_per_s"] = figs["decode_tokens_per_s"]
+            fig["decode_samples_tokens_per_s"] = figs["decode_samples_tokens_per_s"]
+            fig["llm_peak_rss_mb"] = llm.result["peak_rss_mb"]
+            fig["decode_speedup"] = _ratio(figs["decode_tokens_per_s"], decode.get("ort", {}).get("tokens_per_s"))
+            fig["prefill_speedup"] = _ratio(prefill.get("ort", {}).get("ms"), figs["prefill_ms"])
+        else:
+            fig["llm_skipped"] = _skip_reason(meta, runs, "ort", f"ort-llm-{q}", q)
+        pages = ((runs.get(f"ort-vision-{q}") or _NoRun).result.get("pages") or {})
+        fig["vision"] = {}
+        for px, row in vision.items():
+            page = pages.get(px)
+            if page is None:
+                continue
+            fig["vision"][px] = {"ms": page["ms"], "samples_ms": page["samples_ms"], "peak_rss_mb": page["peak_rss_mb"],
+                                 "speedup_vs_fp32": _ratio(row["ort_fused"].get("ms"), page["ms"]),
+                                 "speedup_vs_torch": _ratio(row["torch"].get("ms"), page["ms"])}
+        out[q] = fig
+    return out
+
+
+class _NoRun:
+    result: dict = {}
+
+
 def _roofline(bandwidth: dict, weights: dict | None, decode: dict, meta: dict, spec_text: dict,
               llm_info: dict) -> dict:
     if not weights or not bandwidth.get("copy_gb_s"):
@@ -199,6 +240,15 @@ def assemble(meta: dict, runs: dict[str, "WorkerRun"], weights: dict | None) -> 
             "value": fused, "goal": f"<= {GOAL_SCALING} (4x the pixels)",
             "met": None if fused is None else fused <= GOAL_SCALING,
             "dense_baseline": scaling[pair]["ort_dense"], "torch": scaling[pair]["torch"]}
+    quantized = _quantized(meta, runs, vision, prefill, decode, export)
+    if "int8" in quantized:
+        q = quantized["int8"]
+        acceptance["int8_decode_vs_fp32"] = {
+            "value": q.get("decode_speedup"), "goal": f">= {GOAL_INT8_DECODE}",
+            "met": None if q.get("decode_speedup") is None else q["decode_speedup"] >= GOAL_INT8_DECODE}
+        acceptance["int8_bytes_vs_fp32"] = {
+            "value": q.get("bytes_ratio"), "goal": f"<= {GOAL_INT8_BYTES}",
+            "met": None if q.get("bytes_ratio") is None else q["bytes_ratio"] <= GOAL_INT8_BYTES}
     acceptance = {"applies": applies, "note": note, **acceptance}
 
     profile = None
@@ -228,6 +278,7 @@ def assemble(meta: dict, runs: dict[str, "WorkerRun"], weights: dict | None) -> 
         "roofline": _roofline(bandwidth, weights, decode, meta, meta["config"]["text"], llm_info),
         "speedups": speedups,
         "scaling": scaling,
+        "quantized": quantized,
         "acceptance": acceptance,
         "ort_profile": profile,
         "workers": {name: run.summary() for name, run in runs.items()},
@@ -291,6 +342,17 @@ def table(r: dict) -> str:
         out.append(f"roofline: {rl['weight_bytes_per_token'] / 1e9:.3f} GB weights/token at "
                    f"{rl['bandwidth_gb_s']:.1f} GB/s copy -> {rl['tokens_per_s']:.2f} tok/s "
                    f"(read-only {rl['read_bandwidth_gb_s']:.1f} GB/s -> {rl['read_tokens_per_s']:.2f} tok/s)")
+    for q, fig in r.get("quantized", {}).items():
+        out.append("")
+        out.append(f"Ours {q} vs ours fp32 (same passes; calibrated on {r.get('calib_limit')} built-in documents)")
+        out.append(f"  decode {_f(fig.get('decode_tokens_per_s'), '{:.2f}')} tok/s "
+                   f"({_f(fig.get('decode_speedup'), '{:.2f}x')}), prefill {_f(fig.get('prefill_ms'))} ms "
+                   f"({_f(fig.get('prefill_speedup'), '{:.2f}x')}), peak rss {_f(fig.get('llm_peak_rss_mb'), '{:.0f}')}"
+                   f" MiB; artifacts {_f((fig.get('export') or {}).get('bytes'), '{:.0f}')} bytes "
+                   f"({_f(fig.get('bytes_ratio'), '{:.2f}x')} of fp32)")
+        for px, v in fig.get("vision", {}).items():
+            out.append(f"  vision {px}x{px}: {_f(v['ms'])} ms ({_f(v['speedup_vs_fp32'], '{:.2f}x')} vs fp32, "
+                       f"{_f(v['speedup_vs_torch'], '{:.2f}x')} vs torch), peak rss {_f(v['peak_rss_mb'], '{:.0f}')} MiB")
     out.append("")
     out.append("Export: " + ", ".join(
         f"{v} {_f(e.get('seconds'))} s / {_f(e.get('peak_rss_mb'), '{:.0f}')} MiB peak" if "seconds" in e

@@ -151,9 +151,17 @@ def task_export(task: dict, sink: Sink) -> None:
     from qvl_export.building.artifacts import BuildOptions, build
 
     t0 = time.perf_counter()
-    build(task["checkpoint"], task["out"], BuildOptions(window_attention=task["window_attention"], force=True))
+    manifest = build(task["checkpoint"], task["out"],
+                     BuildOptions(window_attention=task["window_attention"], force=True,
+                                  precision=task.get("precision", "fp32"), calib_limit=task.get("calib_limit")))
     sink.put("seconds", time.perf_counter() - t0)
     sink.put("bytes", sum(p.stat().st_size for p in Path(task["out"]).glob("*.onnx*")))
+    sink.put("part_bytes", {part: sum(p.stat().st_size for p in Path(task["out"]).glob(f"{part}.onnx*"))
+                            for part in manifest.parts})
+    quant = manifest.options.get("quantization")
+    if quant:
+        sink.put("quantization", {part: {k: q.get(k) for k in ("precision", "quantized_count", "kept_high_precision")}
+                                  for part, q in quant.items()})
 
 
 def task_torch_vision(task: dict, sink: Sink) -> None:

@@ -50,7 +50,7 @@ def quantize_parts(folder: Path, manifest: Manifest, precisions: dict[str, str],
             say(f"{name}: keeping {scope} in float: {why}")
         tmp_q = folder / f".{name}.quantized.onnx"
         report = quantize_part(src, tmp_q, feeds[name], prec, name, calibrator=options.calibrator, exclude=keep,
-                               external_data=part.external_data is not None)
+                               external_data=part.external_data is not None, ranges=sens)
         model = ir.load(tmp_q)
         for path in [src, folder / part.external_data if part.external_data else None, tmp_q,
                      tmp_q.with_name(tmp_q.name + ".data")]:

@@ -37,6 +37,9 @@ class OpSensitivity:
     abs_max: float
     rms: float
     rel_error: float
+    activation: str = ""  # the op's activation input tensor
+    weight: str = ""  # its weight initializer
+    weight_abs_max: float = 0.0
 
     @property
     def outlier_ratio(self) -> float:
@@ -59,7 +62,10 @@ def fake_quant_fp8(x: np.ndarray, axis: int | None) -> np.ndarray:
 
 def measure(model_path: Path, feeds: list[dict[str, np.ndarray]], precision: str,
             max_feeds: int = 8) -> list[OpSensitivity]:
-    """Capture every weighted op's input over the feeds and measure its local quantization error."""
+    """Capture every weighted op's input over the feeds and measure its local quantization error.
+
+    The error is estimated on the first ``max_feeds`` feeds; ``abs_max`` is taken over all of them
+    (fp8 builds use it as the activation's calibrated range)."""
     import onnx
     import onnxruntime as ort
     from onnx import numpy_helper
@@ -78,11 +84,15 @@ def measure(model_path: Path, feeds: list[dict[str, np.ndarray]], precision: str
     sess = ort.InferenceSession(model.SerializeToString(), opts, providers=["CPUExecutionProvider"])
     inputs = {i.name for i in sess.get_inputs()}
     captured: dict[str, list[np.ndarray]] = {n: [] for n in act_names}
-    for f in feeds[:max_feeds]:
+    amax = dict.fromkeys(act_names, 0.0)
+    for i, f in enumerate(feeds):
         outs = sess.run(act_names, {k: v for k, v in f.items() if k in inputs})
         for name, arr in zip(act_names, outs):
-            captured[name].append(arr.reshape(-1, arr.shape[-1]).astype(np.float32))
+            amax[name] = max(amax[name], float(np.abs(arr).max(initial=0.0)))
+            if i < max_feeds:
+                captured[name].append(arr.reshape(-1, arr.shape[-1]).astype(np.float32))
     quant = fake_quant_fp8 if precision == "fp8" else fake_quant_int8
+    weight_axis = None if precision == "fp8" else 0  # fp8: per-tensor weight scales (see quantize.py)
     result = []
     for n in nodes:
         node = by_name[n.name]
@@ -93,10 +103,11 @@ def measure(model_path: Path, feeds: list[dict[str, np.ndarray]], precision: str
         if node.op_type == "Gemm" and any(a.name == "transB" and a.i for a in node.attribute):
             w = w.T
         ref = x @ w
-        err = quant(x, None) @ quant(w, 0)  # activation per tensor, weight per output channel
+        err = quant(x, None) @ quant(w, weight_axis)  # activation per tensor
         denom = np.linalg.norm(ref)
         rel = float(np.linalg.norm(err - ref) / denom) if denom > 0 else 0.0
-        result.append(OpSensitivity(n.scope, n.name, float(np.abs(x).max()), float(np.sqrt((x * x).mean())), rel))
+        result.append(OpSensitivity(n.scope, n.name, amax[node.input[0]], float(np.sqrt((x * x).mean())), rel,
+                                    node.input[0], n.weight, float(np.abs(w).max())))
     return result
 
 

@@ -1,1 +1,38 @@
-"""The built-in demo model: rendered documents, its training script and the trained checkpoint."""
+"""The built-in demo model: rendered documents, its training script and the trained checkpoint.
+
+``checkpoint_dir()`` is what ``qvl-export build`` builds when no model is given: a 1.5M-parameter
+Qwen2.5-VL trained by ``python -m qvl_export.demo.train`` to read the total off a rendered invoice.
+Its ``eval.json`` holds the fp32 exact match of transformers on held-out pages; builds of it report
+their own exact match on the same pages beside it (``qvl_export.demo.accuracy``).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from qvl_export.errors import QvlError
+
+CHECKPOINT = Path(__file__).resolve().parent / "checkpoint"
+SAMPLES = Path(__file__).resolve().parent / "samples"
+TASK = "read the TOTAL off a rendered invoice (qvl_export.demo.documents)"
+
+
+def checkpoint_dir() -> Path:
+    """The shipped demo checkpoint folder (read-only package data)."""
+    if not (CHECKPOINT / "model.safetensors").is_file():
+        raise QvlError(f"The built-in demo checkpoint is missing from {CHECKPOINT}; reinstall qvl-export or "
+                       "train it with 'python -m qvl_export.demo.train'.")
+    return CHECKPOINT
+
+
+def task_reference(model_dir: str | Path) -> dict | None:
+    """The fp32 evaluation record of a demo-task checkpoint (its ``eval.json``), or None for any other model."""
+    path = Path(model_dir) / "eval.json"
+    try:
+        record = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    if not isinstance(record, dict) or record.get("task") != TASK or "exact_match" not in record:
+        return None
+    return record

@@ -43,8 +43,9 @@ from typing import Any
 
 import numpy as np
 
-from qvl_export.demo.documents import (HELDOUT_SEED_OFFSET, MAX_ANSWER_DIGITS, PAGE_SIZE, heldout_set, make_example,
-                                       question, render_invoice)
+from qvl_export.demo import TASK
+from qvl_export.demo.documents import (HELDOUT_SEED_OFFSET, MAX_ANSWER_DIGITS, PAGE_SIZE, make_example, question,
+                                       render_invoice)
 from qvl_export.loading.synthetic import CheckpointDims, build_model_config, train_tokenizer, write_processing_files
 
 log = logging.getLogger("qvl_export.demo.train")
@@ -428,20 +429,19 @@ def phase2_metrics(model, val_batches: list[dict[str, Any]]) -> dict[str, float]
 
 def evaluate(model_dir: Path, n: int, threads: int) -> dict[str, Any]:
     """Exact match of transformers' greedy ``generate`` on ``n`` held-out pages (parity reference inputs)."""
+    from qvl_export.demo.accuracy import MAX_NEW_TOKENS, exact_match
     from qvl_export.parity.reference import ReferenceCase, TorchReference
 
     ref = TorchReference(model_dir, num_threads=threads)
-    right, wrong = [], []
-    for i, (image, prompt, answer) in enumerate(heldout_set(n)):
-        inputs = ref.prepare(ReferenceCase(f"heldout-{i}", [image], prompt))
-        ids, _ = ref.generate(inputs, max_new_tokens=MAX_ANSWER_DIGITS + 2)
-        text = ref.tokenizer.decode(ids, skip_special_tokens=True).strip()
-        if text == answer and int(ids[-1]) in ref.eos_token_ids:
-            right.append(i)
-        elif len(wrong) < 20:
-            wrong.append({"index": i, "answer": answer, "generated": text})
-    return {"heldout": n, "heldout_seed_offset": HELDOUT_SEED_OFFSET, "exact_match": len(right) / n,
-            "correct_indices": right, "examples_wrong": wrong}
+
+    def read(image, prompt: str) -> tuple[str, bool]:
+        inputs = ref.prepare(ReferenceCase("heldout", [image], prompt))
+        ids, _ = ref.generate(inputs, max_new_tokens=MAX_NEW_TOKENS)
+        return ref.tokenizer.decode(ids, skip_special_tokens=True), int(ids[-1]) in ref.eos_token_ids
+
+    result = exact_match(read, n)
+    result.pop("seconds")
+    return result
 
 
 def write_sample(sample_dir: Path, index: int) -> None:
@@ -510,7 +510,7 @@ def train(out: Path, minutes: float, threads: int, sched: Schedule, dims: Checkp
     result = evaluate(out, sched.heldout, threads)
     t5 = time.monotonic()
     report = {
-        "task": "read the TOTAL off a rendered invoice (qvl_export.demo.documents)",
+        "task": TASK,
         "metric": "exact match of transformers greedy generate (fp32) on held-out pages",
         **result,
         "phase1": p1,

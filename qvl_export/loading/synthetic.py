@@ -1,6 +1,6 @@
 """Deterministic random-weight checkpoints of the real architectures.
 
-Used for the built-in demo model (``qvl-export build`` with no model) and by the test suite. They
+Used by the test suite, the benchmarks (real widths) and the demo model's training script. They
 are written exactly as a user's checkpoint is: transformers' own config classes and
 ``save_pretrained`` (safetensors), a byte-level BPE tokenizer trained with ``tokenizers`` that has
 the Qwen special tokens and splits digits, the Qwen2-VL chat template and a preprocessor config.
@@ -9,14 +9,9 @@ the Qwen special tokens and splits digits, the Qwen2-VL chat template and a prep
 from __future__ import annotations
 
 import json
-import logging
-import os
-import shutil
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
-log = logging.getLogger(__name__)
 
 SPECIAL_TOKENS = (
     "<|endoftext|>",
@@ -87,6 +82,8 @@ class CheckpointDims:
     min_pixels: int = 56 * 56
     max_pixels: int = 28 * 28 * 256
     seed: int = 0
+    vocab_size: int | None = None  # None: the tokenizer's vocabulary padded to 64; the real models: 151936
+    rms_norm_eps: float | None = None  # None: transformers' default
     extra: dict = field(default_factory=dict)
 
 
@@ -130,7 +127,9 @@ def build_model_config(dims: CheckpointDims, tok):
     )
 
     ids = {t: tok.token_to_id(t) for t in SPECIAL_TOKENS}
-    vocab = ((tok.get_vocab_size() + 63) // 64) * 64  # padded like Qwen's 151936 / 152064
+    vocab = dims.vocab_size or ((tok.get_vocab_size() + 63) // 64) * 64  # padded like Qwen's 151936 / 152064
+    if vocab < tok.get_vocab_size():
+        raise ValueError(f"vocab_size {vocab} is smaller than the tokenizer's {tok.get_vocab_size()}")
 
     text = dict(
         vocab_size=vocab,
@@ -147,6 +146,8 @@ def build_model_config(dims: CheckpointDims, tok):
         tie_word_embeddings=dims.tie_word_embeddings,
         initializer_range=dims.init_std,
     )
+    if dims.rms_norm_eps is not None:
+        text["rms_norm_eps"] = dims.rms_norm_eps
     special = dict(
         image_token_id=ids["<|image_pad|>"],
         video_token_id=ids["<|video_pad|>"],
@@ -226,29 +227,3 @@ def make_checkpoint(out_dir: str | Path, dims: CheckpointDims = CheckpointDims()
     model.save_pretrained(out)
     write_processing_files(out, tok, dims)
     return out
-
-
-DEMO_DIMS = CheckpointDims(family="qwen2_5_vl", seed=1234)
-DEMO_VERSION = "1"
-
-
-def cache_root() -> Path:
-    return Path(os.environ.get("QVL_EXPORT_CACHE", Path.home() / ".cache" / "qvl-export"))
-
-
-def demo_checkpoint() -> Path:
-    """The built-in demo checkpoint: made deterministically on first use, then reused."""
-    target = cache_root() / f"demo-qwen2_5_vl-v{DEMO_VERSION}"
-    if (target / "model.safetensors").exists():
-        return target
-    target.parent.mkdir(parents=True, exist_ok=True)
-    log.info("creating the built-in demo checkpoint in %s", target)
-    tmp = Path(tempfile.mkdtemp(prefix=".demo-", dir=target.parent))
-    try:
-        make_checkpoint(tmp, DEMO_DIMS)
-        if target.exists():
-            shutil.rmtree(target)
-        tmp.rename(target)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return target

@@ -44,6 +44,23 @@ def cosine(a: np.ndarray, b: np.ndarray) -> float:
     return float(np.dot(a, b) / (na * nb))
 
 
+def kl_divergence(ours_logits: np.ndarray, ref_logits: np.ndarray) -> float:
+    """KL(reference || ours) of the next-token distributions, in nats (0 for identical logits).
+
+    Unlike the cosine of raw logits it stays meaningful when the model is unsure: near-flat logits
+    have a small norm, so a small absolute error moves their cosine a lot and their distribution
+    hardly at all. Non-finite logits give inf."""
+    a = np.asarray(ours_logits, dtype=np.float64).ravel()
+    b = np.asarray(ref_logits, dtype=np.float64).ravel()
+    if not (np.isfinite(a).all() and np.isfinite(b).all()):
+        return float("inf")
+    log_p = b - b.max()
+    log_p -= np.log(np.exp(log_p).sum())
+    log_q = a - a.max()
+    log_q -= np.log(np.exp(log_q).sum())
+    return float(max(0.0, (np.exp(log_p) * (log_p - log_q)).sum()))
+
+
 def token_agreement(ours: list[int], ref: list[int]) -> dict[str, float]:
     """Greedy tokens: how many leading tokens match, and where the first divergence is (-1: none)."""
     n = min(len(ours), len(ref))

@@ -28,7 +28,8 @@ def test_bench_tiny_has_every_figure(tmp_path):
     t0 = time.perf_counter()
     # jobs=2: the two exports and the measurement workers overlap (timings are meaningless here)
     report = run_bench("tiny", layers=2, threads=1, out_dir=out, pixels=(112, 224), decode_tokens=4,
-                       prompt_tokens=8, repeats=1, warmup=0, bandwidth_mib=32, jobs=2)
+                       prompt_tokens=8, repeats=1, warmup=0, bandwidth_mib=32, jobs=2, quantized=("int8",),
+                       calib_limit=2)
     elapsed = time.perf_counter() - t0
 
     on_disk = json.loads((out / "bench.json").read_text())
@@ -63,9 +64,16 @@ def test_bench_tiny_has_every_figure(tmp_path):
         _positive(report["speedups"][key], f"speedups.{key}")
     for engine in ("torch", "ort_fused", "ort_dense"):
         _positive(report["scaling"]["112->224"][engine], f"scaling.{engine}")
+    int8 = report["quantized"]["int8"]
+    for key in ("decode_tokens_per_s", "prefill_ms", "decode_speedup", "bytes_ratio", "llm_peak_rss_mb"):
+        _positive(int8[key], f"quantized.int8.{key}")
+    assert int8["quantization"]["decoder"]["quantized_count"] > 0
+    assert set(int8["vision"]) == {"112", "224"}
+    assert "int8 vs ours fp32" in (out / "table.txt").read_text()
     acceptance = report["acceptance"]
     assert acceptance["applies"] is False  # tiny shape: goals do not apply
-    assert {"decode_speedup", "vision_speedup_224", "fused_scaling_112->224"} <= set(acceptance)
+    assert {"decode_speedup", "vision_speedup_224", "fused_scaling_112->224", "int8_decode_vs_fp32",
+            "int8_bytes_vs_fp32"} <= set(acceptance)
     for section in ("decoder_decode", "decoder_prefill", "vision"):
         assert report["ort_profile"][section]["ops"], section
     # the work folder's checkpoint and artifacts are removed unless kept

@@ -59,6 +59,33 @@ def test_quantized_build_passes_its_gates(family, precision, quantized, checkpoi
             assert case["stages"]["vision"]["cosine"] > 0.99
 
 
+def test_fp8_scales_are_max_calibrated(quantized):
+    """fp8 Q/DQ scales are amax / 448 per tensor (activations from the calibration feeds, weights from
+    their own values), not onnxruntime's Gaussian-matched scale that clips outliers."""
+    from onnx import numpy_helper
+
+    from qvl_export.calibration.quantize import FP8_MAX
+
+    art = quantized("qwen2_5_vl", "fp8")
+    model = onnx.load(art / Manifest.read(art).parts["decoder"].file)
+    inits = {i.name: numpy_helper.to_array(i) for i in model.graph.initializer}
+    checked = 0
+    for node in model.graph.node:
+        if node.op_type != "DequantizeLinear" or node.input[0] not in inits:
+            continue
+        import ml_dtypes
+
+        q = inits[node.input[0]]
+        if q.dtype != ml_dtypes.float8_e4m3fn:
+            continue
+        scale = inits[node.input[1]]
+        assert scale.size == 1  # per tensor
+        # the largest weight sits at the top of the E4M3 grid
+        assert float(np.abs(q.astype(np.float32)).max()) == FP8_MAX, node.name
+        checked += 1
+    assert checked > 0
+
+
 def test_int8_artifacts_shrink(quantized, artifacts):
     art = quantized("qwen2_5_vl", "int8")
     fp32 = artifacts("qwen2_5_vl")
@@ -77,20 +104,24 @@ def test_calibration_cache_is_reused(quantized, checkpoint, tmp_path, tmp_path_f
     assert not any("calibration document" in s for s in said)
 
 
-def test_bad_calibration_fails_the_gate(checkpoint, tmp_path, monkeypatch):
-    """Ranges 100x too wide (every float feed scaled by 100): the int8 gate must fail."""
+@pytest.mark.parametrize("precision,factor", [("int8", 100.0), ("fp8", 0.01)])
+def test_bad_calibration_fails_the_gate(precision, factor, checkpoint, tmp_path, monkeypatch):
+    """Calibration ranges off by 100x (every float feed scaled) must fail the gate: int8 with ranges 100x
+    too wide (the values fall into a few codes), fp8 with ranges 100x too narrow (the values clip at
+    448). fp8 shrugs off ranges 100x too wide - E4M3 keeps 3 mantissa bits over 2^15 of range - which
+    is why it is calibrated by max."""
     from qvl_export.calibration import collect
 
     real = collect.collect_feeds
 
     def scaled(*args, **kwargs):
         feeds = real(*args, **kwargs)
-        return {part: [{k: v * 100 if v.dtype.kind == "f" else v for k, v in f.items()} for f in items]
+        return {part: [{k: v * factor if v.dtype.kind == "f" else v for k, v in f.items()} for f in items]
                 for part, items in feeds.items()}
 
     monkeypatch.setattr(collect, "collect_feeds", scaled)
     out = tmp_path / "bad"
-    build(checkpoint("qwen2_5_vl"), out, BuildOptions(precision="int8", calib_limit=4))
+    build(checkpoint("qwen2_5_vl"), out, BuildOptions(precision=precision, calib_limit=4))
     report = run_parity(out, checkpoint("qwen2_5_vl"), cases=CASES[:1], max_new_tokens=8)
     assert not report.passed
     failed = {f.split("/")[1].split(".")[0] for f in report.failures()}

@@ -1,25 +1,20 @@
 """The shipped demo checkpoint (trained by ``python -m qvl_export.demo.train``) reads its sample invoice.
 
 Nothing is retrained here: the tests load the committed weights, check them with our own config
-parser, and run transformers' greedy ``generate`` on the shipped sample page.
+parser, run transformers' greedy ``generate`` on the shipped sample page, and build the demo the
+way the README's first command does (no MODEL_DIR), demo-task gate included.
 """
 
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import numpy as np
 import pytest
 from PIL import Image
 
-from qvl_export.demo import documents
+from qvl_export.demo import CHECKPOINT, SAMPLES, checkpoint_dir, documents, task_reference
 
-DEMO = Path(documents.__file__).resolve().parent
-CHECKPOINT = DEMO / "checkpoint"
-SAMPLES = DEMO / "samples"
-pytestmark = pytest.mark.skipif(not (CHECKPOINT / "model.safetensors").exists(),
-                                reason="the trained demo checkpoint is not committed yet (python -m qvl_export.demo.train)")
 FILES = ("config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json", "chat_template.json",
          "generation_config.json", "preprocessor_config.json", "eval.json")
 
@@ -118,3 +113,40 @@ def test_total_digits_sit_one_per_image_token():
         for x, y in page.total_digits:
             patch = pixels[int(y) - 3:int(y) + 4, int(x) - 3:int(x) + 4]
             assert patch.min() < paper - 60  # dark ink near every digit centre
+
+
+def test_demo_checkpoint_is_a_task_reference(tmp_path):
+    assert checkpoint_dir() == CHECKPOINT
+    record = task_reference(CHECKPOINT)
+    assert record is not None and record["heldout"] >= 200
+    # any other checkpoint (or a foreign eval.json) is not one
+    assert task_reference(tmp_path) is None
+    (tmp_path / "eval.json").write_text(json.dumps({"task": "something else", "exact_match": 1.0}))
+    assert task_reference(tmp_path) is None
+
+
+def test_build_without_a_model_builds_the_demo_and_reads_the_sample(tmp_path, monkeypatch):
+    """The README's first command: the trained demo model, built and gated, answers the shipped invoice.
+    The gate includes the demo task: exact match on held-out pages within the fp32 figure of eval.json."""
+    from click.testing import CliRunner
+
+    from qvl_export.cli import main
+
+    monkeypatch.chdir(tmp_path)
+    result = CliRunner().invoke(main, ["build"], catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    out = tmp_path / "build" / "demo"
+    report = json.loads((out / "report.json").read_text())
+    assert report["passed"] is True
+    task = [c for c in report["cases"] if c["name"] == "demo-task"]
+    assert len(task) == 1 and task[0]["passed"]
+    stage = task[0]["stages"]["task"]
+    assert stage["pages"] == task_reference(CHECKPOINT)["heldout"]
+    assert abs(stage["exact_match"] - stage["reference_exact_match"]) <= 0.01  # fp32: same answers
+    assert "demo-task" in result.output and "exact" in result.output
+
+    meta = json.loads((SAMPLES / "invoice.json").read_text())
+    result = CliRunner().invoke(main, ["run", str(out), "--image", str(SAMPLES / "invoice.png"),
+                                       "--prompt", meta["prompt"], "--json"], catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.output.strip().splitlines()[-1])["text"].strip() == meta["answer"]

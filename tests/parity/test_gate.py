@@ -58,3 +58,36 @@ def test_gates_file_overrides(tmp_path):
 
     with pytest.raises(QvlError, match="unknown keys"):
         load_gates("fp32", path)
+
+
+def test_demo_task_drop_is_gated():
+    """The demo task's exact-match drop against fp32 is a gate check: 2 points for quantized builds."""
+    from qvl_export.parity.gate import _check
+
+    for precision, allowed in (("fp32", 0.01), ("int8", 0.02), ("fp8", 0.02)):
+        gates = load_gates(precision)
+        assert gates["task_exact_match_drop"] == allowed
+        ok = _check({"task": {"exact_match_drop": allowed - 0.004}}, gates)
+        bad = _check({"task": {"exact_match_drop": allowed + 0.004}}, gates)
+        assert [c["passed"] for c in ok] == [True] and [c["passed"] for c in bad] == [False]
+
+
+def test_kl_divergence():
+    from qvl_export.parity.compare import kl_divergence
+
+    rng = np.random.default_rng(0)
+    logits = rng.normal(size=640)
+    assert kl_divergence(logits, logits) == 0.0
+    assert kl_divergence(logits + 3.0, logits) < 1e-12  # a shift leaves the distribution alone
+    # near-flat logits: a small error that ruins the cosine barely moves the distribution
+    flat = rng.normal(scale=0.01, size=640)
+    noisy = flat + rng.normal(scale=0.01, size=640)
+    from qvl_export.parity.compare import cosine
+
+    assert cosine(noisy, flat) < 0.8 and kl_divergence(noisy, flat) < 1e-3
+    peaked = np.zeros(640)
+    peaked[7] = 20.0
+    moved = np.zeros(640)
+    moved[8] = 20.0
+    assert kl_divergence(moved, peaked) > 10.0
+    assert kl_divergence(np.full(640, np.nan), peaked) == float("inf")
