@@ -52,21 +52,16 @@ class _ProfilingBackend:
     def __init__(self, folder: Path, manifest: Manifest, parts: tuple[str, ...], threads: int, prefix: str):
         import onnxruntime as ort
 
-        from qvl_export.runtimes.onnxrt import in_place_outputs
+        from qvl_export.runtimes.onnxrt import in_place_outputs, session_options
 
         self.sessions = {}
         for name in parts:
             part = manifest.parts[name]
-            opts = ort.SessionOptions()
-            opts.intra_op_num_threads = threads
-            opts.inter_op_num_threads = 1
-            opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-            if part.precision == "fp8":  # as OrtBackend: no float8 kernels on CPU, run Q/DQ as written
-                opts.add_session_config_entry("session.disable_quant_qdq", "1")
+            opts, disabled = session_options(part, threads)  # as OrtBackend opens it
             opts.enable_profiling = True
             opts.profile_file_prefix = f"{prefix}-{name}"
             self.sessions[name] = ort.InferenceSession(str(folder / part.file), opts,
-                                                       providers=["CPUExecutionProvider"])
+                                                       providers=["CPUExecutionProvider"], disabled_optimizers=disabled)
         self.output_names = {n: [o.name for o in s.get_outputs()] for n, s in self.sessions.items()}
         self.in_place = {n: in_place_outputs([i.name for i in s.get_inputs()], self.output_names[n])
                          for n, s in self.sessions.items()}

@@ -22,8 +22,9 @@ from qvl_export.manifest import MANIFEST, PART_NAMES, Manifest, PartInfo, Tensor
 log = logging.getLogger(__name__)
 
 TARGETS = ("ort", "trt")
-PRECISIONS = ("fp32", "fp16", "bf16", "int8", "fp8")
-QUANTIZED = ("int8", "fp8")
+PRECISIONS = ("fp32", "fp16", "bf16", "int8", "fp8", "int4")
+QUANTIZED = ("int8", "fp8")  # calibrated W8A8 (Q/DQ)
+WEIGHT_ONLY = ("int4",)  # decoder weight-only (MatMulNBits, ort target), no calibration
 # files copied next to the parts so the runtime needs nothing from the checkpoint
 COPIED_FILES = ("tokenizer.json", "tokenizer_config.json", "preprocessor_config.json", "chat_template.json",
                 "chat_template.jinja", "generation_config.json", "config.json")
@@ -75,7 +76,10 @@ def _tensor_infos(values) -> list[TensorInfo]:
 
 
 def save_part(model, folder: Path, name: str) -> tuple[str, str | None]:
-    """Write ``<name>.onnx`` (+ ``<name>.onnx.data`` when large): part-unique data file names."""
+    """Write ``<name>.onnx`` (+ ``<name>.onnx.data`` when large): part-unique data file names.
+
+    ``model`` may hold tensors backed by another file's external data (a quantizer's output): they
+    are read from it here, so that file must still exist and can be deleted afterwards."""
     import onnx_ir as ir
 
     size = sum(v.const_value.nbytes for v in model.graph.initializers.values() if v.const_value is not None)
@@ -84,6 +88,7 @@ def save_part(model, folder: Path, name: str) -> tuple[str, str | None]:
         data = f"{name}.onnx.data"
         ir.save(model, folder / file, external_data=data)
         return file, data
+    ir.external_data.load_to_model(model)  # inline: no tensor may keep pointing at another file's data
     ir.save(model, folder / file)
     return file, None
 
@@ -144,11 +149,19 @@ def build(model_dir: str | Path, out_dir: str | Path, options: BuildOptions = Bu
         from qvl_export.building.trt_engine import require_tensorrt
 
         require_tensorrt()  # fail before any tracing when engines cannot be built here
-    quantized = [p for p, prec in precisions.items() if prec in QUANTIZED]
+    calibrated = [p for p, prec in precisions.items() if prec in QUANTIZED]
+    quantized = calibrated + [p for p, prec in precisions.items() if prec in WEIGHT_ONLY]
+    for part, prec in precisions.items():
+        if prec in WEIGHT_ONLY and part != "decoder":
+            raise QvlError(f"{prec} is weight-only quantization for the decoder (decode is memory-bound; the "
+                           f"{part} part is compute-bound): use --precision decoder={prec}, with "
+                           f"{part}=fp32, fp16, int8 or fp8.")
+        if prec in WEIGHT_ONLY and options.target != "ort":
+            raise QvlError(f"{prec} uses onnxruntime's MatMulNBits (ort target only); for TensorRT use int8 or fp8.")
     if "bf16" in precisions.values() and options.target != "trt":
         raise QvlError("onnxruntime's CPU provider has no bf16 kernels, so bf16 parts could not be run or "
                        "checked here: use fp16, or bf16 with --target trt.")
-    if options.calib_docs is not None and not quantized:
+    if options.calib_docs is not None and not calibrated:
         warn("--calib-docs is only used by int8/fp8 builds; ignoring it")
 
     spec, weights = validate_checkpoint(model_dir)
@@ -158,7 +171,7 @@ def build(model_dir: str | Path, out_dir: str | Path, options: BuildOptions = Bu
         from qvl_export.building.trt import check_device
 
         trt_info = check_device(spec, precisions, options.device, options.ranges or Ranges(), warn)
-    docs = _calibration_documents(options) if quantized else []  # bad --calib-docs fails before tracing
+    docs = _calibration_documents(options) if calibrated else []  # bad --calib-docs fails before tracing
     say(f"checkpoint: {spec.architecture} (vision {spec.vision.depth}x{spec.vision.hidden_size}, "
         f"LLM {spec.text.num_hidden_layers}x{spec.text.hidden_size})")
     out_dir.parent.mkdir(parents=True, exist_ok=True)
@@ -199,10 +212,15 @@ def build(model_dir: str | Path, out_dir: str | Path, options: BuildOptions = Bu
             options={"window_attention": options.window_attention, "precisions": precisions},
         )
         manifest.write(tmp)
-        if quantized:
+        if calibrated:
             from qvl_export.building.quantization import quantize_parts
 
             quantize_parts(tmp, manifest, precisions, docs, options, say)
+        if len(quantized) > len(calibrated):
+            from qvl_export.building.weight_only import quantize_weight_only
+
+            quantize_weight_only(tmp, manifest, precisions, say)
+        if quantized:
             for name, passes in late.items():
                 if passes:
                     _late_passes(tmp, manifest.parts[name], passes, say)
@@ -247,6 +265,7 @@ def _late_passes(folder: Path, part: PartInfo, passes, say) -> None:
     say(f"passes on {part.name} after quantization: {', '.join(p.name for p in passes)}")
     model = ir.load(folder / part.file)
     model, records = run_passes(model, passes)
+    ir.external_data.load_to_model(model)  # the files it was read from are replaced below
     old_data = part.external_data
     for path in (folder / part.file, folder / old_data if old_data else None):
         if path is not None and path.exists():

@@ -50,13 +50,17 @@ def quantize_parts(folder: Path, manifest: Manifest, precisions: dict[str, str],
             say(f"{name}: keeping {scope} in float: {why}")
         tmp_q = folder / f".{name}.quantized.onnx"
         report = quantize_part(src, tmp_q, feeds[name], prec, name, calibrator=options.calibrator, exclude=keep,
-                               external_data=part.external_data is not None, ranges=sens)
-        model = ir.load(tmp_q)
-        for path in [src, folder / part.external_data if part.external_data else None, tmp_q,
-                     tmp_q.with_name(tmp_q.name + ".data")]:
+                               external_data=part.external_data is not None, ranges=sens,
+                               target=options.target)
+        model = ir.load(tmp_q)  # its tensors read from tmp_q's data file: delete that after saving
+        for path in [src, folder / part.external_data if part.external_data else None]:
             if path is not None and path.exists():
                 path.unlink()
         part.file, part.external_data = save_part(model, folder, name)
+        del model
+        for path in [tmp_q, tmp_q.with_name(tmp_q.name + ".data")]:
+            if path.exists():
+                path.unlink()
         part.precision = prec
         worst = sorted(sens, key=lambda s: -s.rel_error)[:5]
         summary[name] = {**report.to_dict(), "calibration_feeds": len(feeds[name]),

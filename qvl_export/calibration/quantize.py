@@ -130,7 +130,7 @@ def fp8_overrides(ranges: list) -> dict[str, list[dict]]:
 
 def quantize_part(src: Path, dst: Path, feeds: list[dict[str, np.ndarray]], precision: str, part: str,
                   calibrator: str = "percentile", exclude: dict[str, str] | None = None,
-                  external_data: bool = False, ranges: list | None = None) -> QuantReport:
+                  external_data: bool = False, ranges: list | None = None, target: str = "trt") -> QuantReport:
     """Quantize ``src`` into ``dst`` calibrated on ``feeds``; ``exclude`` maps scopes to reasons.
 
     fp8 needs ``ranges`` (``guard.measure``'s per-op activation and weight ``abs_max``): E4M3 scales
@@ -178,7 +178,9 @@ def quantize_part(src: Path, dst: Path, feeds: list[dict[str, np.ndarray]], prec
         "ActivationSymmetric": True,
         "WeightSymmetric": True,
         "MatMulConstBOnly": True,
-        "QuantizeBias": False,  # TensorRT takes float biases; int32 bias Q/DQ is an onnxruntime-ism
+        # TensorRT takes float biases. onnxruntime fuses a Q/DQ Gemm into QGemm only with an int32
+        # bias (a float one leaves it a float Gemm on dequantized weights): int8 on the ort target
+        "QuantizeBias": target == "ort" and precision == "int8",
         "OpTypesToExcludeOutputQuantization": ["MatMul", "Gemm"],
         "QDQOpTypePerChannelSupportToAxis": {"MatMul": 1},
         "CalibPercentile": 99.999,

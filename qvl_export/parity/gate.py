@@ -57,7 +57,7 @@ def top2_margin(logits: np.ndarray) -> float:
     return float(top[1] - top[0])
 
 
-LOSSINESS = ("fp32", "fp16", "bf16", "fp8", "int8")  # end-to-end stages take the lossiest part's gates
+LOSSINESS = ("fp32", "fp16", "bf16", "fp8", "int8", "int4")  # end-to-end stages take the lossiest part's gates
 
 
 def _gates_file(gates_file: Path | None) -> dict:

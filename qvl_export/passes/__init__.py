@@ -16,6 +16,7 @@ from qvl_export.passes.fuse_vision_gelu import FuseVisionGelu
 from qvl_export.passes.fuse_vision_rotary import FuseVisionRotary
 from qvl_export.passes.pack_decoder_matmuls import PackDecoderMatMuls
 from qvl_export.passes.quantize_embeddings import QuantizeEmbeddings
+from qvl_export.passes.unshare_dequantize import UnshareDequantize
 
 # One ordered list for all; a pass runs on the (target, part) pairs it declares.
 PIPELINE: list[type[GraphPass]] = [
@@ -28,6 +29,7 @@ PIPELINE: list[type[GraphPass]] = [
     PackDecoderMatMuls,  # both targets; after the attention fusion (packs what feeds GQA)
     CleanupAfterFusions,  # CSE merges the per-layer copies the fusions made
     QuantizeEmbeddings,  # ort decoder, int8/fp8 builds only: runs after Q/DQ placement
+    UnshareDequantize,  # ort, int8/fp8 builds: one DQ per consumer so every quantized MatMul fuses
 ]
 
 

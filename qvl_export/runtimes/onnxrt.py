@@ -20,6 +20,25 @@ from qvl_export.manifest import Manifest
 log = logging.getLogger(__name__)
 
 
+def session_options(part, threads: int | None):
+    """(SessionOptions, disabled optimizers) for one part, as every session of ours opens it."""
+    import onnxruntime as ort
+
+    opts = ort.SessionOptions()
+    if threads:
+        opts.intra_op_num_threads = threads
+        opts.inter_op_num_threads = 1
+    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    if part.precision == "fp8":
+        # the CPU provider has no float8 kernels: run the Q/DQ pairs as written (fake quant)
+        # instead of letting the QDQ optimizers move float8 tensors into ops that lack them
+        opts.add_session_config_entry("session.disable_quant_qdq", "1")
+    # int8: keep the one-Q/DQ-pair-per-MatMul layout of the unshare_dequantize pass (common-
+    # subexpression elimination would merge the copies back and the MatMuls would not fuse)
+    disabled = ["CommonSubexpressionElimination"] if part.precision == "int8" else None
+    return opts, disabled
+
+
 class OrtBackend:
     """Runs the parts named in the manifest with onnxruntime (CPU unless providers say otherwise)."""
 
@@ -34,20 +53,13 @@ class OrtBackend:
         self.providers = providers or ["CPUExecutionProvider"]
         self.sessions = {}
         for name, part in manifest.parts.items():
-            opts = ort.SessionOptions()
-            if threads:
-                opts.intra_op_num_threads = threads
-                opts.inter_op_num_threads = 1
-            opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-            if part.precision == "fp8":
-                # the CPU provider has no float8 kernels: run the Q/DQ pairs as written (fake quant)
-                # instead of letting the QDQ optimizers move float8 tensors into ops that lack them
-                opts.add_session_config_entry("session.disable_quant_qdq", "1")
+            opts, disabled = session_options(part, threads)
             path = self.folder / part.file
             if not path.exists():
                 raise QvlError(f"{path} is missing; the artifacts folder is incomplete: rebuild it.")
             try:
-                self.sessions[name] = ort.InferenceSession(str(path), opts, providers=self.providers)
+                self.sessions[name] = ort.InferenceSession(str(path), opts, providers=self.providers,
+                                                           disabled_optimizers=disabled)
             except Exception as err:
                 raise QvlError(f"onnxruntime could not load {path.name} ({str(err).splitlines()[0]}); "
                                "rebuild the artifacts.") from None

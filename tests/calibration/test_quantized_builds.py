@@ -86,6 +86,50 @@ def test_fp8_scales_are_max_calibrated(quantized):
     assert checked > 0
 
 
+@pytest.mark.parametrize("family", ["qwen2_vl", "qwen2_5_vl"])  # tied / untied embeddings
+def test_int8_token_table_is_looked_up_before_dequantizing(family, quantized):
+    """The token table is int8 and only the step's rows are dequantized (Gather, then Cast + Mul):
+    no float copy of the table stays, and no DequantizeLinear of a whole table runs each step."""
+    from onnx import numpy_helper
+
+    art = quantized(family, "int8")
+    model = onnx.load(art / Manifest.read(art).parts["decoder"].file)
+    inits = {i.name: numpy_helper.to_array(i) for i in model.graph.initializer}
+    gathers = [n for n in model.graph.node if n.op_type == "Gather" and n.input[0] in inits
+               and inits[n.input[0]].ndim == 2 and inits[n.input[0]].size >= 1 << 14]
+    assert gathers and all(inits[n.input[0]].dtype == np.int8 for n in gathers)
+    produced_by_dq = {o for n in model.graph.node if n.op_type == "DequantizeLinear" for o in n.output}
+    assert not any(n.op_type == "Gather" and n.input[0] in produced_by_dq for n in model.graph.node)
+    spec = Manifest.read(art).spec.text
+    table = spec.vocab_size * spec.hidden_size
+    assert not any(a.dtype == np.float32 and a.size == table for a in inits.values())
+
+
+@pytest.mark.parametrize("family", ["qwen2_vl", "qwen2_5_vl"])
+def test_int8_parts_run_integer_kernels(family, quantized, tmp_path):
+    """After onnxruntime's own optimizations (as the runtime opens the parts), every quantized weighted
+    op is an integer kernel (MatMulIntegerToFloat / QGemm): no float MatMul or Gemm on dequantized
+    weights is left - the q/k/v projections sharing one activation and the biased vision Gemms included."""
+    import onnxruntime as ort
+
+    from qvl_export.runtimes.onnxrt import session_options
+
+    art = quantized(family, "int8")
+    m = Manifest.read(art)
+    for name, part in m.parts.items():
+        opts, disabled = session_options(part, 1)
+        opts.optimized_model_filepath = str(tmp_path / f"{name}.opt.onnx")
+        ort.InferenceSession(str(art / part.file), opts, providers=["CPUExecutionProvider"],
+                             disabled_optimizers=disabled)
+        model = onnx.load(tmp_path / f"{name}.opt.onnx", load_external_data=False)
+        producers = {o: n.op_type for n in model.graph.node for o in n.output}
+        float_on_dq = [n.name for n in model.graph.node if n.op_type in ("MatMul", "Gemm")
+                       and len(n.input) > 1 and producers.get(n.input[1]) == "DequantizeLinear"]
+        integer = [n for n in model.graph.node if n.op_type in ("MatMulIntegerToFloat", "QGemm")]
+        assert not float_on_dq, (name, float_on_dq)
+        assert len(integer) == m.options["quantization"][name]["quantized_count"], name
+
+
 def test_int8_artifacts_shrink(quantized, artifacts):
     art = quantized("qwen2_5_vl", "int8")
     fp32 = artifacts("qwen2_5_vl")
