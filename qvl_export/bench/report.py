@@ -21,6 +21,7 @@ import math
 from typing import TYPE_CHECKING
 
 from qvl_export.bench.harness import CONTENTION
+from qvl_export.building.artifacts import WEIGHT_ONLY
 
 if TYPE_CHECKING:  # pragma: no cover
     from pathlib import Path
@@ -344,7 +345,9 @@ def table(r: dict) -> str:
                    f"(read-only {rl['read_bandwidth_gb_s']:.1f} GB/s -> {rl['read_tokens_per_s']:.2f} tok/s)")
     for q, fig in r.get("quantized", {}).items():
         out.append("")
-        out.append(f"Ours {q} vs ours fp32 (same passes; calibrated on {r.get('calib_limit')} built-in documents)")
+        how = ("decoder weight-only, no calibration" if q in WEIGHT_ONLY
+               else f"calibrated on {r.get('calib_limit')} built-in documents")
+        out.append(f"Ours {q} vs ours fp32 (same passes; {how})")
         out.append(f"  decode {_f(fig.get('decode_tokens_per_s'), '{:.2f}')} tok/s "
                    f"({_f(fig.get('decode_speedup'), '{:.2f}x')}), prefill {_f(fig.get('prefill_ms'))} ms "
                    f"({_f(fig.get('prefill_speedup'), '{:.2f}x')}), peak rss {_f(fig.get('llm_peak_rss_mb'), '{:.0f}')}"

@@ -160,7 +160,8 @@ def task_export(task: dict, sink: Sink) -> None:
                             for part in manifest.parts})
     quant = manifest.options.get("quantization")
     if quant:
-        sink.put("quantization", {part: {k: q.get(k) for k in ("precision", "quantized_count", "kept_high_precision")}
+        keys = ("precision", "method", "quantized_count", "kept_high_precision")
+        sink.put("quantization", {part: {k: q.get(k) for k in keys}
                                   for part, q in quant.items()})
 
 

@@ -21,7 +21,7 @@ from qvl_export.manifest import Manifest
 log = logging.getLogger(__name__)
 
 BITS = {"int4": 4}
-BLOCK_SIZE = 32  # values per scale: 32 keeps the demo model's exact match, 128 cost it (README)
+BLOCK_SIZE = 32  # values per fp32 scale (demo model: exact match 0.896 vs fp32 0.900)
 ACCURACY_LEVEL = 4  # int8 activations inside the kernel
 
 

@@ -39,11 +39,11 @@ class UnshareDequantize(GraphPass):
                 source = dq.inputs[0]
                 if pair:  # an activation: its own quantize step too
                     q_twin = ir.node("QuantizeLinear", list(q.inputs), attributes=dict(q.attributes),
-                                     name=f"{q.name}_for_{k}")
+                                     name=f"{dq.outputs[0].name}_quantize_for_{k}")
                     new.append(q_twin)
                     source = q_twin.outputs[0]
                 twin = ir.node("DequantizeLinear", [source, *dq.inputs[1:]], attributes=dict(dq.attributes),
-                               name=f"{dq.name}_for_{k}")
+                               name=f"{dq.outputs[0].name}_dequantize_for_{k}")
                 new.append(twin)
                 graph.insert_before(use.node, new)
                 use.node.replace_input_with(use.idx, twin.outputs[0])
