@@ -32,6 +32,25 @@ class GraphPass(ir.passes.InPlacePass):
         return target in self.targets and part in self.parts
 
 
+def match_failure_reasons(tracer, limit: int = 5) -> list[str]:
+    """Why the best candidates of an onnxscript rewrite did not match (``pattern.MatchingTracer``):
+    distinct reasons, failed checks first (they went furthest), then how far the rest got."""
+    infos = [i for infos in tracer.best_matches_map.values() for i in infos]
+    infos.sort(key=lambda i: -int(i.status.value))
+    out: list[str] = []
+    for info in infos:
+        reason = info.match_result.reason or info.status.name
+        if reason not in out:
+            out.append(reason)
+    return out[:limit]
+
+
+def use_contrib_domain(model: ir.Model) -> None:
+    """Declare onnxruntime's com.microsoft domain (version 1) on a model a fusion put contrib ops into."""
+    for opsets in (model.opset_imports, model.graph.opset_imports):
+        opsets.setdefault("com.microsoft", 1)
+
+
 def op_counts(model: ir.Model) -> dict[str, int]:
     """Op type -> count over the main graph (``domain:op`` for non-default domains)."""
     counts: Counter[str] = Counter()

@@ -56,7 +56,7 @@ import onnx_ir as ir
 import onnx_ir.passes.common as common
 
 from qvl_export.errors import QvlError
-from qvl_export.passes.base import GraphPass
+from qvl_export.passes.base import GraphPass, match_failure_reasons
 
 log = logging.getLogger(__name__)
 
@@ -287,7 +287,7 @@ class FuseDecoderAttention(GraphPass):
             graph.inputs.remove(total_len)
             tracer = pattern.MatchingTracer()
             rules.apply_to_model(model, tracer=tracer)
-            self.last_details = {"fused": 0, "why_not": _failure_reasons(tracer)}
+            self.last_details = {"fused": 0, "why_not": match_failure_reasons(tracer)}
             log.warning("fuse_decoder_attention matched no layer: %s", self.last_details["why_not"])
             return ir.passes.PassResult(model, False)
         if count != layers:
@@ -317,14 +317,3 @@ class FuseDecoderAttention(GraphPass):
                     raise QvlError(f"After fuse_decoder_attention, node {node.name!r} ({node.op_type}) still reads "
                                    f"{value.name} as if its axis 2 were the past length; the KV buffer layout would "
                                    "be wrong. Skip the pass and report the decoder structure.")
-
-
-def _failure_reasons(tracer) -> list[str]:
-    """The distinct reasons the best partial matches failed (a check's words, or how far matching got)."""
-    reasons = []
-    for infos in tracer.best_matches_map.values():
-        for info in infos:
-            text = info.match_result.reason or info.status.name
-            if text not in reasons:
-                reasons.append(text)
-    return reasons[:5]

@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import onnx_ir as ir
 
-from qvl_export.passes.base import GraphPass
+from qvl_export.passes.base import GraphPass, match_failure_reasons
 
 
 class FuseRmsNorm(GraphPass):
@@ -42,15 +42,5 @@ class FuseRmsNorm(GraphPass):
         if not norms:
             tracer = pattern.MatchingTracer()
             rms_normalization_ruleset.apply_to_model(model, tracer=tracer)
-            self.last_details["why_not"] = _reasons(tracer)
+            self.last_details["why_not"] = match_failure_reasons(tracer)
         return ir.passes.PassResult(model, bool(norms))
-
-
-def _reasons(tracer) -> list[str]:
-    out = []
-    for infos in tracer.best_matches_map.values():
-        for info in infos:
-            reason = info.match_result.reason or info.status.name
-            if reason not in out:
-                out.append(reason)
-    return out[:5]

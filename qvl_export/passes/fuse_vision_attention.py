@@ -43,7 +43,7 @@ import numpy as np
 import onnx_ir as ir
 import onnx_ir.passes.common as common
 
-from qvl_export.passes.base import GraphPass
+from qvl_export.passes.base import GraphPass, match_failure_reasons, use_contrib_domain
 
 MASKED = -1e30  # k_x of a masked key; times q_x = 1 it sends the score to ~-1e29 after scaling: exp() == 0
 
@@ -226,30 +226,13 @@ class FuseVisionAttention(GraphPass):
             tracer = pattern.MatchingTracer()
             pattern.RewriteRuleSet([windowed, full]).apply_to_model(model, tracer=tracer)
             self.last_details["not_fused"] = len(leftover)
-            self.last_details["why_not"] = _reasons(tracer)
+            self.last_details["why_not"] = match_failure_reasons(tracer)
         modified = any(counts.values())
         if modified:  # the per-layer q_x / k_x columns are identical: share them; drop the dead mask ops
             common.CommonSubexpressionEliminationPass()(model)
             common.RemoveUnusedNodesPass()(model)
-            _set_opset(model, "com.microsoft", 1)
+            use_contrib_domain(model)
         return ir.passes.PassResult(model, modified)
-
-
-def _set_opset(model: ir.Model, domain: str, version: int) -> None:
-    model.opset_imports.setdefault(domain, version)
-    model.graph.opset_imports.setdefault(domain, version)
-
-
-def _reasons(tracer) -> list[str]:
-    """Why the best candidates did not match: failed checks first (they went furthest), then the rest."""
-    infos = [i for infos in tracer.best_matches_map.values() for i in infos]
-    infos.sort(key=lambda i: -int(i.status.value))
-    out = []
-    for info in infos:
-        reason = info.match_result.reason or info.status.name
-        if reason not in out:
-            out.append(reason)
-    return out[:5]
 
 
 __all__ = ["FuseVisionAttention", "classify_mask", "MASKED"]

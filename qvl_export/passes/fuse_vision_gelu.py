@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import onnx_ir as ir
 
-from qvl_export.passes.base import GraphPass
+from qvl_export.passes.base import GraphPass, use_contrib_domain
 
 
 class FuseVisionGelu(GraphPass):
@@ -26,6 +26,5 @@ class FuseVisionGelu(GraphPass):
         count = rules.apply_to_model(model)
         self.last_details = {"gelu": count}
         if count:
-            for opsets in (model.opset_imports, model.graph.opset_imports):
-                opsets.setdefault("com.microsoft", 1)
+            use_contrib_domain(model)
         return ir.passes.PassResult(model, bool(count))

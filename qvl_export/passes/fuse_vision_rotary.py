@@ -27,7 +27,7 @@ from __future__ import annotations
 import numpy as np
 import onnx_ir as ir
 
-from qvl_export.passes.base import GraphPass
+from qvl_export.passes.base import GraphPass, match_failure_reasons, use_contrib_domain
 
 TABLES = ("rope_cos", "rope_sin")
 
@@ -123,22 +123,9 @@ class FuseVisionRotary(GraphPass):
         if not count:
             tracer = pattern.MatchingTracer()
             rule.apply_to_model(model, tracer=tracer)
-            self.last_details["why_not"] = _reasons(tracer)
+            self.last_details["why_not"] = match_failure_reasons(tracer)
             return ir.passes.PassResult(model, False)
         common.CommonSubexpressionEliminationPass()(model)  # one cos/sin cache slice for all blocks
         common.RemoveUnusedNodesPass()(model)
-        for opsets in (model.opset_imports, model.graph.opset_imports):
-            opsets.setdefault("com.microsoft", 1)
+        use_contrib_domain(model)
         return ir.passes.PassResult(model, True)
-
-
-def _reasons(tracer) -> list[str]:
-    """Why the best candidates did not match: failed checks first (they went furthest), then the rest."""
-    infos = [i for infos in tracer.best_matches_map.values() for i in infos]
-    infos.sort(key=lambda i: -int(i.status.value))
-    out = []
-    for info in infos:
-        reason = info.match_result.reason or info.status.name
-        if reason not in out:
-            out.append(reason)
-    return out[:5]

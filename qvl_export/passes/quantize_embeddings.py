@@ -16,8 +16,8 @@ the whole table on every step.)
 - An untied table ([V, H], looked up on axis 0) is quantized here, symmetric per row.
 
 Skipped (no change) when the graph has no DequantizeLinear or MatMulNBits (fp32/fp16 builds): the
-pass only applies to quantized decoders (int8/fp8 Q/DQ, int4 weight-only). Per-row symmetric int8 keeps each token's vector to 1/254 of its
-own largest value - the lookup is exact up to that rounding.
+pass only applies to quantized decoders (int8/fp8 Q/DQ, int4 weight-only). Per-row symmetric int8
+keeps each token's vector to 1/254 of its own largest value - the lookup is exact up to that rounding.
 """
 
 from __future__ import annotations
@@ -36,18 +36,16 @@ def _quantize_rows(table: np.ndarray, axis: int) -> tuple[np.ndarray, np.ndarray
 
 
 def _shared_quantized(graph: ir.Graph, table: ir.Value, axis: int):
-    """(inputs, axis) of a DequantizeLinear that already holds ``table`` as int8 with one scale per
-    looked-up row (the lm_head's per-channel Q/DQ of a tied table), or None."""
+    """[int8 table, per-row scales] of a DequantizeLinear that already holds ``table`` as int8 with one
+    scale per looked-up row (the lm_head's per-channel Q/DQ of a tied table), or None."""
     init = graph.initializers.get(f"{table.name}_quantized")
     if init is None:
         return None
     for use in init.uses():
-        node = use.node
-        if node.op_type == "DequantizeLinear" and use.idx == 0:
-            rank = len(table.shape)
-            dq_axis = (node.attributes["axis"].as_int() if "axis" in node.attributes else 1) % rank
-            if dq_axis == axis % rank:  # scales run along the looked-up axis: one per token
-                return list(node.inputs), dq_axis
+        if use.node.op_type == "DequantizeLinear" and use.idx == 0:
+            rows = _dequantized_rows(use.node, axis)
+            if rows is not None:
+                return rows
     return None
 
 
@@ -99,14 +97,11 @@ class QuantizeEmbeddings(GraphPass):
                     continue
                 if len(table.shape or ()) != 2 or table.dtype != ir.DataType.FLOAT:
                     continue
-                ir_table = table.const_value.numpy()
-                if ir_table.size < 1 << 14:  # small lookups are not worth it
+                if table.const_value.size < 1 << 14:  # small lookups are not worth it
                     continue
-                shared = _shared_quantized(graph, table, axis)
-                if shared is not None:
-                    inputs, _ = shared
-                else:
-                    q_arr, s_arr = _quantize_rows(ir_table, axis)
+                inputs = _shared_quantized(graph, table, axis)
+                if inputs is None:
+                    q_arr, s_arr = _quantize_rows(table.const_value.numpy(), axis)
                     q = ir.Value(name=f"{table.name}_int8", const_value=ir.tensor(q_arr, name=f"{table.name}_int8"))
                     scale = ir.Value(name=f"{table.name}_scale",
                                      const_value=ir.tensor(s_arr, name=f"{table.name}_scale"))

@@ -62,6 +62,7 @@ def test_quantized_build_passes_its_gates(family, precision, quantized, checkpoi
 def test_fp8_scales_are_max_calibrated(quantized):
     """fp8 Q/DQ scales are amax / 448 per tensor (activations from the calibration feeds, weights from
     their own values), not onnxruntime's Gaussian-matched scale that clips outliers."""
+    import ml_dtypes
     from onnx import numpy_helper
 
     from qvl_export.calibration.quantize import FP8_MAX
@@ -73,8 +74,6 @@ def test_fp8_scales_are_max_calibrated(quantized):
     for node in model.graph.node:
         if node.op_type != "DequantizeLinear" or node.input[0] not in inits:
             continue
-        import ml_dtypes
-
         q = inits[node.input[0]]
         if q.dtype != ml_dtypes.float8_e4m3fn:
             continue
