@@ -19,24 +19,79 @@ log = logging.getLogger("qvl_export")
 
 
 class _Group(click.Group):
+    """Turns user and environment failures into one ``error: ...`` line (exit 2), interrupts into 130
+    (SIGINT) / 143 (SIGTERM), anything else into a one-line internal failure (exit 3)."""
+
+    class _Command(click.Command):
+        def invoke(self, ctx):
+            import os
+
+            from qvl_export.errors import invalid_utf8, invalid_utf8_message
+
+            # click decodes command-line bytes that are not UTF-8 as lone surrogates: refuse them here,
+            # naming the option, before they reach a tokenizer or a file name
+            for param in self.params:
+                value = ctx.params.get(param.name)
+                for item in value if isinstance(value, (tuple, list)) else (value,):
+                    is_path = isinstance(item, os.PathLike)
+                    text = os.fspath(item) if is_path else item
+                    if isinstance(text, str) and invalid_utf8(text):
+                        label = (max(param.opts, key=len) if isinstance(param, click.Option)
+                                 else param.human_readable_name)
+                        is_path = is_path or isinstance(param.type, click.Path)
+                        raise QvlError(invalid_utf8_message(label, text, is_path))
+            ctx.meta["qvl_export.command"] = (self, dict(ctx.params))
+            return super().invoke(ctx)
+
+    command_class = _Command
+
     def invoke(self, ctx):
+        import errno
+
+        from qvl_export.errors import disk_error, disk_error_message, missing_module_message, unicode_error_message
+
         try:
             return super().invoke(ctx)
         except QvlError as err:
             click.echo(f"error: {err}", err=True)
             sys.exit(err.exit_code)
-        except KeyboardInterrupt:
-            click.echo("interrupted; nothing was left half-written.", err=True)
-            sys.exit(130)
+        except KeyboardInterrupt as err:
+            from qvl_export.signals import Terminated
+
+            name, code = ("SIGTERM", err.exit_code) if isinstance(err, Terminated) else ("SIGINT", 130)
+            click.echo(f"interrupted ({name}); nothing was left half-written.", err=True)
+            sys.exit(code)
         except (click.exceptions.Exit, click.ClickException, SystemExit):
             raise
-        except Exception as err:  # an internal failure: one line unless --debug
-            if ctx.obj and ctx.obj.get("debug"):
-                raise
-            first = str(err).strip().splitlines()[0] if str(err).strip() else ""
-            click.echo(f"error: internal failure {type(err).__name__}: {first[:300]} "
-                       "(re-run with --debug for the traceback and report it)", err=True)
-            sys.exit(3)
+        except ModuleNotFoundError as err:
+            message = missing_module_message(err, f"qvl-export {ctx.invoked_subcommand}")
+            if message is None:
+                self._internal(ctx, err)
+            click.echo(f"error: {message}", err=True)
+            sys.exit(2)
+        except UnicodeError as err:
+            click.echo(f"error: {unicode_error_message(err)}", err=True)
+            sys.exit(2)
+        except Exception as err:  # a full / read-only / unwritable disk, else an internal failure
+            disk = disk_error(err)
+            if disk is None:
+                if isinstance(err, OSError) and err.errno == errno.EPIPE:
+                    raise  # click's main quiets a closed stdout (| head)
+                self._internal(ctx, err)
+            command, params = ctx.meta.get("qvl_export.command", (None, {}))
+            opts = [o for p in (command.params if command else []) for o in getattr(p, "opts", [])]
+            out = next((params[k] for k in ("output", "out_dir", "bundle", "artifacts") if params.get(k)), None)
+            click.echo(f"error: {disk_error_message(disk, out, has_output_option='-o' in opts)}", err=True)
+            sys.exit(2)
+
+    @staticmethod
+    def _internal(ctx, err):
+        if ctx.obj and ctx.obj.get("debug"):
+            raise err
+        first = str(err).strip().splitlines()[0] if str(err).strip() else ""
+        click.echo(f"error: internal failure {type(err).__name__}: {first[:300]} "
+                   "(re-run with --debug for the traceback and report it)", err=True)
+        sys.exit(3)
 
 
 @click.group(cls=_Group)
@@ -45,8 +100,11 @@ class _Group(click.Group):
 @click.pass_context
 def main(ctx, debug: bool, verbose: bool):
     """Export, optimize and verify Qwen2-VL / Qwen2.5-VL models for ONNX Runtime and TensorRT."""
+    from qvl_export.signals import interrupt_on_sigterm
+
     ctx.ensure_object(dict)
     ctx.obj["debug"] = debug
+    ctx.call_on_close(interrupt_on_sigterm())  # SIGTERM cleans up like Ctrl-C, for this command only
     logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, format="%(message)s")
 
 
@@ -103,11 +161,15 @@ def engine(bundle):
 @click.option("--max-images", default=1, show_default=True, type=click.IntRange(1), help="Images per prompt.")
 @click.option("--max-seq", default=4096, show_default=True, type=click.IntRange(2), help="Prompt + new tokens.")
 @click.option("--max-batch", default=1, show_default=True, type=click.IntRange(1))
+@click.option("--chat-template", "chat_template", type=click.Path(path_type=Path, dir_okay=False), default=None,
+              help="A Jinja chat template to use instead of the checkpoint's (copied into the artifacts).")
+@click.option("--assume-default-preprocessing", is_flag=True,
+              help="Build a checkpoint that has no preprocessor_config.json with Qwen2-VL's default settings.")
 @click.option("--force", is_flag=True, help="Replace an existing artifacts folder.")
 def build(model_dir, output, target, precision, calib_docs, calib_limit, calib_cache, calibrator, sensitivity,
           window_attention, run_parity, gates, only_passes, skip_passes,
           device, bundle, engine_min_pixels, engine_opt_pixels, engine_max_pixels, max_images, max_seq, max_batch,
-          force):
+          chat_template, assume_default_preprocessing, force):
     """Trace MODEL_DIR into ONNX parts (the built-in demo checkpoint when omitted), then check parity."""
     from qvl_export.building.artifacts import BuildOptions, build as do_build
 
@@ -129,7 +191,9 @@ def build(model_dir, output, target, precision, calib_docs, calib_limit, calib_c
                                              passes=only, skip_passes=list(skip_passes), device=device,
                                              bundle=bundle, ranges=ranges, warn=_warn, calib_docs=calib_docs,
                                              calib_limit=calib_limit, calib_cache=calib_cache,
-                                             calibrator=calibrator, sensitivity=sensitivity))
+                                             calibrator=calibrator, sensitivity=sensitivity,
+                                             chat_template=chat_template,
+                                             assume_default_preprocessing=assume_default_preprocessing))
     if bundle:
         _say(f"bundle written to {output}: copy it to the {device} and run 'qvl-export engine {output.name}' there")
     if run_parity and "bf16" in precision:
@@ -157,23 +221,47 @@ def list_passes(target):
 @click.argument("artifacts", type=click.Path(path_type=Path))
 @click.option("--image", "images", multiple=True, type=click.Path(path_type=Path),
               help="Image file (PNG/JPEG/WebP/...); repeat for several images.")
-@click.option("--prompt", required=True, help="The user's question.")
-@click.option("--max-new-tokens", default=128, show_default=True, type=click.IntRange(1))
-@click.option("--temperature", default=0.0, show_default=True, type=click.FloatRange(0.0))
-@click.option("--top-p", default=1.0, show_default=True, type=click.FloatRange(0.0, 1.0))
+@click.option("--prompt", default=None, help="The user's question (one user turn after the images).")
+@click.option("--system", default=None,
+              help="A system turn before the question (default: whatever the model's chat template writes).")
+@click.option("--messages", "messages_file", type=click.Path(path_type=Path, dir_okay=False), default=None,
+              help="A JSON file with a whole chat: [{\"role\": ..., \"content\": ...}, ...] "
+                   "(image items: {\"type\": \"image\", \"image\": PATH}).")
+@click.option("--max-new-tokens", default=None, type=click.IntRange(1),
+              help="[default: the checkpoint's generation_config.json max_new_tokens, else 128]")
+@click.option("--temperature", default=None, type=click.FloatRange(0.0),
+              help="0 = greedy [default: the checkpoint's generation_config.json]")
+@click.option("--top-p", default=None, type=click.FloatRange(0.0, 1.0, min_open=True),
+              help="[default: the checkpoint's generation_config.json]")
+@click.option("--top-k", default=None, type=click.IntRange(0), help="0 = off [default: the checkpoint's]")
+@click.option("--repetition-penalty", default=None, type=click.FloatRange(0.0, min_open=True),
+              help="1 = off [default: the checkpoint's]")
+@click.option("--greedy", is_flag=True, help="Greedy decoding whatever the checkpoint's sampling settings.")
 @click.option("--seed", default=None, type=int)
 @click.option("--min-pixels", default=None, type=click.IntRange(1))
 @click.option("--max-pixels", default=None, type=click.IntRange(1))
 @click.option("--threads", default=None, type=click.IntRange(1))
+@click.option("--backend", type=click.Choice(["onnxruntime", "tensorrt"]), default=None,
+              help="Run a trt folder's ONNX parts on onnxruntime (debugging), or force TensorRT.")
+@click.option("--skip-verify", is_flag=True, help="Do not check the artifacts' files against the manifest's sha256.")
 @click.option("--json", "as_json", is_flag=True, help="Print text, token ids and timings as JSON.")
-def run(artifacts, images, prompt, max_new_tokens, temperature, top_p, seed, min_pixels, max_pixels, threads,
-        as_json):
-    """Generate text for PROMPT about the images with the thin runtime."""
+def run(artifacts, images, prompt, system, messages_file, max_new_tokens, temperature, top_p, top_k,
+        repetition_penalty, greedy, seed, min_pixels, max_pixels, threads, backend, skip_verify, as_json):
+    """Generate text for PROMPT about the images (or for a --messages chat) with the thin runtime."""
     from qvl_export.runtimes.pipeline import Pipeline
 
-    pipe = Pipeline.load(artifacts, threads=threads)
-    kwargs = dict(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, seed=seed,
-                  min_pixels=min_pixels, max_pixels=max_pixels)
+    messages = None
+    if messages_file is not None:
+        if images or prompt is not None or system is not None:
+            raise QvlError("--messages holds the whole chat: give it without --image, --prompt or --system.")
+        messages = _read_messages(messages_file)
+    elif prompt is None:
+        raise QvlError("Give --prompt TEXT (with --image files), or --messages FILE.json.")
+    pipe = Pipeline.load(artifacts, threads=threads, backend=backend, verify=not skip_verify)
+    kwargs = dict(max_new_tokens=max_new_tokens, temperature=0.0 if greedy else temperature, top_p=top_p,
+                  top_k=top_k, repetition_penalty=repetition_penalty, seed=seed, min_pixels=min_pixels,
+                  max_pixels=max_pixels, messages=messages, system=system)
+    prompt = prompt or ""
     if as_json:
         result = pipe.generate(list(images), prompt, **kwargs)
         click.echo(json.dumps({"text": result.text, "token_ids": result.token_ids,
@@ -183,6 +271,25 @@ def run(artifacts, images, prompt, max_new_tokens, temperature, top_p, seed, min
     for piece in pipe.stream(list(images), prompt, **kwargs):
         click.echo(piece, nl=False)
     click.echo()
+
+
+def _read_messages(path: Path) -> list:
+    from qvl_export.runtimes.chat import check_messages
+
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError) as err:
+        raise QvlError(f"--messages {path} is not a readable JSON file ({err}).") from None
+    if isinstance(data, dict) and "messages" in data:  # an OpenAI-style request body
+        data = data["messages"]
+    messages = check_messages(data)
+    base = path.parent  # relative image paths are relative to the messages file
+    for m in messages:
+        for item in m["content"] if isinstance(m.get("content"), list) else []:
+            if isinstance(item, dict) and isinstance(item.get("image"), str) and not item["image"].startswith("data:"):
+                if not Path(item["image"]).is_absolute():
+                    item["image"] = str(base / item["image"])
+    return messages
 
 
 @main.command()

@@ -42,6 +42,12 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(skip)
 
 
+@pytest.fixture(scope="session")
+def tiny_dims():
+    """The tiny checkpoint dimensions of each family (``TINY``), for tests that vary one setting."""
+    return TINY
+
+
 @pytest.fixture(scope="session", autouse=True)
 def _isolated_cache(tmp_path_factory):
     """Keep the demo checkpoint cache inside the test session."""

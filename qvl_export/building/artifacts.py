@@ -7,6 +7,7 @@ damages a previous one.
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import shutil
@@ -17,7 +18,7 @@ from typing import Callable
 
 from qvl_export.errors import QvlError
 from qvl_export.loading.config import ModelSpec, parse_model_config
-from qvl_export.manifest import MANIFEST, PART_NAMES, Manifest, PartInfo, TensorInfo
+from qvl_export.manifest import BUILD_LOG, MANIFEST, PART_NAMES, Manifest, PartInfo, TensorInfo
 
 log = logging.getLogger(__name__)
 
@@ -25,9 +26,10 @@ TARGETS = ("ort", "trt")
 PRECISIONS = ("fp32", "fp16", "bf16", "int8", "fp8", "int4")
 QUANTIZED = ("int8", "fp8")  # calibrated W8A8 (Q/DQ)
 WEIGHT_ONLY = ("int4",)  # decoder weight-only (MatMulNBits, ort target), no calibration
-# files copied next to the parts so the runtime needs nothing from the checkpoint
-COPIED_FILES = ("tokenizer.json", "tokenizer_config.json", "preprocessor_config.json", "chat_template.json",
-                "chat_template.jinja", "generation_config.json", "config.json")
+# files copied next to the parts so the runtime needs nothing from the checkpoint; the chat template
+# is written as the one resolved file chat_template.jinja (runtimes/chat.py)
+COPIED_FILES = ("tokenizer.json", "tokenizer_config.json", "preprocessor_config.json", "generation_config.json",
+                "config.json")
 EXTERNAL_DATA_THRESHOLD = 512 << 20  # parts above this keep weights in <part>.onnx.data
 
 
@@ -49,22 +51,46 @@ class BuildOptions:
     sensitivity: bool = False  # print every quantized op's local error
     force: bool = False
     progress: Callable[[str], None] | None = None
-    extra: dict = field(default_factory=dict)
+    chat_template: Path | None = None  # a Jinja file replacing the checkpoint's chat template
+    assume_default_preprocessing: bool = False  # a checkpoint without preprocessor_config.json
 
 
-def validate_checkpoint(model_dir: Path) -> tuple[ModelSpec, "CheckpointWeights"]:  # noqa: F821
+def validate_checkpoint(model_dir: Path, assume_default_preprocessing: bool = False,
+                        chat_template: Path | None = None) -> tuple[ModelSpec, "CheckpointWeights", "ChatTemplate"]:  # noqa: F821
+    """Everything the build will rely on, checked before anything is traced: config, pre-processing
+    settings, tokenizer (loaded, special token ids), chat template (compiles, carries images) and
+    every weight's exact shape and dtype."""
+    from qvl_export.loading.validate import check_tokenizer, check_weights
     from qvl_export.loading.weights import CheckpointWeights
 
     if not model_dir.exists():
         raise QvlError(f"{model_dir} does not exist; pass a local Hugging Face checkpoint folder.")
     if not model_dir.is_dir():
         raise QvlError(f"{model_dir} is not a folder; pass a local Hugging Face checkpoint folder.")
-    spec = parse_model_config(model_dir)
+    spec = parse_model_config(model_dir, assume_default_preprocessing=assume_default_preprocessing)
     if not (model_dir / "tokenizer.json").exists():
         raise QvlError(f"{model_dir} has no tokenizer.json; copy it from the original checkpoint.")
+    check_tokenizer(model_dir, spec)
+    template = load_chat_template(model_dir, chat_template)
     weights = CheckpointWeights(model_dir)
-    # every tensor each part needs must be present before anything is traced
-    return spec, weights
+    check_weights(spec, weights)
+    return spec, weights, template
+
+
+def load_chat_template(model_dir: Path, override: Path | None = None):
+    """The checkpoint's chat template (or ``override``), compiled and checked to carry images."""
+    from qvl_export.runtimes.chat import ChatTemplate, probe, resolve_template, special_tokens
+
+    if override is not None:
+        try:
+            source, origin = Path(override).read_text(encoding="utf-8"), str(override)
+        except (OSError, UnicodeDecodeError) as err:
+            raise QvlError(f"--chat-template {override} is unreadable ({err}); pass a UTF-8 Jinja file.") from None
+    else:
+        source, origin = resolve_template(model_dir)
+    template = ChatTemplate(source, special_tokens(model_dir), origin=origin)
+    probe(template, "<|image_pad|>")
+    return template
 
 
 def _tensor_infos(values) -> list[TensorInfo]:
@@ -164,7 +190,8 @@ def build(model_dir: str | Path, out_dir: str | Path, options: BuildOptions = Bu
     if options.calib_docs is not None and not calibrated:
         warn("--calib-docs is only used by int8/fp8 builds; ignoring it")
 
-    spec, weights = validate_checkpoint(model_dir)
+    spec, weights, template = validate_checkpoint(model_dir, options.assume_default_preprocessing,
+                                                  options.chat_template)
     trt_info = None
     if options.target == "trt":
         from qvl_export.building.devices import Ranges
@@ -179,6 +206,7 @@ def build(model_dir: str | Path, out_dir: str | Path, options: BuildOptions = Bu
     try:
         tmp.chmod(0o777 & ~_umask())
         parts: dict[str, PartInfo] = {}
+        build_log: dict = {"passes": {}}  # timings: beside the manifest, never in it
         late: dict[str, list] = {}
         makers = {
             "vision": lambda: vision_part(spec, weights, options.window_attention),
@@ -195,6 +223,7 @@ def build(model_dir: str | Path, out_dir: str | Path, options: BuildOptions = Bu
             if early:
                 say(f"passes on {name}: {', '.join(p.name for p in early)}")
             model, records = run_passes(model, early)
+            build_log["passes"][name] = _split_timings(records)
             file, data = save_part(model, tmp, name)
             traced = precisions[name] if precisions[name] in ("fp16", "bf16") else "fp32"
             parts[name] = PartInfo(name, file, data, _tensor_infos(model.graph.inputs),
@@ -202,15 +231,21 @@ def build(model_dir: str | Path, out_dir: str | Path, options: BuildOptions = Bu
             del model
         for fname in COPIED_FILES:
             if (model_dir / fname).exists():
-                shutil.copy2(model_dir / fname, tmp / fname)
+                shutil.copyfile(model_dir / fname, tmp / fname)
+        from qvl_export.runtimes.chat import TEMPLATE_FILE
+
+        (tmp / TEMPLATE_FILE).write_text(template.source, encoding="utf-8")
         say("hashing the source checkpoint")
         manifest = Manifest(
             spec=spec, parts=parts, target=options.target, precision=precision_label(precisions),
             source={"path": str(model_dir.resolve()), "sha256": weights.fingerprint(),
                     "architecture": spec.architecture},
             versions=library_versions(),
-            options={"window_attention": options.window_attention, "precisions": precisions},
+            options={"window_attention": options.window_attention, "precisions": precisions,
+                     "chat_template": template.origin if options.chat_template is None else "--chat-template"},
         )
+        if trt_info is not None:
+            manifest.options["ranges"] = trt_info["ranges"]  # the runtime enforces what the engines cover
         manifest.write(tmp)
         if calibrated:
             from qvl_export.building.quantization import quantize_parts
@@ -223,7 +258,7 @@ def build(model_dir: str | Path, out_dir: str | Path, options: BuildOptions = Bu
         if quantized:
             for name, passes in late.items():
                 if passes:
-                    _late_passes(tmp, manifest.parts[name], passes, say)
+                    build_log["passes"][name] += _late_passes(tmp, manifest.parts[name], passes, say)
         if options.target == "trt":
             import onnx_ir as ir
 
@@ -239,7 +274,10 @@ def build(model_dir: str | Path, out_dir: str | Path, options: BuildOptions = Bu
             if options.bundle:
                 copy_bundle_readme(tmp, options.device)
             else:
-                manifest = build_engines(tmp, warn, say)
+                manifest = build_engines(tmp, warn, say, verify=False)
+        manifest.seal(tmp)
+        manifest.write(tmp)
+        (tmp / BUILD_LOG).write_text(json.dumps(build_log, indent=2))
         _move_into_place(tmp, out_dir)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -257,7 +295,16 @@ def _calibration_documents(options: BuildOptions):
     return builtin_documents(options.calib_limit)
 
 
-def _late_passes(folder: Path, part: PartInfo, passes, say) -> None:
+def _split_timings(records: list[dict]) -> list[dict]:
+    """Take the per-pass seconds out of the manifest's records (two identical builds must be
+    byte-identical); returns them for the build log."""
+    timings = []
+    for r in records:
+        timings.append({"pass": r["pass"], "seconds": r.pop("seconds", None)})
+    return timings
+
+
+def _late_passes(folder: Path, part: PartInfo, passes, say) -> list[dict]:
     import onnx_ir as ir
 
     from qvl_export.passes import run_passes
@@ -272,7 +319,9 @@ def _late_passes(folder: Path, part: PartInfo, passes, say) -> None:
             path.unlink()
     part.file, part.external_data = save_part(model, folder, part.name)
     part.inputs, part.outputs = _tensor_infos(model.graph.inputs), _tensor_infos(model.graph.outputs)
+    timings = _split_timings(records)
     part.passes.extend(records)
+    return timings
 
 
 def _umask() -> int:

@@ -27,7 +27,7 @@ def quantize_parts(folder: Path, manifest: Manifest, precisions: dict[str, str],
     feeds = load_cache(Path(options.calib_cache), key) if options.calib_cache else None
     if feeds is None:
         say(f"calibrating on {len(docs)} documents (fp32 artifacts: vision, merger, prefill and decode steps)")
-        pipe = Pipeline.load(folder)
+        pipe = Pipeline.load(folder, verify=False)  # the folder is still being built
         feeds = collect_feeds(pipe, docs, settings,
                               progress=lambda i, n: say(f"calibration document {i}/{n}"))
         del pipe

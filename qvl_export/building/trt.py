@@ -52,14 +52,20 @@ def write_build_config(folder: Path, device_info: dict) -> None:
     (folder / BUILD_CONFIG).write_text(json.dumps(device_info, indent=2))
 
 
-def build_engines(folder: Path, warn: Callable[[str], None], say: Callable[[str], None]) -> Manifest:
-    """Build an engine per part in ``folder`` (an artifacts folder or a bundle) and update its manifest."""
+def build_engines(folder: Path, warn: Callable[[str], None], say: Callable[[str], None],
+                  verify: bool = True) -> Manifest:
+    """Build an engine per part in ``folder`` (an artifacts folder or a bundle) and update its manifest.
+
+    ``verify``: check the folder against its manifest's checksums first (a bundle copied to the device
+    whole); the engines and the new checksums are recorded at the end."""
     from qvl_export.building.trt_engine import TIMING_CACHE, build_engine, require_tensorrt
 
     folder = Path(folder)
     manifest = Manifest.read(folder)
     if manifest.target != "trt":
         raise QvlError(f"{folder} was built for target {manifest.target!r}; rebuild with --target trt.")
+    if verify:
+        manifest.verify(folder)
     cfg_path = folder / BUILD_CONFIG
     cfg = json.loads(cfg_path.read_text()) if cfg_path.exists() else {"device": "x86-gpu", "ranges": {}}
     ranges = Ranges(**cfg.get("ranges", {}))
@@ -81,9 +87,8 @@ def build_engines(folder: Path, warn: Callable[[str], None], say: Callable[[str]
     first = next(iter(built.values()))
     manifest.options["tensorrt"] = {"version": first["tensorrt"], "compute_capability": first["compute_capability"],
                                     **info}
-    tmp_manifest = folder / ".manifest.json.tmp"
-    tmp_manifest.write_text(manifest.to_json())
-    os.replace(tmp_manifest, folder / "manifest.json")
+    manifest.seal(folder)
+    manifest.write(folder)
     return manifest
 
 

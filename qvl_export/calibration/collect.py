@@ -63,7 +63,7 @@ def collect_feeds(pipe, docs: list[Document], settings: CalibSettings,
     try:
         for i, doc in enumerate(docs):
             pipe.generate([doc.image], doc.prompt, max_new_tokens=settings.max_new_tokens,
-                          max_pixels=settings.max_pixels)
+                          max_pixels=settings.max_pixels, temperature=0.0, repetition_penalty=1.0)
             if progress:
                 progress(i + 1, len(docs))
     finally:

@@ -38,6 +38,6 @@ def exact_match(read: Reader, n: int = DEFAULT_PAGES, seed_offset: int = HELDOUT
 def pipeline_reader(pipe) -> Reader:
     """A ``Reader`` over the thin runtime's ``Pipeline`` (greedy)."""
     def read(image, prompt: str) -> tuple[str, bool]:
-        gen = pipe.generate([image], prompt, max_new_tokens=MAX_NEW_TOKENS)
+        gen = pipe.generate([image], prompt, max_new_tokens=MAX_NEW_TOKENS, temperature=0.0, repetition_penalty=1.0)
         return gen.text, gen.finish_reason == "stop"
     return read

@@ -116,6 +116,12 @@ class PreprocessSpec:
     rescale_factor: float = 1 / 255
 
 
+def _default_generation():
+    from qvl_export.loading.generation import GenerationSpec
+
+    return GenerationSpec()
+
+
 @dataclass(frozen=True)
 class ModelSpec:
     architecture: str
@@ -124,25 +130,42 @@ class ModelSpec:
     text: TextSpec
     tokens: TokenSpec
     preprocess: PreprocessSpec = field(default_factory=PreprocessSpec)
+    generation: "GenerationSpec" = field(default_factory=_default_generation)  # noqa: F821
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "ModelSpec":
+        """Read back ``to_dict`` output; unknown keys are ignored, a missing required key is named."""
+        from qvl_export.loading.generation import GenerationSpec
+
         def tup(x):
             return tuple(x) if isinstance(x, list) else x
 
-        def build(klass, values):
-            return klass(**{k: tup(v) for k, v in values.items()})
+        def build(klass, key):
+            values = d.get(key)
+            if not isinstance(values, dict):
+                raise QvlError(f"the model spec has no '{key}' section; rebuild the artifacts.")
+            known = {f.name: f for f in dataclasses.fields(klass)}
+            for name, f in known.items():
+                if name not in values and f.default is dataclasses.MISSING \
+                        and f.default_factory is dataclasses.MISSING:
+                    raise QvlError(f"the model spec has no '{key}.{name}'; rebuild the artifacts.")
+            return klass(**{k: tup(v) for k, v in values.items() if k in known})
 
+        for key in ("architecture", "family"):
+            if not isinstance(d.get(key), str):
+                raise QvlError(f"the model spec has no '{key}'; rebuild the artifacts.")
+        generation = d.get("generation")
         return cls(
             architecture=d["architecture"],
             family=d["family"],
-            vision=build(VisionSpec, d["vision"]),
-            text=build(TextSpec, d["text"]),
-            tokens=build(TokenSpec, d["tokens"]),
-            preprocess=build(PreprocessSpec, d["preprocess"]),
+            vision=build(VisionSpec, "vision"),
+            text=build(TextSpec, "text"),
+            tokens=build(TokenSpec, "tokens"),
+            preprocess=build(PreprocessSpec, "preprocess"),
+            generation=GenerationSpec.from_dict(generation) if isinstance(generation, dict) else GenerationSpec(),
         )
 
 
@@ -179,8 +202,10 @@ def _eos_ids(model_dir: Path, text: dict, top: dict) -> tuple[int, ...]:
     return tuple(ids)
 
 
-def parse_model_config(model_dir: Path) -> ModelSpec:
+def parse_model_config(model_dir: Path, assume_default_preprocessing: bool = False) -> ModelSpec:
     """Read config.json (+ generation_config.json, preprocessor_config.json) of a local checkpoint."""
+    from qvl_export.loading.generation import parse_generation_config
+
     top = read_json(model_dir / "config.json", "the model config")
     archs = top.get("architectures") or []
     arch = next((a for a in archs if a in ARCHITECTURES), None)
@@ -265,26 +290,91 @@ def parse_model_config(model_dir: Path) -> ModelSpec:
         eos_token_ids=_eos_ids(model_dir, text, top),
         pad_token_id=text.get("pad_token_id"),
     )
-    return ModelSpec(arch, family, vision, text_spec, tokens, parse_preprocessor(model_dir, vision))
+    preprocess = parse_preprocessor(model_dir, vision, assume_default=assume_default_preprocessing)
+    generation = parse_generation_config(model_dir, tokens.eos_token_ids)
+    if generation.eos_token_ids and generation.eos_token_ids != tokens.eos_token_ids:
+        tokens = dataclasses.replace(tokens, eos_token_ids=generation.eos_token_ids)
+    return ModelSpec(arch, family, vision, text_spec, tokens, preprocess, generation)
 
 
-def parse_preprocessor(model_dir: Path, vision: VisionSpec) -> PreprocessSpec:
+def parse_preprocessor(model_dir: Path, vision: VisionSpec, assume_default: bool = False) -> PreprocessSpec:
+    """preprocessor_config.json -> PreprocessSpec, resolved as transformers' Qwen2VLImageProcessor does.
+
+    min/max pixels: the top-level ``min_pixels`` / ``max_pixels`` win over ``size.shortest_edge`` /
+    ``size.longest_edge`` (transformers 5.x); ``size.min_pixels`` / ``size.max_pixels`` (the layout
+    transformers 4.45 wrote) are read last. Without a ``size`` dict a missing value is the
+    processor's default; a ``size`` dict that gives only one bound is refused, as transformers
+    refuses it when preprocessing. A missing file is an error unless ``assume_default``.
+    """
     path = model_dir / "preprocessor_config.json"
+    default = PreprocessSpec()
     if not path.exists():
-        return PreprocessSpec()
+        if assume_default:
+            return default
+        raise QvlError(
+            f"{model_dir} has no preprocessor_config.json: the image pre-processing settings (min/max pixels, "
+            "mean/std) are part of the model; copy it from the original checkpoint, or pass "
+            "--assume-default-preprocessing to use Qwen2-VL's defaults (min_pixels "
+            f"{default.min_pixels}, max_pixels {default.max_pixels}, OpenAI CLIP mean "
+            f"{list(default.image_mean)} / std {list(default.image_std)}, rescale 1/"
+            f"{round(1 / default.rescale_factor)}).")
     pp = read_json(path, "the preprocessor config")
-    size = pp.get("size") or {}
+    size = pp.get("size")
+    if size is not None and not isinstance(size, dict):
+        raise QvlError(f"preprocessor_config.json 'size' must be an object with shortest_edge / longest_edge "
+                       f"(pixel counts), not {size!r}; restore it from the original checkpoint.")
     for key, want in (("patch_size", vision.patch_size), ("merge_size", vision.spatial_merge_size),
                       ("temporal_patch_size", vision.temporal_patch_size)):
         if key in pp and int(pp[key]) != want:
             raise QvlError(f"preprocessor_config.json {key}={pp[key]} disagrees with config.json ({want}).")
-    default = PreprocessSpec()
+
+    def pixels(top: str, edge: str, fallback: int) -> int:
+        for where, d, key in (("", pp, top), ("size.", size or {}, edge), ("size.", size or {}, top)):
+            if d.get(key) is not None:
+                value, name = d[key], where + key
+                break
+        else:
+            if size is not None:  # transformers: "size dict must contain 'shortest_edge' and 'longest_edge'"
+                raise QvlError(f"preprocessor_config.json has a 'size' without {edge} and no top-level {top}; "
+                               "transformers' Qwen2VLImageProcessor refuses it: restore the file from the "
+                               "original checkpoint.")
+            return fallback
+        try:
+            n = int(value)
+        except (TypeError, ValueError):
+            n = 0
+        if n <= 0 or n != value:
+            raise QvlError(f"preprocessor_config.json {name}={value!r} must be a positive whole number of pixels.")
+        return n
+
+    lo = pixels("min_pixels", "shortest_edge", default.min_pixels)
+    hi = pixels("max_pixels", "longest_edge", default.max_pixels)
+    if lo > hi:
+        raise QvlError(f"preprocessor_config.json min_pixels {lo} is larger than max_pixels {hi}; "
+                       "restore the file from the original checkpoint.")
+
+    def triple(key: str, fallback: tuple[float, ...], positive: bool) -> tuple[float, ...]:
+        value = pp.get(key)
+        if value is None:
+            return fallback
+        values = value if isinstance(value, (list, tuple)) else [value] * vision.in_channels
+        try:
+            out = tuple(float(x) for x in values)
+        except (TypeError, ValueError):
+            out = ()
+        if len(out) != vision.in_channels or (positive and min(out) <= 0):
+            need = "positive numbers" if positive else "numbers"
+            raise QvlError(f"preprocessor_config.json {key}={value!r} must be {vision.in_channels} {need}, "
+                           "one per channel.")
+        return out
+
+    rescale = pp.get("rescale_factor", default.rescale_factor)
+    if not isinstance(rescale, (int, float)) or isinstance(rescale, bool) or rescale <= 0:
+        raise QvlError(f"preprocessor_config.json rescale_factor={rescale!r} must be a positive number.")
     return PreprocessSpec(
-        min_pixels=int(pp.get("min_pixels") or size.get("shortest_edge") or size.get("min_pixels")
-                       or default.min_pixels),
-        max_pixels=int(pp.get("max_pixels") or size.get("longest_edge") or size.get("max_pixels")
-                       or default.max_pixels),
-        image_mean=tuple(float(x) for x in pp.get("image_mean", default.image_mean)),
-        image_std=tuple(float(x) for x in pp.get("image_std", default.image_std)),
-        rescale_factor=float(pp.get("rescale_factor", default.rescale_factor)),
+        min_pixels=lo,
+        max_pixels=hi,
+        image_mean=triple("image_mean", default.image_mean, False),
+        image_std=triple("image_std", default.image_std, True),
+        rescale_factor=float(rescale),
     )

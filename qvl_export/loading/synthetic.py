@@ -84,6 +84,11 @@ class CheckpointDims:
     seed: int = 0
     vocab_size: int | None = None  # None: the tokenizer's vocabulary padded to 64; the real models: 151936
     rms_norm_eps: float | None = None  # None: transformers' default
+    chat_template: str | None = None  # None: the Qwen2-VL template (CHAT_TEMPLATE)
+    # where the template is written, as checkpoints in the wild do: "tokenizer_config" + "chat_template.json"
+    # (Qwen2-VL / Qwen2.5-VL on the hub), "json" (processor file only), "jinja" (chat_template.jinja only)
+    chat_template_file: str = "both"
+    generation: dict = field(default_factory=dict)  # extra generation_config.json keys (sampling defaults)
     extra: dict = field(default_factory=dict)
 
 
@@ -175,6 +180,9 @@ def write_processing_files(out_dir: str | Path, tok, dims: CheckpointDims) -> No
     out = Path(out_dir)
     ids = {t: tok.token_to_id(t) for t in SPECIAL_TOKENS}
     tok.save(str(out / "tokenizer.json"))
+    template = dims.chat_template or CHAT_TEMPLATE
+    if dims.chat_template_file not in ("both", "json", "jinja"):
+        raise ValueError(f"chat_template_file {dims.chat_template_file!r}: use both, json or jinja")
     tok_config = {
         "tokenizer_class": "Qwen2Tokenizer",
         "model_max_length": dims.max_position_embeddings,
@@ -185,15 +193,20 @@ def write_processing_files(out_dir: str | Path, tok, dims: CheckpointDims) -> No
         "errors": "replace",
         "split_special_tokens": False,
         "add_prefix_space": False,
-        "chat_template": CHAT_TEMPLATE,
     }
+    if dims.chat_template_file == "both":
+        tok_config["chat_template"] = template
     (out / "tokenizer_config.json").write_text(json.dumps(tok_config, indent=2))
-    (out / "chat_template.json").write_text(json.dumps({"chat_template": CHAT_TEMPLATE}, indent=2))
+    if dims.chat_template_file in ("both", "json"):
+        (out / "chat_template.json").write_text(json.dumps({"chat_template": template}, indent=2))
+    else:
+        (out / "chat_template.jinja").write_text(template, encoding="utf-8")
     (out / "generation_config.json").write_text(json.dumps({
         "bos_token_id": ids["<|endoftext|>"],
         "eos_token_id": [ids["<|im_end|>"], ids["<|endoftext|>"]],
         "pad_token_id": ids["<|endoftext|>"],
         "do_sample": False,
+        **dims.generation,
     }, indent=2))
     (out / "preprocessor_config.json").write_text(json.dumps({
         "image_processor_type": "Qwen2VLImageProcessor",

@@ -4,7 +4,8 @@ One graph serves prefill and decode:
 
 - ``input_ids [B, T] int64``; ``image_embeds [N, H]`` (merger output for the prompt's images in
   order, ``N = 0`` in decode) are written into the rows whose id is the image token - in the graph,
-  with an integer cumsum index, so the host does no scatter;
+  with an integer cumsum index, so the host does no scatter; image tokens past the N-th (a
+  generated ``<|image_pad|>``) are embedded as text;
 - ``position_ids [3, B, T] int64``: M-RoPE (t, h, w) positions from the host. The section
   interleave is folded *before* the float math: one integer select per frequency picks which of
   t/h/w drives it, so cos/sin are computed once per forward as ``[B, T, head_dim]`` and shared by
@@ -146,9 +147,15 @@ class Decoder(nn.Module):
             text = flat.t().reshape(*input_ids.shape, self.spec.hidden_size)
         else:
             text = self.embed_tokens(input_ids)  # [B, T, H]
-        is_image = input_ids == self.image_token_id
+        pad = input_ids == self.image_token_id
         # row r of image_embeds goes to the r-th image token; row 0 of the padded table is unused
-        order = torch.cumsum(is_image.reshape(-1).to(torch.int64), 0).reshape(input_ids.shape)
+        order = torch.cumsum(pad.reshape(-1).to(torch.int64), 0).reshape(input_ids.shape)
+        # A pad token beyond the rows given - every pad of a decode step (N = 0), where a sampled or
+        # fine-tuned model emitted <|image_pad|> - is embedded as text, as transformers does; its
+        # index is clamped to row 0 so the gather never leaves the table (on TensorRT an
+        # out-of-range gather is silent garbage, not an error).
+        is_image = pad & (order <= image_embeds.shape[0])
+        order = torch.where(is_image, order, torch.zeros_like(order))
         table = torch.cat([image_embeds.new_zeros(1, self.spec.hidden_size), image_embeds], dim=0)
         picked = table[order]  # [B, T, H]
         return torch.where(is_image[..., None], picked, text)

@@ -170,11 +170,11 @@ def compare_case(pipe, ref, case: Case, max_new_tokens: int) -> dict:
 
     images = case.images()
     t0 = time.perf_counter()
-    r = ref.run(ReferenceCase(case.name, images, case.prompt, max_new_tokens=max_new_tokens))
+    r = ref.run(ReferenceCase(case.name, images, case.prompt, max_new_tokens=max_new_tokens, system=case.system))
     t_ref = time.perf_counter() - t0
 
     t1 = time.perf_counter()
-    prep = pipe.prepare(images, case.prompt)
+    prep = pipe.prepare(images, case.prompt, system=case.system)
     stages: dict[str, dict] = {}
     ids_equal = prep.input_ids.shape == r.input_ids.shape and bool((prep.input_ids == r.input_ids).all())
     pos_equal = prep.position_ids.shape == r.position_ids.shape and bool((prep.position_ids == r.position_ids).all())
@@ -187,7 +187,9 @@ def compare_case(pipe, ref, case: Case, max_new_tokens: int) -> dict:
         ours_hidden = vis.vision_hidden[vis.layout.window_order_rows()]
         stages["vision"] = compare(ours_hidden, r.vision_hidden)
         stages["merger"] = compare(vis.image_embeds, r.merger_out)
-    gen = pipe.generate(prepared=prep, max_new_tokens=max_new_tokens, keep_logits=True)
+    # greedy on the raw logits, as the reference (the checkpoint's sampling settings are not gated)
+    gen = pipe.generate(prepared=prep, max_new_tokens=max_new_tokens, keep_logits=True, temperature=0.0,
+                        repetition_penalty=1.0)
     t_ours = time.perf_counter() - t1
 
     ours_first = gen.step_logits[0]
@@ -245,6 +247,25 @@ def forced_logits(pipe, prep, tokens: list[int]) -> list[np.ndarray]:
     return out
 
 
+def check_reference(manifest: Manifest, reference_dir: Path) -> None:
+    """Refuse, in one line, a reference that is not the checkpoint the artifacts were built from."""
+    from qvl_export.loading.config import parse_model_config
+    from qvl_export.loading.weights import CheckpointWeights
+
+    built = manifest.source.get("architecture")
+    try:
+        found = parse_model_config(reference_dir, assume_default_preprocessing=True).architecture
+    except QvlError as err:
+        raise QvlError(f"{reference_dir} cannot be the reference: {err}") from None
+    if built and found != built:
+        raise QvlError(f"{reference_dir} is a {found} checkpoint but the artifacts were built from a {built}: pass the "
+                       f"checkpoint they were built from ({manifest.source.get('path')}).")
+    want = manifest.source.get("sha256")
+    if want and CheckpointWeights(reference_dir).fingerprint() != want:
+        raise QvlError(f"{reference_dir} is not the checkpoint the artifacts were built from (its config and weights "
+                       f"hash differently); pass {manifest.source.get('path')}, or rebuild from this one.")
+
+
 def run_parity(artifacts: str | Path, reference_dir: str | Path, gates_file: Path | None = None,
                quick: bool = False, max_new_tokens: int = 64, cases: list[Case] | None = None,
                progress: Callable[[str], None] | None = None, threads: int | None = None,
@@ -263,6 +284,7 @@ def run_parity(artifacts: str | Path, reference_dir: str | Path, gates_file: Pat
         raise QvlError(f"{reference_dir} is not a checkpoint folder (no config.json); pass the model the "
                        "artifacts were built from.")
     say = progress or (lambda m: None)
+    check_reference(manifest, reference_dir)
     say("loading the PyTorch reference (transformers)")
     ref = TorchReference(reference_dir)
     pipe = Pipeline.load(artifacts, threads=threads)

@@ -65,6 +65,8 @@ class ReferenceCase:
     max_new_tokens: int = 64
     min_pixels: int | None = None  # override preprocessor_config.json
     max_pixels: int | None = None
+    system: str | None = None  # a system turn (None: whatever the template writes without one)
+    messages: list[dict] | None = None  # a whole chat instead of prompt/system (images: its image items, in order)
 
 
 @dataclass
@@ -110,26 +112,6 @@ class PreparedInputs:
         if with_mm_token_type_ids:
             kwargs["mm_token_type_ids"] = self.mm_token_type_ids
         return kwargs
-
-
-def _chat_template(model_dir: Path, tok_config: dict[str, Any]) -> str:
-    """The checkpoint's chat template: tokenizer_config.json, else chat_template.jinja / .json."""
-    template = tok_config.get("chat_template")
-    if isinstance(template, list):  # named templates: [{"name": "default", "template": ...}, ...]
-        named = {t.get("name"): t.get("template") for t in template if isinstance(t, dict)}
-        template = named.get("default") or next(iter(named.values()), None)
-    if isinstance(template, str) and template:
-        return template
-    jinja = model_dir / "chat_template.jinja"
-    if jinja.exists():
-        return jinja.read_text(encoding="utf-8")
-    as_json = model_dir / "chat_template.json"
-    if as_json.exists():
-        template = read_json(as_json, "the chat template").get("chat_template")
-        if isinstance(template, str) and template:
-            return template
-    raise QvlError(f"{model_dir} has no chat template (tokenizer_config.json 'chat_template', "
-                   "chat_template.jinja or chat_template.json); copy it from the original checkpoint.")
 
 
 def _to_numpy(t: "torch.Tensor", dtype: type) -> np.ndarray:
@@ -206,8 +188,12 @@ class TorchReference:
         tok_config = read_json(tok_config_path, "the tokenizer config") if tok_config_path.exists() else {}
         specials = {k: tok_config[k] for k in ("eos_token", "pad_token", "bos_token", "unk_token")
                     if isinstance(tok_config.get(k), str)}
+        from qvl_export.runtimes.chat import resolve_template
+
+        # the same file the build copies into the artifacts, rendered here by transformers' own Jinja code
+        self.chat_template, _ = resolve_template(self.model_dir)
         self.tokenizer = PreTrainedTokenizerFast(
-            tokenizer_file=str(tok_path), chat_template=_chat_template(self.model_dir, tok_config), **specials)
+            tokenizer_file=str(tok_path), chat_template=self.chat_template, **specials)
         self.image_token_id = int(model.config.image_token_id)
         if self.tokenizer.convert_tokens_to_ids(IMAGE_PAD) != self.image_token_id:
             raise QvlError(f"tokenizer id of {IMAGE_PAD} ({self.tokenizer.convert_tokens_to_ids(IMAGE_PAD)}) "
@@ -269,10 +255,11 @@ class TorchReference:
     # ------------------------------------------------------------------ inputs
 
     def build_prompt(self, case: ReferenceCase) -> str:
-        """The checkpoint's chat template over one user message: images first, then the text."""
-        content: list[dict[str, Any]] = [{"type": "image"} for _ in case.images]
-        content.append({"type": "text", "text": case.prompt})
-        messages = [{"role": "user", "content": content}]
+        """The checkpoint's chat template over the case's messages (one user turn, images first, then
+        the text, unless the case gives its own messages), rendered by transformers."""
+        from qvl_export.runtimes.chat import user_messages
+
+        messages = case.messages or user_messages(case.prompt, len(case.images), system=case.system)
         return self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
 
     def prepare(self, case: ReferenceCase) -> PreparedInputs:

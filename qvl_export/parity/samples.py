@@ -37,6 +37,7 @@ class Case:
     name: str
     sizes: list[tuple[int, int]] = field(default_factory=list)  # (width, height) per image
     prompt: str = "What is the total?"
+    system: str | None = None  # a system turn; None leaves it to the chat template
 
     def images(self) -> list[Image.Image]:
         return [render_page(w, h, seed=1000 * i + w + h) for i, (w, h) in enumerate(self.sizes)]
@@ -44,13 +45,13 @@ class Case:
 
 # Sizes chosen to hit: square, landscape and portrait non-multiples of 28 (resize), a window grid
 # that is not a multiple of the 4x4-unit window (edge windows), an image below min_pixels, and a
-# prompt with two images of different sizes.
+# prompt with two images of different sizes; one case carries a system turn of its own.
 ALL_CASES = [
     Case("landscape", [(640, 336)], "What is the total amount due?"),
     Case("two-images", [(392, 392), (230, 510)], "Compare the totals of the two pages."),
     Case("text-only", [], "Write the word invoice three times."),
     Case("portrait", [(280, 532)], "What is the date on this form?"),
-    Case("square-odd", [(301, 299)], "Read the first line."),
+    Case("square-odd", [(301, 299)], "Read the first line.", system="Answer in one word."),
     Case("tiny", [(40, 70)], "What is written here?"),
 ]
 QUICK_CASES = ALL_CASES[:3]

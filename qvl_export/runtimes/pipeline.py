@@ -1,11 +1,14 @@
 """The thin runtime: load an artifacts folder once, generate many times.
 
-Imports numpy, onnxruntime (or tensorrt), tokenizers and pillow only. The host does what the
-graphs don't: image pre-processing, vision rotary tables and window layout, M-RoPE positions and
-the rope delta, the chat prompt, the KV cache loop and sampling.
+Imports numpy, onnxruntime (or tensorrt), tokenizers, pillow and jinja2 only. The host does what
+the graphs don't: image pre-processing, vision rotary tables and window layout, M-RoPE positions and
+the rope delta, the chat prompt (the checkpoint's own template), the KV cache loop and sampling
+(the checkpoint's generation settings unless overridden).
 
     pipe = Pipeline.load("build/q25")
     result = pipe.generate(["invoice.png"], "What is the total?", max_new_tokens=64)
+    result = pipe.generate(messages=[{"role": "user", "content": [{"type": "image", "image": "a.png"},
+                                                                  {"type": "text", "text": "Total?"}]}])
     for piece in pipe.stream(["invoice.png"], "What is the total?"): print(piece, end="")
 """
 
@@ -22,7 +25,10 @@ import numpy as np
 from qvl_export.errors import QvlError
 from qvl_export.manifest import Manifest
 from qvl_export.runtimes import indexing, preprocess
-from qvl_export.runtimes.text import StreamDecoder, TextCodec, chat_prompt
+from qvl_export.runtimes.chat import ChatTemplate, image_source, media_items, user_messages
+from qvl_export.runtimes.chat import VIDEO_TYPES
+from qvl_export.runtimes.sampling import SamplingParams, choose_token
+from qvl_export.runtimes.text import StreamDecoder, TextCodec
 
 log = logging.getLogger(__name__)
 
@@ -143,6 +149,8 @@ class Pipeline:
         self.manifest = manifest
         self.spec = manifest.spec
         self.codec = TextCodec(self.folder / "tokenizer.json", self.spec.tokens)
+        self.template = ChatTemplate.from_artifacts(self.folder)
+        self.ranges = manifest.options.get("ranges")  # trt target: the shapes the engines were built for
         text = self.spec.text
         self.max_context = text.max_position_embeddings
         self.kv_dtype = np.float16 if manifest.parts["decoder"].input("past_key_values.0.key").dtype == "float16" \
@@ -152,8 +160,12 @@ class Pipeline:
         self.kv_layout = kv_layout(t.name for t in manifest.parts["decoder"].inputs)
 
     @classmethod
-    def load(cls, folder: str | Path, threads: int | None = None, backend: str | None = None) -> "Pipeline":
+    def load(cls, folder: str | Path, threads: int | None = None, backend: str | None = None,
+             verify: bool = True) -> "Pipeline":
+        """``verify``: check every file against the manifest's sha256 first (``--skip-verify`` turns it off)."""
         manifest = Manifest.read(folder)
+        if verify:
+            manifest.verify(Path(folder))
         kind = backend or ("tensorrt" if manifest.target == "trt" and _has_engines(manifest) else "onnxruntime")
         if kind == "onnxruntime":
             from qvl_export.runtimes.onnxrt import OrtBackend
@@ -168,20 +180,52 @@ class Pipeline:
         return cls(folder, impl, manifest)
 
     # ---- host-side preparation -------------------------------------------------------------
-    def prepare(self, images: Sequence, prompt: str, *, min_pixels: int | None = None,
-                max_pixels: int | None = None, system: str | None = "You are a helpful assistant.") -> Prepared:
+    def prepare(self, images: Sequence = (), prompt: str = "", *, messages: Sequence[dict] | None = None,
+                system: str | None = None, min_pixels: int | None = None,
+                max_pixels: int | None = None) -> Prepared:
+        """Prompt ids, M-RoPE positions and image patches for ``messages`` - or for one user turn of
+        ``images`` then ``prompt`` (after a ``system`` turn when given) - in the checkpoint's chat format."""
+        if messages is None:
+            messages = user_messages(prompt, images=list(images), system=system)
+            sources = list(images)
+        else:
+            if images or prompt or system is not None:
+                raise QvlError("Give either messages or images/prompt/system, not both.")
+            if media_items(messages, VIDEO_TYPES):
+                raise QvlError("Video items are not supported by this runtime yet; pass frames as images.")
+            sources = [image_source(item) for item in media_items(messages)]
+        self._check_ranges_images(len(sources))
         patches, grids = [], []
-        for source in images:
+        for source in sources:
             image = preprocess.load_image(source)
             p, grid = preprocess.preprocess_image(image, self.spec.vision, self.spec.preprocess,
                                                   min_pixels=min_pixels, max_pixels=max_pixels)
             patches.append(p)
             grids.append(tuple(int(g) for g in grid))
+        self._check_ranges_pixels(grids)
         merge = self.spec.vision.merge_unit
         counts = [t * h * w // merge for t, h, w in grids]
-        ids = self.codec.encode_prompt(chat_prompt(prompt, len(images), system), counts)
+        ids = self.codec.encode_prompt(self.template.render(messages), counts)
         positions, delta = indexing.rope_index(ids, grids, self.spec.tokens, self.spec.vision.spatial_merge_size)
         return Prepared(ids, positions, int(delta), patches, grids)
+
+    def _check_ranges_images(self, n: int) -> None:
+        if self.ranges and n > int(self.ranges.get("max_images", n)):
+            raise QvlError(f"{n} images in one prompt; these artifacts were built for at most "
+                           f"{self.ranges['max_images']} (--max-images at build time): rebuild with a larger "
+                           "--max-images or send fewer images.")
+
+    def _check_ranges_pixels(self, grids: list[tuple[int, int, int]]) -> None:
+        if not self.ranges:
+            return
+        patch = self.spec.vision.patch_size
+        for t, h, w in grids:
+            pixels = h * w * patch * patch
+            lo, hi = int(self.ranges.get("min_pixels", 0)), int(self.ranges.get("max_pixels", pixels))
+            if not lo <= pixels <= hi:
+                raise QvlError(f"An image resizes to {w * patch}x{h * patch} = {pixels} pixels; the engines were "
+                               f"built for {lo}..{hi} pixels per image: pass --max-pixels {hi} (or --min-pixels "
+                               f"{lo}), or rebuild with other --engine-min/max-pixels.")
 
     # ---- parts -----------------------------------------------------------------------------
     def encode_images(self, patches: list[np.ndarray], grids: list[tuple[int, int, int]]) -> VisionOutput:
@@ -224,6 +268,10 @@ class Pipeline:
         return out
 
     # ---- generation ------------------------------------------------------------------------
+    def sampling(self, **overrides) -> SamplingParams:
+        """The checkpoint's generation settings (generation_config.json) with ``overrides`` (None: keep)."""
+        return SamplingParams.from_spec(self.spec.generation, **overrides)
+
     def stream(self, images: Sequence = (), prompt: str = "", **kwargs) -> Iterator[str]:
         """Yields text pieces as they are generated (same arguments as ``generate``)."""
         pieces: list[str] = []
@@ -245,16 +293,29 @@ class Pipeline:
                 break
         return result
 
-    def _generate(self, images: Sequence, prompt: str, *, max_new_tokens: int = 128, temperature: float = 0.0,
-                  top_p: float = 1.0, seed: int | None = None, min_pixels: int | None = None,
+    def _generate(self, images: Sequence, prompt: str, *, messages: Sequence[dict] | None = None,
+                  system: str | None = None, max_new_tokens: int | None = None, temperature: float | None = None,
+                  top_p: float | None = None, top_k: int | None = None, repetition_penalty: float | None = None,
+                  do_sample: bool | None = None, seed: int | None = None, min_pixels: int | None = None,
                   max_pixels: int | None = None, on_text: Callable[[str], None] | None = None,
                   keep_logits: bool = False, prepared: Prepared | None = None):
+        """Sampling settings left None take the checkpoint's generation_config.json (transformers'
+        defaults where it says nothing); ``temperature=0`` is greedy."""
+        params = self.sampling(temperature=temperature, top_p=top_p, top_k=top_k,
+                               repetition_penalty=repetition_penalty, do_sample=do_sample)
+        if max_new_tokens is None:
+            max_new_tokens = self.spec.generation.max_new_tokens or 128
         if max_new_tokens < 1:
             raise QvlError("max_new_tokens must be at least 1.")
         timings: dict[str, float] = {}
         t0 = time.perf_counter()
-        prep = prepared or self.prepare(images, prompt, min_pixels=min_pixels, max_pixels=max_pixels)
+        prep = prepared or self.prepare(images, prompt, messages=messages, system=system, min_pixels=min_pixels,
+                                        max_pixels=max_pixels)
         total = len(prep.input_ids) + max_new_tokens
+        if self.ranges and total > int(self.ranges.get("max_seq", total)):
+            raise QvlError(f"The prompt is {len(prep.input_ids)} tokens and {max_new_tokens} new tokens were asked "
+                           f"for; the engines were built for {self.ranges['max_seq']} (--max-seq at build time). "
+                           "Use smaller images, a shorter prompt or fewer new tokens, or rebuild.")
         if total > self.max_context:
             raise QvlError(f"The prompt is {len(prep.input_ids)} tokens (images included) and {max_new_tokens} new "
                            f"tokens were asked for; the model's context is {self.max_context}. Use smaller "
@@ -275,7 +336,8 @@ class Pipeline:
         timings["prefill_s"] = time.perf_counter() - t2
 
         rng = np.random.default_rng(seed)
-        eos = set(self.spec.tokens.eos_token_ids)
+        eos = set(self.spec.generation.eos_token_ids or self.spec.tokens.eos_token_ids)
+        history = [int(i) for i in prep.input_ids]  # the repetition penalty sees the prompt too, as transformers
         no_image = np.zeros((0, text.hidden_size), dtype=np.float32)
         stream = StreamDecoder(self.codec)
         tokens: list[int] = []
@@ -285,7 +347,8 @@ class Pipeline:
         for step in range(max_new_tokens):
             if keep_logits:
                 kept.append(logits.copy())
-            token = sample(logits, temperature, top_p, rng)
+            token = choose_token(logits, history, params, rng)
+            history.append(token)
             if token in eos:
                 tokens.append(token)
                 finish = "stop"
@@ -304,24 +367,6 @@ class Pipeline:
         timings["decode_tokens_per_s"] = decoded / timings["decode_s"] if decoded and timings["decode_s"] > 0 else 0.0
         text_out = self.codec.decode([t for t in tokens if t not in eos])
         return Generation(text_out, tokens, len(prep.input_ids), finish, timings, kept)
-
-
-def sample(logits: np.ndarray, temperature: float, top_p: float, rng: np.random.Generator) -> int:
-    """Greedy when temperature <= 0, else temperature + nucleus (top-p) sampling."""
-    if temperature <= 0:
-        return int(np.argmax(logits))
-    z = logits.astype(np.float64) / temperature
-    z -= z.max()
-    probs = np.exp(z)
-    probs /= probs.sum()
-    if top_p < 1.0:
-        order = np.argsort(-probs)
-        cum = np.cumsum(probs[order])
-        keep = order[: int(np.searchsorted(cum, top_p)) + 1]
-        mask = np.zeros_like(probs)
-        mask[keep] = probs[keep]
-        probs = mask / mask.sum()
-    return int(rng.choice(len(probs), p=probs))
 
 
 def _has_engines(manifest: Manifest) -> bool:

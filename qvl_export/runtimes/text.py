@@ -1,9 +1,6 @@
-"""Prompt building and tokenization for the thin runtime (tokenizers only, no transformers/jinja).
-
-The Qwen2-VL family chat format is fixed, so it is written out here instead of pulling a template
-engine into the runtime; a test renders the checkpoint's own Jinja chat template with transformers
-and asserts the same string.
-"""
+"""Tokenization for the thin runtime (tokenizers only): prompt string -> ids with image pads
+expanded, ids -> text. The prompt string itself comes from the checkpoint's chat template
+(``runtimes/chat.py``)."""
 
 from __future__ import annotations
 
@@ -13,17 +10,6 @@ import numpy as np
 
 from qvl_export.errors import QvlError
 from qvl_export.loading.config import TokenSpec
-
-DEFAULT_SYSTEM = "You are a helpful assistant."
-IMAGE_PLACEHOLDER = "<|vision_start|><|image_pad|><|vision_end|>"
-
-
-def chat_prompt(text: str, num_images: int = 0, system: str | None = DEFAULT_SYSTEM) -> str:
-    """One user turn (images first, then text) and the assistant header, in the Qwen chat format."""
-    head = f"<|im_start|>system\n{system}<|im_end|>\n" if system is not None else ""
-    return (f"{head}<|im_start|>user\n{IMAGE_PLACEHOLDER * num_images}{text}<|im_end|>\n"
-            "<|im_start|>assistant\n")
-
 
 class TextCodec:
     """tokenizer.json wrapper: prompt -> ids with image pads expanded, ids -> text (streaming)."""

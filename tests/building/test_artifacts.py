@@ -18,7 +18,8 @@ def test_manifest_describes_parts(artifacts, checkpoint):
     folder = artifacts("qwen2_5_vl")
     m = Manifest.read(folder)
     raw = json.loads((folder / "manifest.json").read_text())
-    assert raw["format"] == "qvl-export/1"
+    assert raw["format"] == "qvl-export/2"
+    assert set(raw["files"]) >= {"vision.onnx", "merger.onnx", "decoder.onnx", "tokenizer.json", "chat_template.jinja"}
     assert m.source["architecture"] == "Qwen2_5_VLForConditionalGeneration"
     assert len(m.source["sha256"]) == 64
     for pkg in ("torch", "transformers", "onnx", "onnxruntime", "qvl-export"):
