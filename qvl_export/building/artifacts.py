@@ -272,7 +272,7 @@ def build(model_dir: str | Path, out_dir: str | Path, options: BuildOptions = Bu
 
             write_build_config(tmp, trt_info)
             if options.bundle:
-                copy_bundle_readme(tmp, options.device)
+                copy_bundle_readme(tmp, options.device, out_dir.name)
             else:
                 manifest = build_engines(tmp, warn, say, verify=False)
         manifest.seal(tmp)

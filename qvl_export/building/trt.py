@@ -17,7 +17,6 @@ from pathlib import Path
 from typing import Callable
 
 from qvl_export.building.devices import Ranges, check_memory, check_precision, estimate_memory, get_device, profiles
-from qvl_export.building.trt_lint import lint_errors, lint_model
 from qvl_export.errors import QvlError
 from qvl_export.manifest import Manifest
 
@@ -27,6 +26,8 @@ BUILD_CONFIG = "trt_build.json"
 
 def lint_part(model, name: str) -> list[dict]:
     """Lint one graph; raise with every error listed when TensorRT would reject it."""
+    from qvl_export.building.trt_lint import lint_errors, lint_model  # onnx-ir: build machines only
+
     findings = lint_model(model, name)
     errors = lint_errors(findings)
     if errors:
@@ -74,13 +75,14 @@ def build_engines(folder: Path, warn: Callable[[str], None], say: Callable[[str]
     info = check_device(manifest, precisions, cfg["device"], ranges, warn, sm=sm)
     built = {}
     for name, part in manifest.parts.items():
-        import onnx_ir as ir
+        if not verify:  # a verified bundle holds exactly the graphs that were linted when it was built
+            import onnx_ir as ir
 
-        lint_part(ir.load(folder / part.file), name)
+            lint_part(ir.load(folder / part.file), name)
         say(f"building the {name} engine")
         tmp = folder / f".{name}.engine.tmp"
         built[name] = build_engine(folder / part.file, tmp, profiles(manifest.spec, name, ranges),
-                                   timing_cache=folder / TIMING_CACHE)
+                                   timing_cache=folder / TIMING_CACHE, precision=part.precision)
     for name, meta in built.items():  # all engines built: move them into place together
         os.replace(folder / f".{name}.engine.tmp", folder / f"{name}.engine")
         manifest.parts[name].engine = f"{name}.engine"
@@ -92,31 +94,17 @@ def build_engines(folder: Path, warn: Callable[[str], None], say: Callable[[str]
     return manifest
 
 
-def copy_bundle_readme(folder: Path, device: str) -> None:
+def copy_bundle_readme(folder: Path, device: str, name: str) -> None:
+    """``name``: the bundle folder's final name (``folder`` is still the temporary one)."""
     (folder / "BUILD_ON_DEVICE.md").write_text(
         f"# Build the TensorRT engines on the device ({device})\n\n"
-        "Copy this folder to the device, then run there:\n\n"
-        "    pip install qvl-export            # the runtime extra; TensorRT comes with JetPack\n"
-        f"    qvl-export engine {folder.name}\n\n"
-        "The ONNX parts already hold their Q/DQ nodes (calibration is done); the engine build only needs\n"
-        "TensorRT and the GPU. trt_build.json holds the device and the shape ranges the engines cover.\n")
-
-
-def check_engine_compatibility(manifest: Manifest) -> None:
-    """Loading engines built elsewhere fails with a clear error (engines are not portable)."""
-    from qvl_export.building.trt_engine import gpu_compute_capability
-
-    meta = manifest.options.get("tensorrt") or {}
-    try:
-        import tensorrt as trt
-    except ImportError:
-        raise QvlError("These artifacts hold TensorRT engines; install TensorRT on a GPU machine to run them, "
-                       "or run the ONNX parts with --backend onnxruntime.") from None
-    if meta.get("version") and meta["version"] != trt.__version__:
-        raise QvlError(f"The engines were built with TensorRT {meta['version']}, this machine has "
-                       f"{trt.__version__}: rebuild them here with 'qvl-export engine'.")
-    sm = gpu_compute_capability()
-    want = meta.get("compute_capability")
-    if want and sm is not None and want != f"{sm[0]}.{sm[1]}":
-        raise QvlError(f"The engines were built for SM {want}, this GPU is SM {sm[0]}.{sm[1]}: rebuild them "
-                       "here with 'qvl-export engine'.")
+        "Copy this folder to the device whole, then run there:\n\n"
+        "    pip install qvl-export        # the runtime: numpy, onnxruntime, tokenizers, pillow, click, jinja2\n"
+        "    # TensorRT's Python package comes with JetPack; CUDA buffers need cuda-python:\n"
+        "    pip install cuda-python\n"
+        f"    qvl-export engine {name}\n"
+        f"    qvl-export run {name} --image page.png --prompt \"What is the total?\"\n\n"
+        "No torch, transformers or onnx-ir is needed there. The ONNX parts already hold their Q/DQ nodes\n"
+        "(calibration is done); 'qvl-export engine' checks every file against the manifest's sha256,\n"
+        "builds the engines with TensorRT on this GPU and records them. trt_build.json holds the device\n"
+        "and the shape ranges the engines cover; the runtime refuses inputs outside them.\n")

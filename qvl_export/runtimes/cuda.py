@@ -17,6 +17,21 @@ def get_cudart():
     return cudart
 
 
+def gpu_compute_capability() -> tuple[int, int] | None:
+    """Compute capability of GPU 0 through the CUDA runtime (cuda-python), or None without a GPU."""
+    cudart = get_cudart()
+    if cudart is None:
+        return None
+    try:
+        count = cudart_call(cudart.cudaGetDeviceCount())
+        if not count:
+            return None
+        props = cudart_call(cudart.cudaGetDeviceProperties(0))
+        return int(props.major), int(props.minor)
+    except Exception:  # no driver / no device
+        return None
+
+
 def cudart_call(result):
     """Unwrap cuda-python's (err, *values) tuples; raise on a CUDA error."""
     err, *values = result if isinstance(result, tuple) else (result,)

@@ -14,7 +14,7 @@ import numpy as np
 
 from qvl_export.errors import QvlError
 from qvl_export.manifest import Manifest
-from qvl_export.runtimes.cuda import DeviceBuffer, cudart_call, get_cudart
+from qvl_export.runtimes.cuda import DeviceBuffer, cudart_call, get_cudart, gpu_compute_capability
 
 log = logging.getLogger(__name__)
 
@@ -33,18 +33,53 @@ class _Engine:
         names = [self.engine.get_tensor_name(i) for i in range(self.engine.num_io_tensors)]
         self.inputs = [n for n in names if self.engine.get_tensor_mode(n) == trt.TensorIOMode.INPUT]
         self.outputs = [n for n in names if self.engine.get_tensor_mode(n) == trt.TensorIOMode.OUTPUT]
-        self.dtypes = {n: np.dtype(trt.nptype(self.engine.get_tensor_dtype(n))) for n in names}
+        self.dtypes = {n: numpy_dtype(trt, self.engine.get_tensor_dtype(n)) for n in names}
         self.buffers = {n: DeviceBuffer(cudart) for n in names}
         self.num_profiles = self.engine.num_optimization_profiles
         self.profile = 0
+
+
+def check_engine_compatibility(manifest: Manifest) -> None:
+    """Loading engines built elsewhere fails with a clear error (engines are not portable)."""
+    meta = manifest.options.get("tensorrt") or {}
+    try:
+        import tensorrt as trt
+    except ImportError:
+        raise QvlError("These artifacts hold TensorRT engines; install TensorRT on a GPU machine to run them, "
+                       "or run the ONNX parts with --backend onnxruntime.") from None
+    if meta.get("version") and meta["version"] != trt.__version__:
+        raise QvlError(f"The engines were built with TensorRT {meta['version']}, this machine has "
+                       f"{trt.__version__}: rebuild them here with 'qvl-export engine'.")
+    sm = gpu_compute_capability()
+    want = meta.get("compute_capability")
+    if want and sm is not None and want != f"{sm[0]}.{sm[1]}":
+        raise QvlError(f"The engines were built for SM {want}, this GPU is SM {sm[0]}.{sm[1]}: rebuild them "
+                       "here with 'qvl-export engine'.")
+
+
+def numpy_dtype(trt, dtype) -> np.dtype:
+    """numpy dtype of a TensorRT tensor type; bf16 through ml_dtypes (``trt.nptype`` has no bfloat16)."""
+    if dtype == trt.DataType.BF16:
+        try:
+            import ml_dtypes
+        except ImportError:
+            raise QvlError("bf16 engine inputs need the ml-dtypes package (pip install ml-dtypes).") from None
+        return np.dtype(ml_dtypes.bfloat16)
+    return np.dtype(trt.nptype(dtype))
+
+
+def _checked(ok, what: str) -> None:
+    """TensorRT's setters return False instead of raising; say which one failed and why it may have."""
+    if ok is False:
+        raise QvlError(f"TensorRT refused {what}: outside the engine's optimization profile? The ranges the "
+                       "engines were built for are in trt_build.json; rebuild with wider --engine-* / --max-* "
+                       "ranges.")
 
 
 class TrtBackend:
     name = "tensorrt"
 
     def __init__(self, folder: str | Path, manifest: Manifest):
-        from qvl_export.building.trt import check_engine_compatibility
-
         check_engine_compatibility(manifest)
         import tensorrt as trt
 
@@ -69,17 +104,17 @@ class TrtBackend:
             past = next((a for n, a in feeds.items() if n.startswith("past_key_values.")), None)
             want = 1 if past is not None and past.shape[2] > 0 else 0
             if want != e.profile:
-                ctx.set_optimization_profile_async(want, self.stream)
+                _checked(ctx.set_optimization_profile_async(want, self.stream), f"{part} profile {want}")
                 e.profile = want
         for name in e.inputs:
             arr = np.ascontiguousarray(feeds[name], dtype=e.dtypes[name])
-            ctx.set_input_shape(name, arr.shape)
-            ctx.set_tensor_address(name, e.buffers[name].upload(arr, self.stream))
+            _checked(ctx.set_input_shape(name, arr.shape), f"{part} input {name} of shape {arr.shape}")
+            _checked(ctx.set_tensor_address(name, e.buffers[name].upload(arr, self.stream)), f"{part} {name} address")
         outs = {}
         for name in e.outputs:
             shape = tuple(ctx.get_tensor_shape(name))
             out = np.empty(shape, dtype=e.dtypes[name])
-            ctx.set_tensor_address(name, e.buffers[name].ensure(out.nbytes))
+            _checked(ctx.set_tensor_address(name, e.buffers[name].ensure(out.nbytes)), f"{part} {name} address")
             outs[name] = out
         if not ctx.execute_async_v3(self.stream):
             raise RuntimeError(f"TensorRT failed to run the {part} engine")
