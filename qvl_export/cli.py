@@ -299,15 +299,16 @@ def _read_messages(path: Path) -> list:
 @click.option("--gates", type=click.Path(path_type=Path, exists=True, dir_okay=False), default=None,
               help="JSON file overriding the thresholds of the precision's gates.")
 @click.option("--quick", is_flag=True, help="Fewer cases and new tokens.")
-def parity(artifacts, reference, gates, quick):
+@click.option("--skip-verify", is_flag=True, help="Do not check the artifacts' files against the manifest's sha256.")
+def parity(artifacts, reference, gates, quick, skip_verify):
     """Compare ARTIFACTS stage by stage against the PyTorch reference; exit 1 when a gate fails."""
-    _parity(artifacts, reference, gates, quick=quick)
+    _parity(artifacts, reference, gates, quick=quick, verify=not skip_verify)
 
 
-def _parity(artifacts: Path, reference: Path, gates: Path | None, quick: bool) -> None:
+def _parity(artifacts: Path, reference: Path, gates: Path | None, quick: bool, verify: bool = True) -> None:
     from qvl_export.parity.gate import run_parity
 
-    report = run_parity(artifacts, reference, gates_file=gates, quick=quick, progress=_say)
+    report = run_parity(artifacts, reference, gates_file=gates, quick=quick, progress=_say, verify=verify)
     click.echo(report.table())
     _say(f"report written to {Path(artifacts) / 'report.json'}")
     if not report.passed:

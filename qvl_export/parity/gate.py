@@ -269,7 +269,7 @@ def check_reference(manifest: Manifest, reference_dir: Path) -> None:
 def run_parity(artifacts: str | Path, reference_dir: str | Path, gates_file: Path | None = None,
                quick: bool = False, max_new_tokens: int = 64, cases: list[Case] | None = None,
                progress: Callable[[str], None] | None = None, threads: int | None = None,
-               task_pages: int | None = None) -> Report:
+               task_pages: int | None = None, verify: bool = True) -> Report:
     """Gate ``artifacts`` against the checkpoint in ``reference_dir``. When that is a demo-task model
     (the built-in demo), the artifacts' exact match on its held-out pages is gated too, against the
     fp32 figure of its ``eval.json`` (``task_pages``: fewer pages, default all of them; 0: skip)."""
@@ -287,7 +287,7 @@ def run_parity(artifacts: str | Path, reference_dir: str | Path, gates_file: Pat
     check_reference(manifest, reference_dir)
     say("loading the PyTorch reference (transformers)")
     ref = TorchReference(reference_dir)
-    pipe = Pipeline.load(artifacts, threads=threads)
+    pipe = Pipeline.load(artifacts, threads=threads, verify=verify)
     report = Report(precision=manifest.precision, gates=gates,
                     meta={"artifacts": str(artifacts), "reference": str(reference_dir),
                           "max_new_tokens": max_new_tokens, "quick": quick,

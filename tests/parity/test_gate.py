@@ -39,8 +39,10 @@ def test_damaged_merger_fails_gate_with_exit_1(artifacts, checkpoint, tmp_path):
     arr[: arr.shape[0] // 8] *= -1.0  # flip the sign of some output channels
     init.CopyFrom(onnx.numpy_helper.from_array(arr, init.name))
     onnx.save(model, art / "merger.onnx")
+    result = CliRunner().invoke(main, ["parity", str(art), "--reference", str(checkpoint("qwen2_5_vl")), "--quick"])
+    assert result.exit_code == 2 and "does not match the manifest" in result.stderr  # the checksum catches it first
     result = CliRunner().invoke(main, ["parity", str(art), "--reference", str(checkpoint("qwen2_5_vl")),
-                                       "--quick"])
+                                       "--quick", "--skip-verify"])
     assert result.exit_code == 1, result.output
     assert "merger" in result.stderr and "parity gate failed" in result.stderr
     assert json.loads((art / "report.json").read_text())["passed"] is False

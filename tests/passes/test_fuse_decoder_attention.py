@@ -26,8 +26,10 @@ def test_attention_becomes_gqa(family, traced, spec_of, harness):
     assert after["com.microsoft:GroupQueryAttention"] == layers
     assert after["com.microsoft:RotaryEmbedding"] == 2 * layers  # q and k
     # gone: softmax attention, its causal mask, the K/V concat with the past, rotate_half
-    for op in ("Softmax", "Tile", "LessOrEqual", "Neg"):
+    for op in ("Softmax", "Tile", "Neg"):
         assert before.get(op, 0) > 0 and op not in after, op
+    # what stays: the clamp that embeds generated image pads as text (models/decoder.py)
+    assert after.get("LessOrEqual", 0) >= 1
     assert after["Where"] == 1  # image-row insertion only
     assert before["MatMul"] - after["MatMul"] == 2 * layers  # q k^T and probs v per layer
     names = [v.name for v in model.graph.inputs]
