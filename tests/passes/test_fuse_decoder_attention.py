@@ -30,7 +30,7 @@ def test_attention_becomes_gqa(family, traced, spec_of, harness):
         assert before.get(op, 0) > 0 and op not in after, op
     # what stays: the clamp that embeds generated image pads as text (models/decoder.py)
     assert after.get("LessOrEqual", 0) >= 1
-    assert after["Where"] == 1  # image-row insertion only
+    assert after["Where"] == 2  # image-row insertion and its index clamp only
     assert before["MatMul"] - after["MatMul"] == 2 * layers  # q k^T and probs v per layer
     names = [v.name for v in model.graph.inputs]
     assert names[3:5] == ["seqlens_k", "total_sequence_length"]
