@@ -87,3 +87,21 @@ def test_ranges_validation(checkpoint):
         Ranges(max_pixels=1344 * 1344, max_images=4, max_seq=2048).validate(spec)
     with pytest.raises(QvlError, match="context"):
         Ranges(max_seq=10**6).validate(spec)
+
+
+def test_engine_settings_clear_tf32_and_set_typing():
+    """The TensorRT builder settings are decided without TensorRT; build_engine only applies them."""
+    import pytest
+
+    from qvl_export.building.devices import Profile
+    from qvl_export.building.trt_engine import engine_settings
+    from qvl_export.errors import QvlError
+
+    prof = [Profile("prefill", {"input_ids": ((1, 1), (1, 64), (1, 128))})]
+    s10 = engine_settings("fp32", prof, trt_major=10)
+    assert s10.tf32 is False and s10.strongly_typed_flag is True and s10.workspace_bytes == 4 << 30
+    s11 = engine_settings("int8", prof, trt_major=11, workspace_gb=2)
+    assert s11.tf32 is False and s11.strongly_typed_flag is False and s11.workspace_bytes == 2 << 30
+    assert engine_settings("fp16", prof, trt_major=10, allow_tf32=True).tf32 is True
+    with pytest.raises(QvlError):
+        engine_settings("fp32", [], trt_major=10)
