@@ -30,6 +30,7 @@ from pathlib import Path
 from typing import Any, Iterable, Sequence
 
 from qvl_export.errors import QvlError
+from qvl_export.loading.config import read_json
 
 TEMPLATE_FILE = "chat_template.jinja"  # the resolved template, as the build writes it into the artifacts
 ROLES = ("system", "user", "assistant", "tool")
@@ -48,7 +49,7 @@ def resolve_template(model_dir: str | Path) -> tuple[str, str]:
     folder = Path(model_dir)
     as_json = folder / "chat_template.json"
     if as_json.exists():
-        data = _read_json(as_json)
+        data = read_json(as_json, "the chat template")
         template = data.get("chat_template")
         if isinstance(template, str) and template:
             return template, as_json.name
@@ -62,7 +63,7 @@ def resolve_template(model_dir: str | Path) -> tuple[str, str]:
             return text, jinja.name
     tok_config = folder / "tokenizer_config.json"
     if tok_config.exists():
-        template = _read_json(tok_config).get("chat_template")
+        template = read_json(tok_config, "the tokenizer config").get("chat_template")
         if isinstance(template, list):  # named templates: [{"name": "default", "template": ...}, ...]
             named = {t.get("name"): t.get("template") for t in template if isinstance(t, dict)}
             template = named.get("default") or next(iter(named.values()), None)
@@ -78,7 +79,7 @@ def special_tokens(folder: str | Path) -> dict[str, str]:
     path = Path(folder) / "tokenizer_config.json"
     if not path.exists():
         return {}
-    data = _read_json(path)
+    data = read_json(path, "the tokenizer config")
     out = {}
     for key in SPECIAL_TOKEN_KEYS:
         value = data.get(key)
@@ -87,16 +88,6 @@ def special_tokens(folder: str | Path) -> dict[str, str]:
         if isinstance(value, str):
             out[key] = value
     return out
-
-
-def _read_json(path: Path) -> dict:
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, ValueError) as err:
-        raise QvlError(f"{path} is not valid JSON ({err}); restore it from the original checkpoint.") from None
-    if not isinstance(data, dict):
-        raise QvlError(f"{path} must hold a JSON object; restore it from the original checkpoint.")
-    return data
 
 
 # ---- the sandboxed environment -----------------------------------------------------------------
@@ -145,8 +136,6 @@ def _plain(value: Any) -> Any:
     """What the template may see: JSON types only (anything else becomes an inert ``<type>`` string)."""
     if value is None or type(value) in (str, int, float, bool):
         return value
-    if isinstance(value, bool):
-        return bool(value)
     if isinstance(value, str):
         return str.__str__(value)
     if isinstance(value, int):
@@ -206,8 +195,8 @@ def user_messages(prompt: str, num_images: int = 0, system: str | None = None,
                   images: Sequence[Any] | None = None) -> list[dict]:
     """One user turn (images first, then the text), after a system turn when ``system`` is given.
 
-    Without ``system`` the template decides: Qwen2-VL's adds "You are a helpful assistant.",
-    Qwen3-VL's adds nothing."""
+    Without ``system`` the template decides: Qwen2-VL's writes a default system turn of its own,
+    Qwen3-VL's writes none."""
     items: list[dict] = []
     for i in range(num_images if images is None else len(images)):
         item: dict[str, Any] = {"type": "image"}
@@ -236,7 +225,7 @@ def check_messages(messages: Any) -> list[dict]:
         for j, item in enumerate(content):
             if not isinstance(item, dict):
                 raise QvlError(f"message {i} item {j} must be an object such as {{\"type\": \"text\", \"text\": ...}}.")
-            kind = item.get("type") or next((k for k in ("image", "image_url", "video", "text") if k in item), None)
+            kind = _kind(item)
             if kind == "text" and not isinstance(item.get("text"), str):
                 raise QvlError(f"message {i} item {j}: a text item needs a string 'text'.")
             if kind not in ("text",) + IMAGE_TYPES + VIDEO_TYPES:

@@ -25,8 +25,7 @@ import numpy as np
 from qvl_export.errors import QvlError
 from qvl_export.manifest import Manifest
 from qvl_export.runtimes import indexing, preprocess
-from qvl_export.runtimes.chat import ChatTemplate, image_source, media_items, user_messages
-from qvl_export.runtimes.chat import VIDEO_TYPES
+from qvl_export.runtimes.chat import VIDEO_TYPES, ChatTemplate, image_source, media_items, user_messages
 from qvl_export.runtimes.sampling import SamplingParams, choose_token
 from qvl_export.runtimes.text import StreamDecoder, TextCodec
 
