@@ -13,7 +13,7 @@ from pathlib import Path
 
 import click
 
-from qvl_export.errors import QvlError
+from qvl_export.core.errors import QvlError
 
 log = logging.getLogger("qvl_export")
 
@@ -26,7 +26,7 @@ class _Group(click.Group):
         def invoke(self, ctx):
             import os
 
-            from qvl_export.errors import invalid_utf8, invalid_utf8_message
+            from qvl_export.core.errors import invalid_utf8, invalid_utf8_message
 
             # click decodes command-line bytes that are not UTF-8 as lone surrogates: refuse them here,
             # naming the option, before they reach a tokenizer or a file name
@@ -48,7 +48,7 @@ class _Group(click.Group):
     def invoke(self, ctx):
         import errno
 
-        from qvl_export.errors import disk_error, disk_error_message, missing_module_message, unicode_error_message
+        from qvl_export.core.errors import disk_error, disk_error_message, missing_module_message, unicode_error_message
 
         try:
             return super().invoke(ctx)
@@ -312,7 +312,7 @@ def _parity(artifacts: Path, reference: Path, gates: Path | None, quick: bool, v
     click.echo(report.table())
     _say(f"report written to {Path(artifacts) / 'report.json'}")
     if not report.passed:
-        from qvl_export.errors import GateFailed
+        from qvl_export.core.errors import GateFailed
 
         raise GateFailed(f"parity gate failed: {report.failure_summary()}")
 

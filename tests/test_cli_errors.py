@@ -96,7 +96,7 @@ def test_runtime_only_install_build_needs_the_build_extra(tmp_path, checkpoint):
 
 
 def test_other_missing_modules_stay_internal_failures_and_tensorrt_gets_its_own_line():
-    from qvl_export.errors import missing_module_message
+    from qvl_export.core.errors import missing_module_message
 
     with pytest.raises(ModuleNotFoundError) as missing:
         import qvl_export_no_such_module  # noqa: F401

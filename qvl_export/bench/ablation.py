@@ -103,7 +103,7 @@ def run_ablation(model: str = "qwen2-vl-2b", layers: int | None = 2, threads: in
     from qvl_export.bench.checkpoint import make_bench_checkpoint
     from qvl_export.bench.configs import bench_model
     from qvl_export.building.artifacts import BuildOptions, build
-    from qvl_export.manifest import Manifest
+    from qvl_export.core.manifest import Manifest
     from qvl_export.passes import all_passes
 
     say = progress or (lambda m: None)

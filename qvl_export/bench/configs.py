@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, replace
 
-from qvl_export.errors import QvlError
+from qvl_export.core.errors import QvlError
 from qvl_export.loading.synthetic import CheckpointDims
 
 # Real Qwen processors: min 56*56, max 28*28*16384 pixels; the bench pages are square multiples of

@@ -33,7 +33,7 @@ from pathlib import Path
 from typing import Callable
 
 from qvl_export.bench.configs import bench_model
-from qvl_export.errors import QvlError
+from qvl_export.core.errors import QvlError
 
 log = logging.getLogger(__name__)
 

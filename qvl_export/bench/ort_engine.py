@@ -18,7 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
-from qvl_export.manifest import Manifest
+from qvl_export.core.manifest import Manifest
 from qvl_export.runtimes.pipeline import Pipeline
 
 

@@ -22,7 +22,7 @@ import numpy as np
 import torch
 
 from qvl_export.bench.checkpoint import read_safetensors
-from qvl_export.loading.config import read_json
+from qvl_export.core.spec import read_json
 
 log = logging.getLogger(__name__)
 

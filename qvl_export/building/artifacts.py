@@ -16,9 +16,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
-from qvl_export.errors import QvlError
-from qvl_export.loading.config import ModelSpec, parse_model_config
-from qvl_export.manifest import BUILD_LOG, MANIFEST, PART_NAMES, Manifest, PartInfo, TensorInfo
+from qvl_export.core.errors import QvlError
+from qvl_export.core.spec import ModelSpec
+from qvl_export.loading.config import parse_model_config
+from qvl_export.core.manifest import BUILD_LOG, MANIFEST, PART_NAMES, Manifest, PartInfo, TensorInfo
 
 log = logging.getLogger(__name__)
 

@@ -14,8 +14,8 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
-from qvl_export.errors import QvlError
-from qvl_export.loading.config import ModelSpec
+from qvl_export.core.errors import QvlError
+from qvl_export.core.spec import ModelSpec
 
 # bytes per weight / activation element by precision
 WEIGHT_BYTES = {"fp32": 4.0, "fp16": 2.0, "bf16": 2.0, "int8": 1.0, "fp8": 1.0}

@@ -17,8 +17,8 @@ from pathlib import Path
 from typing import Callable
 
 from qvl_export.building.devices import Ranges, check_memory, check_precision, estimate_memory, get_device, profiles
-from qvl_export.errors import QvlError
-from qvl_export.manifest import Manifest
+from qvl_export.core.errors import QvlError
+from qvl_export.core.manifest import Manifest
 
 log = logging.getLogger(__name__)
 BUILD_CONFIG = "trt_build.json"

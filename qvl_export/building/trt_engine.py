@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from qvl_export.building.devices import Profile
-from qvl_export.errors import QvlError
+from qvl_export.core.errors import QvlError
 from qvl_export.runtimes.cuda import gpu_compute_capability
 
 log = logging.getLogger(__name__)

@@ -16,7 +16,7 @@ import logging
 from pathlib import Path
 from typing import Callable
 
-from qvl_export.manifest import Manifest
+from qvl_export.core.manifest import Manifest
 
 log = logging.getLogger(__name__)
 

@@ -21,7 +21,7 @@ from typing import Callable
 import numpy as np
 
 from qvl_export.calibration.documents import Document
-from qvl_export.errors import QvlError
+from qvl_export.core.errors import QvlError
 
 log = logging.getLogger(__name__)
 CACHE_FORMAT = "qvl-calib/1"

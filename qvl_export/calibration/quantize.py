@@ -20,7 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
-from qvl_export.errors import QvlError
+from qvl_export.core.errors import QvlError
 
 log = logging.getLogger(__name__)
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from qvl_export.calibration.documents import Document
-from qvl_export.errors import QvlError
+from qvl_export.core.errors import QvlError
 from qvl_export.runtimes.preprocess import load_image
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff")

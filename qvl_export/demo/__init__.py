@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from qvl_export.errors import QvlError
+from qvl_export.core.errors import QvlError
 
 CHECKPOINT = Path(__file__).resolve().parent / "checkpoint"
 SAMPLES = Path(__file__).resolve().parent / "samples"

@@ -13,7 +13,7 @@ import warnings
 from dataclasses import dataclass, field
 from typing import Callable
 
-from qvl_export.loading.config import ModelSpec
+from qvl_export.core.spec import ModelSpec
 from qvl_export.loading.weights import CheckpointWeights
 
 log = logging.getLogger(__name__)

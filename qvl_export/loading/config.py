@@ -1,6 +1,4 @@
-"""Parse a Qwen2-VL family checkpoint's config files into plain, serialisable specs.
-
-Pure Python (json only): the thin runtime reads the same specs back from ``manifest.json``.
+"""Parse a Qwen2-VL family checkpoint's config files into the specs of ``core.spec``.
 
 Two config.json layouts exist in the wild and both are accepted:
 - the hub layout of Qwen2-VL / Qwen2.5-VL (text fields at the top level, ``rope_scaling`` with
@@ -11,174 +9,17 @@ Two config.json layouts exist in the wild and both are accepted:
 from __future__ import annotations
 
 import dataclasses
-import json
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
-from qvl_export.errors import QvlError
+from qvl_export.core.errors import QvlError
+from qvl_export.core.spec import ModelSpec, PreprocessSpec, TextSpec, TokenSpec, VisionSpec, read_json
+from qvl_export.loading.generation import parse_generation_config
 
 ARCHITECTURES = {
     "Qwen2VLForConditionalGeneration": "qwen2_vl",
     "Qwen2_5_VLForConditionalGeneration": "qwen2_5_vl",
 }
 SUPPORTED = ", ".join(sorted(ARCHITECTURES))
-
-# OpenAI CLIP statistics: the Qwen2-VL processors' defaults.
-CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
-CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
-
-
-@dataclass(frozen=True)
-class VisionSpec:
-    family: str  # "qwen2_vl" (LayerNorm + QuickGELU MLP) or "qwen2_5_vl" (RMSNorm + SwiGLU, windows)
-    depth: int
-    hidden_size: int  # ViT width (C)
-    num_heads: int
-    intermediate_size: int
-    hidden_act: str
-    out_hidden_size: int  # merger output = LLM width
-    patch_size: int = 14
-    temporal_patch_size: int = 2
-    spatial_merge_size: int = 2
-    in_channels: int = 3
-    window_size: int = 112  # pixels; Qwen2.5-VL only
-    fullatt_block_indexes: tuple[int, ...] = ()
-    rope_theta: float = 10000.0
-
-    @property
-    def head_dim(self) -> int:
-        return self.hidden_size // self.num_heads
-
-    @property
-    def patch_dim(self) -> int:
-        """Values per patch: channels x temporal x patch x patch (1176 for the real models)."""
-        return self.in_channels * self.temporal_patch_size * self.patch_size * self.patch_size
-
-    @property
-    def merge_unit(self) -> int:
-        return self.spatial_merge_size**2
-
-    @property
-    def windowed(self) -> bool:
-        return self.family == "qwen2_5_vl"
-
-    @property
-    def window_units(self) -> int:
-        """Merged units per window side (112 px / 14 / 2 = 4)."""
-        return self.window_size // self.spatial_merge_size // self.patch_size
-
-    @property
-    def window_tokens(self) -> int:
-        """Patch tokens in a full window (4 x 4 merged units x 4 = 64)."""
-        return self.window_units**2 * self.merge_unit
-
-    def is_full_attention(self, layer: int) -> bool:
-        return not self.windowed or layer in self.fullatt_block_indexes
-
-
-@dataclass(frozen=True)
-class TextSpec:
-    vocab_size: int
-    hidden_size: int
-    intermediate_size: int
-    num_hidden_layers: int
-    num_attention_heads: int
-    num_key_value_heads: int
-    rms_norm_eps: float
-    rope_theta: float
-    mrope_section: tuple[int, int, int]
-    max_position_embeddings: int
-    tie_word_embeddings: bool
-    hidden_act: str = "silu"
-
-    @property
-    def head_dim(self) -> int:
-        return self.hidden_size // self.num_attention_heads
-
-
-@dataclass(frozen=True)
-class TokenSpec:
-    image_token_id: int
-    video_token_id: int
-    vision_start_token_id: int
-    vision_end_token_id: int
-    eos_token_ids: tuple[int, ...] = ()
-    pad_token_id: int | None = None
-
-
-@dataclass(frozen=True)
-class PreprocessSpec:
-    min_pixels: int = 56 * 56
-    max_pixels: int = 28 * 28 * 1280
-    image_mean: tuple[float, float, float] = CLIP_MEAN
-    image_std: tuple[float, float, float] = CLIP_STD
-    rescale_factor: float = 1 / 255
-
-
-def _default_generation():
-    from qvl_export.loading.generation import GenerationSpec
-
-    return GenerationSpec()
-
-
-@dataclass(frozen=True)
-class ModelSpec:
-    architecture: str
-    family: str
-    vision: VisionSpec
-    text: TextSpec
-    tokens: TokenSpec
-    preprocess: PreprocessSpec = field(default_factory=PreprocessSpec)
-    generation: "GenerationSpec" = field(default_factory=_default_generation)  # noqa: F821
-
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "ModelSpec":
-        """Read back ``to_dict`` output; unknown keys are ignored, a missing required key is named."""
-        from qvl_export.loading.generation import GenerationSpec
-
-        def tup(x):
-            return tuple(x) if isinstance(x, list) else x
-
-        def build(klass, key):
-            values = d.get(key)
-            if not isinstance(values, dict):
-                raise QvlError(f"the model spec has no '{key}' section; rebuild the artifacts.")
-            known = {f.name: f for f in dataclasses.fields(klass)}
-            for name, f in known.items():
-                if name not in values and f.default is dataclasses.MISSING \
-                        and f.default_factory is dataclasses.MISSING:
-                    raise QvlError(f"the model spec has no '{key}.{name}'; rebuild the artifacts.")
-            return klass(**{k: tup(v) for k, v in values.items() if k in known})
-
-        for key in ("architecture", "family"):
-            if not isinstance(d.get(key), str):
-                raise QvlError(f"the model spec has no '{key}'; rebuild the artifacts.")
-        generation = d.get("generation")
-        return cls(
-            architecture=d["architecture"],
-            family=d["family"],
-            vision=build(VisionSpec, "vision"),
-            text=build(TextSpec, "text"),
-            tokens=build(TokenSpec, "tokens"),
-            preprocess=build(PreprocessSpec, "preprocess"),
-            generation=GenerationSpec.from_dict(generation) if isinstance(generation, dict) else GenerationSpec(),
-        )
-
-
-def read_json(path: Path, what: str) -> dict[str, Any]:
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise QvlError(f"{path} is missing: {what} is required.") from None
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise QvlError(f"{path} is not valid JSON ({err}); restore it from the original checkpoint.") from None
-    if not isinstance(data, dict):
-        raise QvlError(f"{path} must hold a JSON object; restore it from the original checkpoint.")
-    return data
 
 
 def _need(d: dict, key: str, where: str):
@@ -204,8 +45,6 @@ def _eos_ids(model_dir: Path, text: dict, top: dict) -> tuple[int, ...]:
 
 def parse_model_config(model_dir: Path, assume_default_preprocessing: bool = False) -> ModelSpec:
     """Read config.json (+ generation_config.json, preprocessor_config.json) of a local checkpoint."""
-    from qvl_export.loading.generation import parse_generation_config
-
     top = read_json(model_dir / "config.json", "the model config")
     archs = top.get("architectures") or []
     arch = next((a for a in archs if a in ARCHITECTURES), None)

@@ -16,8 +16,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from qvl_export.errors import QvlError
-from qvl_export.loading.config import ModelSpec, VisionSpec
+from qvl_export.core.errors import QvlError
+from qvl_export.core.spec import ModelSpec, VisionSpec
 from qvl_export.loading.weights import FLOAT_DTYPES, CheckpointWeights, dtype_unsupported, shape_mismatch
 
 Shapes = dict[str, tuple[int, ...]]

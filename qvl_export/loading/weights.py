@@ -11,7 +11,7 @@ import hashlib
 import json
 from pathlib import Path
 
-from qvl_export.errors import QvlError
+from qvl_export.core.errors import QvlError
 
 # transformers 5.x module paths -> hub checkpoint names
 _RENAMES = (

@@ -48,7 +48,7 @@ ACTIVATIONS = {
 
 
 def activation(name: str):
-    from qvl_export.errors import QvlError
+    from qvl_export.core.errors import QvlError
 
     if name not in ACTIVATIONS:
         raise QvlError(f"Activation '{name}' is not supported; expected one of {', '.join(ACTIVATIONS)}.")

@@ -21,7 +21,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from qvl_export.loading.config import TextSpec
+from qvl_export.core.spec import TextSpec
 from qvl_export.models.common import RMSNorm, activation, apply_rotary, masked_softmax_attention
 
 

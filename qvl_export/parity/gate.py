@@ -18,8 +18,8 @@ from typing import Callable
 import numpy as np
 
 from qvl_export.demo import task_reference
-from qvl_export.errors import QvlError
-from qvl_export.manifest import REPORT, Manifest
+from qvl_export.core.errors import QvlError
+from qvl_export.core.manifest import REPORT, Manifest
 from qvl_export.parity.compare import compare, kl_divergence, token_agreement
 from qvl_export.parity.samples import ALL_CASES, QUICK_CASES, Case
 

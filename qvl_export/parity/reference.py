@@ -39,8 +39,9 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from qvl_export.errors import QvlError
-from qvl_export.loading.config import ARCHITECTURES, SUPPORTED, read_json
+from qvl_export.core.errors import QvlError
+from qvl_export.core.spec import read_json
+from qvl_export.loading.config import ARCHITECTURES, SUPPORTED
 
 if TYPE_CHECKING:  # pragma: no cover - typing only
     import torch

@@ -6,7 +6,7 @@ The order is declared here, in one place. ``qvl-export passes`` prints it; ``qvl
 
 from __future__ import annotations
 
-from qvl_export.errors import QvlError
+from qvl_export.core.errors import QvlError
 from qvl_export.passes.base import GraphPass, run_passes
 from qvl_export.passes.cleanup import CleanupAfterFusions, FoldConstantsAndCleanup
 from qvl_export.passes.fuse_decoder_attention import FuseDecoderAttention

@@ -55,7 +55,7 @@ import numpy as np
 import onnx_ir as ir
 import onnx_ir.passes.common as common
 
-from qvl_export.errors import QvlError
+from qvl_export.core.errors import QvlError
 from qvl_export.passes.base import GraphPass, match_failure_reasons
 
 log = logging.getLogger(__name__)

@@ -29,8 +29,8 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any, Iterable, Sequence
 
-from qvl_export.errors import QvlError
-from qvl_export.loading.config import read_json
+from qvl_export.core.errors import QvlError
+from qvl_export.core.spec import read_json
 
 TEMPLATE_FILE = "chat_template.jinja"  # the resolved template, as the build writes it into the artifacts
 ROLES = ("system", "user", "assistant", "tool")

@@ -25,8 +25,8 @@ from typing import Sequence, Union
 
 import numpy as np
 
-from qvl_export.errors import QvlError
-from qvl_export.loading.config import TokenSpec, VisionSpec
+from qvl_export.core.errors import QvlError
+from qvl_export.core.spec import TokenSpec, VisionSpec
 
 GridsLike = Union[Sequence[Sequence[int]], np.ndarray]
 

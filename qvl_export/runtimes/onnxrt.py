@@ -14,8 +14,8 @@ from pathlib import Path
 
 import numpy as np
 
-from qvl_export.errors import QvlError
-from qvl_export.manifest import Manifest
+from qvl_export.core.errors import QvlError
+from qvl_export.core.manifest import Manifest
 
 log = logging.getLogger(__name__)
 

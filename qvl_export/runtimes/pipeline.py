@@ -22,8 +22,8 @@ from typing import Callable, Iterator, Sequence
 
 import numpy as np
 
-from qvl_export.errors import QvlError
-from qvl_export.manifest import Manifest
+from qvl_export.core.errors import QvlError
+from qvl_export.core.manifest import Manifest
 from qvl_export.runtimes import indexing, preprocess
 from qvl_export.runtimes.chat import VIDEO_TYPES, ChatTemplate, image_source, media_items, user_messages
 from qvl_export.runtimes.sampling import SamplingParams, choose_token

@@ -20,7 +20,7 @@ Steps 3-5 are bit-identical to transformers (max abs diff 0.0 in the tests).
 
 ``load_image`` adds what a runtime facing user files needs: every bad input (missing or empty
 file, not an image, truncated data, zero size, decompression bomb, aspect ratio above 200:1) is a
-:class:`~qvl_export.errors.QvlError` with a one-line message saying what to do.
+:class:`~qvl_export.core.errors.QvlError` with a one-line message saying what to do.
 """
 
 from __future__ import annotations
@@ -35,8 +35,8 @@ from typing import Union
 import numpy as np
 from PIL import Image, ImageOps
 
-from qvl_export.errors import QvlError
-from qvl_export.loading.config import PreprocessSpec, VisionSpec
+from qvl_export.core.errors import QvlError
+from qvl_export.core.spec import PreprocessSpec, VisionSpec
 
 ImageSource = Union[str, os.PathLike, bytes, bytearray, memoryview, Image.Image]
 

@@ -34,8 +34,8 @@ from dataclasses import dataclass, replace
 
 import numpy as np
 
-from qvl_export.errors import QvlError
-from qvl_export.loading.generation import GenerationSpec, check_value
+from qvl_export.core.errors import QvlError
+from qvl_export.core.spec import GenerationSpec, check_value
 
 
 @dataclass(frozen=True)

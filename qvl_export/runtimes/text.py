@@ -8,8 +8,8 @@ from pathlib import Path
 
 import numpy as np
 
-from qvl_export.errors import QvlError
-from qvl_export.loading.config import TokenSpec
+from qvl_export.core.errors import QvlError
+from qvl_export.core.spec import TokenSpec
 
 class TextCodec:
     """tokenizer.json wrapper: prompt -> ids with image pads expanded, ids -> text (streaming)."""

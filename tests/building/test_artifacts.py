@@ -11,7 +11,7 @@ from click.testing import CliRunner
 from qvl_export.building import artifacts as art_mod
 from qvl_export.building.artifacts import BuildOptions, build
 from qvl_export.cli import main
-from qvl_export.manifest import Manifest
+from qvl_export.core.manifest import Manifest
 
 
 def test_manifest_describes_parts(artifacts, checkpoint):

@@ -13,7 +13,7 @@ from qvl_export.building.devices import (
     parameter_counts,
     profiles,
 )
-from qvl_export.errors import QvlError
+from qvl_export.core.errors import QvlError
 from qvl_export.loading.config import parse_model_config
 
 
@@ -95,7 +95,7 @@ def test_engine_settings_clear_tf32_and_set_typing():
 
     from qvl_export.building.devices import Profile
     from qvl_export.building.trt_engine import engine_settings
-    from qvl_export.errors import QvlError
+    from qvl_export.core.errors import QvlError
 
     prof = [Profile("prefill", {"input_ids": ((1, 1), (1, 64), (1, 128))})]
     s10 = engine_settings("fp32", prof, trt_major=10)

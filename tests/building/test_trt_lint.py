@@ -9,7 +9,7 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 from qvl_export.building.trt_lint import lint_errors, lint_model
-from qvl_export.manifest import Manifest
+from qvl_export.core.manifest import Manifest
 
 
 @pytest.mark.parametrize("family", ["qwen2_vl", "qwen2_5_vl"])

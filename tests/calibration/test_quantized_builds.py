@@ -7,7 +7,7 @@ import onnx
 import pytest
 
 from qvl_export.building.artifacts import BuildOptions, build
-from qvl_export.manifest import Manifest
+from qvl_export.core.manifest import Manifest
 from qvl_export.parity.gate import run_parity
 from qvl_export.parity.samples import ALL_CASES
 

@@ -10,7 +10,7 @@ from PIL import Image
 
 from qvl_export.calibration.documents import KINDS, builtin_documents
 from qvl_export.calibration.sources import folder_documents
-from qvl_export.errors import QvlError
+from qvl_export.core.errors import QvlError
 
 
 def digest(img: Image.Image) -> str:

@@ -10,7 +10,7 @@ import torch
 from qvl_export.export.parts import decoder_part, merger_part, vision_part
 from qvl_export.loading.config import parse_model_config
 from qvl_export.loading.weights import CheckpointWeights
-from qvl_export.manifest import Manifest
+from qvl_export.core.manifest import Manifest
 from qvl_export.runtimes import indexing
 
 FAMILIES = ["qwen2_vl", "qwen2_5_vl"]

@@ -32,7 +32,7 @@ def trt_artifacts(tmp_path_factory, checkpoint):
 
 
 def test_engines_built_and_recorded(trt_artifacts):
-    from qvl_export.manifest import Manifest
+    from qvl_export.core.manifest import Manifest
 
     m = Manifest.read(trt_artifacts)
     assert all(p.engine and (trt_artifacts / p.engine).exists() for p in m.parts.values())

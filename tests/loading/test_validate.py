@@ -8,8 +8,9 @@ import shutil
 
 import pytest
 
-from qvl_export.errors import QvlError
-from qvl_export.loading.config import PreprocessSpec, parse_model_config, parse_preprocessor
+from qvl_export.core.errors import QvlError
+from qvl_export.core.spec import PreprocessSpec
+from qvl_export.loading.config import parse_model_config, parse_preprocessor
 from qvl_export.loading.validate import (
     check_checkpoint,
     check_tokenizer,

@@ -56,7 +56,7 @@ def test_gates_file_overrides(tmp_path):
     path.write_text(json.dumps({"vision_cosine": 0.25}))  # flat: applies to every precision
     assert load_gates("fp32", path)["vision_cosine"] == 0.25
     path.write_text(json.dumps({"vison_cosine": 0.5}))
-    from qvl_export.errors import QvlError
+    from qvl_export.core.errors import QvlError
 
     with pytest.raises(QvlError, match="unknown keys"):
         load_gates("fp32", path)

@@ -21,7 +21,8 @@ def _reference_logits(model_dir, ids: np.ndarray) -> np.ndarray:
     import torch
     import transformers
 
-    from qvl_export.loading.config import ARCHITECTURES, read_json
+    from qvl_export.core.spec import read_json
+    from qvl_export.loading.config import ARCHITECTURES
 
     arch = next(a for a in read_json(model_dir / "config.json", "config")["architectures"] if a in ARCHITECTURES)
     model = getattr(transformers, arch).from_pretrained(model_dir, dtype=torch.float32,

@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from qvl_export.errors import QvlError
+from qvl_export.core.errors import QvlError
 from qvl_export.parity.reference import ReferenceCase, TorchReference
 
 REPO = Path(__file__).resolve().parents[2]

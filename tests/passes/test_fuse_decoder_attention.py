@@ -7,7 +7,7 @@ import numpy as np
 import onnx_ir as ir
 import pytest
 
-from qvl_export.errors import QvlError
+from qvl_export.core.errors import QvlError
 from qvl_export.passes import select_passes
 from qvl_export.passes.fuse_decoder_attention import FuseDecoderAttention
 

@@ -8,7 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from qvl_export.loading.config import ModelSpec, parse_model_config
+from qvl_export.core.spec import ModelSpec
+from qvl_export.loading.config import parse_model_config
 from qvl_export.loading.synthetic import CheckpointDims, make_checkpoint
 
 FAMILIES = ("qwen2_vl", "qwen2_5_vl")

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from qvl_export.errors import QvlError
+from qvl_export.core.errors import QvlError
 from qvl_export.runtimes.chat import (ChatTemplate, check_messages, image_source, media_items, probe,
                                       resolve_template, user_messages)
 

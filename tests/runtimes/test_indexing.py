@@ -12,8 +12,8 @@ from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import Qwen2_5_VLVisionR
 from transformers.models.qwen2_vl.modeling_qwen2_vl import Qwen2VLVisionRotaryEmbedding
 from transformers.vision_utils import get_vision_position_ids, get_vision_window_index
 
-from qvl_export.errors import QvlError
-from qvl_export.loading.config import VisionSpec
+from qvl_export.core.errors import QvlError
+from qvl_export.core.spec import VisionSpec
 from qvl_export.runtimes.indexing import decode_positions, rope_index, vision_layout, vision_rotary
 
 ROTARY_TOL = 1e-6  # measured: 6e-8 (1 ulp of float32 cos/sin)

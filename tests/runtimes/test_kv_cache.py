@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from qvl_export.errors import QvlError
+from qvl_export.core.errors import QvlError
 from qvl_export.runtimes.onnxrt import in_place_outputs
 from qvl_export.runtimes.pipeline import KV_BUFFER, KV_CONCAT, KVCache, Pipeline, kv_layout
 

@@ -15,8 +15,8 @@ from transformers.image_utils import load_image as hf_load_image
 from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
 from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import smart_resize as hf_smart_resize
 
-from qvl_export.errors import QvlError
-from qvl_export.loading.config import PreprocessSpec, VisionSpec
+from qvl_export.core.errors import QvlError
+from qvl_export.core.spec import PreprocessSpec, VisionSpec
 from qvl_export.runtimes.preprocess import load_image, preprocess_image, smart_resize
 
 VISION = VisionSpec(family="qwen2_5_vl", depth=1, hidden_size=64, num_heads=2, intermediate_size=128,

@@ -9,8 +9,9 @@ import json
 import numpy as np
 import pytest
 
-from qvl_export.errors import QvlError
-from qvl_export.loading.generation import GenerationSpec, parse_generation_config
+from qvl_export.core.errors import QvlError
+from qvl_export.core.spec import GenerationSpec
+from qvl_export.loading.generation import parse_generation_config
 from qvl_export.runtimes.sampling import SamplingParams, choose_token, process_logits
 
 V = 500

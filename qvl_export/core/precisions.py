@@ -1,0 +1,134 @@
+"""The precision registry: every precision qvl-export builds, described once.
+
+Everything that depends on a precision looks it up here: what a part is traced in, whether and how
+it is quantized (calibrated W8A8 Q/DQ, or weight-only), which targets and parts take it, whether
+onnxruntime's CPU provider can run it (so the parity gate can run here), which GPUs TensorRT needs
+for it, the bytes per weight / activation / token-table entry of the memory estimate, how lossy it
+is (end-to-end gates take the lossiest part's thresholds) and which entry of ``parity/gates.json``
+holds its thresholds. Adding a precision means adding a row here and, when it quantizes, its
+quantizer (``building/quantize_stage.py`` names one per ``kind``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from qvl_export.core.errors import QvlError
+from qvl_export.core.parts import PARTS, TARGETS
+
+FLOAT, CALIBRATED, WEIGHT_ONLY = "float", "calibrated", "weight_only"
+
+
+@dataclass(frozen=True)
+class Precision:
+    name: str
+    kind: str  # FLOAT (traced in trace_dtype), CALIBRATED (static W8A8 Q/DQ), WEIGHT_ONLY (packed weights)
+    trace_dtype: str  # the dtype the part's graph is traced in ("float32" for every quantized precision)
+    weight_bytes: float  # stored bytes per weight (engine or part; scales not counted)
+    act_bytes: float  # bytes per activation element at run time (Q/DQ'd activations run in fp16 on TensorRT)
+    # bytes per token-table entry by target: the table is a Gather, not a weighted op, so TensorRT keeps
+    # it in the traced dtype, while the ort target's quantize_embeddings pass stores int8 rows
+    table_bytes: tuple[tuple[str, float], ...]
+    lossiness: int  # rank: end-to-end gates (prefill, steps, greedy) take the lossiest part's thresholds
+    targets: tuple[str, ...] = TARGETS
+    parts: tuple[str, ...] = PARTS
+    cpu_kernels: bool = True  # onnxruntime's CPU provider runs it (the parity gate can run on this machine)
+    min_sm: tuple[int, int] | None = None  # TensorRT needs at least this compute capability
+    bits: int | None = None
+    gate: str = ""  # key of parity/gates.json (default: the name)
+    hint: str = ""  # what to use instead when a part or target cannot take it
+
+    @property
+    def quantized(self) -> bool:
+        return self.kind != FLOAT
+
+    @property
+    def calibrated(self) -> bool:
+        return self.kind == CALIBRATED
+
+    @property
+    def gate_key(self) -> str:
+        return self.gate or self.name
+
+    def token_table_bytes(self, target: str) -> float:
+        return dict(self.table_bytes).get(target, self.weight_bytes)
+
+    def default_assignment(self) -> str:
+        """The ``--precision`` text that applies it wherever it may go (``int8``, ``decoder=int4``)."""
+        if self.parts == PARTS:
+            return self.name
+        return ",".join(f"{p}={self.name}" for p in self.parts)
+
+
+def _float(name, dtype, nbytes, rank, **kw) -> Precision:
+    return Precision(name, FLOAT, dtype, nbytes, nbytes, (("ort", nbytes), ("trt", nbytes)), rank, **kw)
+
+
+REGISTRY: dict[str, Precision] = {p.name: p for p in (
+    _float("fp32", "float32", 4.0, 0),
+    _float("fp16", "float16", 2.0, 1),
+    _float("bf16", "bfloat16", 2.0, 2, targets=("trt",), cpu_kernels=False,
+           hint="onnxruntime's CPU provider has no bf16 kernels, so bf16 parts could not be run or checked here: "
+                "use fp16, or bf16 with --target trt."),
+    Precision("fp8", CALIBRATED, "float32", 1.0, 2.0, (("ort", 1.0), ("trt", 4.0)), 3, min_sm=(8, 9), bits=8),
+    Precision("int8", CALIBRATED, "float32", 1.0, 2.0, (("ort", 1.0), ("trt", 4.0)), 4, bits=8),
+    Precision("int4", WEIGHT_ONLY, "float32", 0.5, 4.0, (("ort", 1.0),), 5, targets=("ort",), parts=("decoder",),
+              bits=4, hint="int4 is weight-only quantization for the decoder (decode is memory-bound; the vision "
+                           "parts are compute-bound) through onnxruntime's MatMulNBits: use --precision "
+                           "decoder=int4 with --target ort; for TensorRT use int8 or fp8."),
+)}
+NAMES = tuple(REGISTRY)
+
+
+def get(name: str) -> Precision:
+    try:
+        return REGISTRY[name]
+    except KeyError:
+        raise QvlError(f"Precision {name!r} is not available; use one of {', '.join(NAMES)}.") from None
+
+
+def parse(text: str | None) -> dict[str, str]:
+    """``int8`` (every part) or ``vision=fp16,decoder=int8`` (unnamed parts: fp32) -> part -> precision."""
+    text = (text or "fp32").strip()
+    if "=" not in text:
+        out = {p: text for p in PARTS}
+    else:
+        out = {p: "fp32" for p in PARTS}
+        for item in text.split(","):
+            part, _, prec = item.partition("=")
+            part, prec = part.strip(), prec.strip()
+            if part not in PARTS:
+                raise QvlError(f"Unknown part {part!r} in --precision; parts are {', '.join(PARTS)}.")
+            out[part] = prec
+    for part, prec in out.items():
+        if prec not in REGISTRY:
+            raise QvlError(f"Precision {prec!r} ({part}) is not available; use one of {', '.join(NAMES)}.")
+    return out
+
+
+def label(precisions: dict[str, str]) -> str:
+    """One word when every part has the same precision, else ``vision=..,merger=..,decoder=..``."""
+    values = set(precisions.values())
+    return values.pop() if len(values) == 1 else ",".join(f"{k}={v}" for k, v in precisions.items())
+
+
+def check(precisions: dict[str, str], target: str) -> None:
+    """Refuse, in one line, a precision that a part or the target cannot take."""
+    for part, name in precisions.items():
+        p = get(name)
+        if part not in p.parts or target not in p.targets:
+            where = f"the {part} part" if part not in p.parts else f"--target {target}"
+            raise QvlError(p.hint or f"{name} is not available for {where}.")
+
+
+def lossiest(precisions: dict[str, str]) -> Precision:
+    return max((get(p) for p in precisions.values()), key=lambda p: p.lossiness)
+
+
+def of_kind(precisions: dict[str, str], kind: str) -> dict[str, str]:
+    """The parts whose precision is of ``kind`` (FLOAT, CALIBRATED, WEIGHT_ONLY)."""
+    return {part: p for part, p in precisions.items() if get(p).kind == kind}
+
+
+def runs_on_cpu(precisions: dict[str, str]) -> bool:
+    return all(get(p).cpu_kernels for p in precisions.values())

@@ -1,0 +1,208 @@
+"""``ArtifactStore``: the one owner of an artifacts folder.
+
+Every file of an artifacts folder is written through a store: parts with their external data,
+engines, copied checkpoint files, the manifest, the build log. A new build writes into a hidden
+temporary folder beside the destination, and ``commit`` seals the checksums, writes the manifest
+and moves the folder into place; a failed or interrupted build is removed whole by ``abort`` (or
+by leaving the ``with`` block on an exception) and never damages a previous folder. ``open``
+updates an existing, complete folder in place (engines built on the device from a bundle): new
+files go to hidden temporary names and are renamed into place together by ``commit``.
+
+Pure Python: onnx-ir is imported only when a part is saved (build machines), so a runtime-only
+install (a Jetson) can add engines to a bundle.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from qvl_export.core.errors import QvlError
+from qvl_export.core.manifest import BUILD_LOG, MANIFEST, Manifest, PartInfo, TensorInfo
+
+EXTERNAL_DATA_THRESHOLD = 512 << 20  # parts above this keep their weights in <part>.onnx.data
+
+
+class ArtifactStore:
+    def __init__(self, path: Path, destination: Path | None, manifest: Manifest | None = None):
+        self.path = Path(path)  # where files are written now
+        self.destination = destination  # None: updating ``path`` in place
+        self.manifest = manifest
+        self._pending: dict[str, Path] = {}  # in-place updates: final name -> hidden temporary file
+
+    # -- opening ---------------------------------------------------------------------------------
+    @classmethod
+    def create(cls, out_dir: str | Path, force: bool = False) -> "ArtifactStore":
+        """A new build of ``out_dir``: refuses a destination that is not an artifacts folder (or one
+        that holds artifacts, unless ``force``), then writes into a temporary folder beside it."""
+        out_dir = Path(out_dir)
+        check_destination(out_dir, force)
+        out_dir.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
+        tmp.chmod(0o777 & ~_umask())
+        return cls(tmp, out_dir)
+
+    @classmethod
+    def open(cls, folder: str | Path, verify: bool = True) -> "ArtifactStore":
+        """An existing folder, to add files to in place (its manifest read, checked when ``verify``)."""
+        folder = Path(folder)
+        manifest = Manifest.read(folder)
+        if verify:
+            manifest.verify(folder)
+        return cls(folder, None, manifest)
+
+    def __enter__(self) -> "ArtifactStore":
+        return self
+
+    def __exit__(self, kind, err, tb) -> None:
+        if kind is not None:
+            self.abort()
+
+    # -- writing ---------------------------------------------------------------------------------
+    def file(self, name: str) -> Path:
+        """Where ``name`` is (or will be) in the folder being written."""
+        return self.path / name
+
+    def scratch(self, name: str) -> Path:
+        """A hidden temporary path in the folder (never sealed); the caller removes it, ``commit`` and
+        ``abort`` remove what is left."""
+        return self.path / f".{name}"
+
+    def write_text(self, name: str, text: str) -> None:
+        self._target(name).write_text(text, encoding="utf-8")
+
+    def write_bytes(self, name: str, data: bytes) -> None:
+        self._target(name).write_bytes(data)
+
+    def copy_in(self, source: Path, name: str | None = None) -> None:
+        shutil.copyfile(source, self._target(name or Path(source).name))
+
+    def save_part(self, name: str, model, precision: str, passes: list[dict] | None = None) -> PartInfo:
+        """Write (or replace) part ``name`` from an onnx-ir model: ``<name>.onnx`` plus
+        ``<name>.onnx.data`` when its weights are large (names unique per part, so parts never
+        overwrite each other's data). ``model`` may hold tensors backed by the part's previous files
+        or by a quantizer's output: they are read before anything is replaced. Updates the
+        manifest's entry (passes and lint findings kept unless given)."""
+        import onnx_ir as ir
+
+        size = sum(v.const_value.nbytes for v in model.graph.initializers.values() if v.const_value is not None)
+        file = f"{name}.onnx"
+        data = f"{name}.onnx.data" if size > EXTERNAL_DATA_THRESHOLD else None
+        old = self.manifest.parts.get(name) if self.manifest else None
+        replaced = {self.file(f).resolve() for f in (old.file, old.external_data, file, data) if f} if old else set()
+        if data is None:
+            ir.external_data.load_to_model(model)  # saved inline: no tensor may point at another file
+        else:  # only tensors read from a file about to be replaced come into memory
+            for value in model.graph.initializers.values():
+                t = value.const_value
+                if isinstance(t, ir.ExternalTensor) and Path(t.path).resolve() in replaced:
+                    value.const_value = ir.Tensor(t.numpy(), name=t.name)
+        for path in replaced:
+            path.unlink(missing_ok=True)
+        if data:
+            ir.save(model, self.file(file), external_data=data)
+        else:
+            ir.save(model, self.file(file))
+        info = PartInfo(name, file, data, tensor_infos(model.graph.inputs), tensor_infos(model.graph.outputs),
+                        precision, passes=list(passes if passes is not None else (old.passes if old else [])),
+                        lint=list(old.lint) if old else [])
+        if self.manifest is not None:
+            self.manifest.parts[name] = info
+        return info
+
+    def set_manifest(self, manifest: Manifest) -> None:
+        """The manifest of a new build (parts saved before it was made are carried over)."""
+        if self.manifest is not None:
+            for name, part in self.manifest.parts.items():
+                manifest.parts.setdefault(name, part)
+        self.manifest = manifest
+
+    def write_manifest(self) -> None:
+        """Write the (unsealed) manifest now: the runtime can load the folder being built (calibration)."""
+        self.manifest.write(self.path)
+
+    # -- finishing -------------------------------------------------------------------------------
+    def commit(self, build_log: dict[str, Any] | None = None) -> Manifest:
+        """Seal checksums, write the manifest (and build log), move everything into place."""
+        for final, tmp in self._pending.items():
+            os.replace(tmp, self.path / final)
+        self._pending.clear()
+        self._clean_scratch()
+        self.manifest.seal(self.path)
+        self.manifest.write(self.path)
+        if build_log is not None:
+            (self.path / BUILD_LOG).write_text(json.dumps(build_log, indent=2))
+        if self.destination is not None:
+            _move_into_place(self.path, self.destination)
+            self.path = self.destination
+            self.destination = None
+        return self.manifest
+
+    def abort(self) -> None:
+        """Remove everything this store wrote: the whole temporary folder of a new build, the pending
+        files of an in-place update."""
+        if self.destination is not None:
+            shutil.rmtree(self.path, ignore_errors=True)
+        else:
+            for tmp in self._pending.values():
+                tmp.unlink(missing_ok=True)
+            self._pending.clear()
+
+    def _target(self, name: str) -> Path:
+        if self.destination is not None:
+            return self.path / name
+        tmp = self.path / f".{name}.pending"
+        self._pending[name] = tmp
+        return tmp
+
+    def _clean_scratch(self) -> None:
+        for p in self.path.glob(".*"):
+            if p.is_file() and p.name != f".{MANIFEST}.tmp" and not p.name.endswith(".pending"):
+                p.unlink(missing_ok=True)
+
+
+def tensor_infos(values) -> list[TensorInfo]:
+    """Manifest entries for onnx-ir graph inputs / outputs (ONNX dtype names, lower case)."""
+    out = []
+    for v in values:
+        shape = [d if isinstance(d, int) else str(d) for d in (v.shape or [])]
+        out.append(TensorInfo(v.name, shape, onnx_dtype_name(v.dtype)))
+    return out
+
+
+def onnx_dtype_name(dtype) -> str:
+    """onnx-ir DataType -> the manifest's dtype name: float32, float16, bfloat16, int64, float8e4m3fn, ..."""
+    if dtype is None:
+        return "unknown"
+    names = {"FLOAT": "float32", "DOUBLE": "float64", "FLOAT16": "float16", "BFLOAT16": "bfloat16"}
+    return names.get(dtype.name, dtype.name.lower())
+
+
+def check_destination(out_dir: Path, force: bool) -> None:
+    if out_dir.exists() and not out_dir.is_dir():
+        raise QvlError(f"{out_dir} exists and is not a folder; choose another output path.")
+    if out_dir.exists() and any(out_dir.iterdir()):
+        if not (out_dir / MANIFEST).exists():
+            raise QvlError(f"{out_dir} exists and is not an artifacts folder; choose an empty or new output path.")
+        if not force:
+            raise QvlError(f"{out_dir} already holds artifacts; pass --force to replace them.")
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def _move_into_place(tmp: Path, out_dir: Path) -> None:
+    old = None
+    if out_dir.exists():
+        old = out_dir.with_name(f".{out_dir.name}.old-{os.getpid()}")
+        out_dir.rename(old)
+    tmp.rename(out_dir)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
