@@ -158,7 +158,7 @@ def task_export(task: dict, sink: Sink) -> None:
     sink.put("bytes", sum(p.stat().st_size for p in Path(task["out"]).glob("*.onnx*")))
     sink.put("part_bytes", {part: sum(p.stat().st_size for p in Path(task["out"]).glob(f"{part}.onnx*"))
                             for part in manifest.parts})
-    quant = manifest.options.get("quantization")
+    quant = manifest.calibration.quantization if manifest.calibration else None
     if quant:
         keys = ("precision", "method", "quantized_count", "kept_high_precision")
         sink.put("quantization", {part: {k: q.get(k) for k in keys}

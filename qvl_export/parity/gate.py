@@ -252,18 +252,18 @@ def check_reference(manifest: Manifest, reference_dir: Path) -> None:
     from qvl_export.loading.config import parse_model_config
     from qvl_export.loading.weights import CheckpointWeights
 
-    built = manifest.source.get("architecture")
+    built = manifest.source.architecture
     try:
         found = parse_model_config(reference_dir, assume_default_preprocessing=True).architecture
     except QvlError as err:
         raise QvlError(f"{reference_dir} cannot be the reference: {err}") from None
     if built and found != built:
         raise QvlError(f"{reference_dir} is a {found} checkpoint but the artifacts were built from a {built}: pass the "
-                       f"checkpoint they were built from ({manifest.source.get('path')}).")
-    want = manifest.source.get("sha256")
+                       f"checkpoint they were built from ({manifest.source.path}).")
+    want = manifest.source.sha256
     if want and CheckpointWeights(reference_dir).fingerprint() != want:
         raise QvlError(f"{reference_dir} is not the checkpoint the artifacts were built from (its config and weights "
-                       f"hash differently); pass {manifest.source.get('path')}, or rebuild from this one.")
+                       f"hash differently); pass {manifest.source.path}, or rebuild from this one.")
 
 
 def run_parity(artifacts: str | Path, reference_dir: str | Path, gates_file: Path | None = None,
@@ -278,7 +278,7 @@ def run_parity(artifacts: str | Path, reference_dir: str | Path, gates_file: Pat
 
     artifacts = Path(artifacts)
     manifest = Manifest.read(artifacts)
-    gates = load_gates(manifest.options.get("precisions") or manifest.precision, gates_file)
+    gates = load_gates(manifest.precisions, gates_file)
     reference_dir = Path(reference_dir)
     if not (reference_dir / "config.json").exists():
         raise QvlError(f"{reference_dir} is not a checkpoint folder (no config.json); pass the model the "
@@ -291,7 +291,7 @@ def run_parity(artifacts: str | Path, reference_dir: str | Path, gates_file: Pat
     report = Report(precision=manifest.precision, gates=gates,
                     meta={"artifacts": str(artifacts), "reference": str(reference_dir),
                           "max_new_tokens": max_new_tokens, "quick": quick,
-                          "source_sha256": manifest.source.get("sha256")})
+                          "source_sha256": manifest.source.sha256})
     for case in cases or (QUICK_CASES if quick else ALL_CASES):
         say(f"parity case {case.name}")
         result = compare_case(pipe, ref, case, max_new_tokens)

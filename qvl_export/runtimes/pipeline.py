@@ -149,7 +149,7 @@ class Pipeline:
         self.spec = manifest.spec
         self.codec = TextCodec(self.folder / "tokenizer.json", self.spec.tokens)
         self.template = ChatTemplate.from_artifacts(self.folder)
-        self.ranges = manifest.options.get("ranges")  # trt target: the shapes the engines were built for
+        self.ranges = manifest.tensorrt.ranges if manifest.tensorrt else None  # trt target: the shapes the engines were built for
         text = self.spec.text
         self.max_context = text.max_position_embeddings
         self.kv_dtype = np.float16 if manifest.parts["decoder"].input("past_key_values.0.key").dtype == "float16" \

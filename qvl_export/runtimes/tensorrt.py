@@ -7,6 +7,7 @@ decode optimization profile from the cache length. Imports tensorrt and cuda-pyt
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from pathlib import Path
 
@@ -41,7 +42,7 @@ class _Engine:
 
 def check_engine_compatibility(manifest: Manifest) -> None:
     """Loading engines built elsewhere fails with a clear error (engines are not portable)."""
-    meta = manifest.options.get("tensorrt") or {}
+    meta = dataclasses.asdict(manifest.tensorrt) if manifest.tensorrt else {}
     try:
         import tensorrt as trt
     except ImportError:
