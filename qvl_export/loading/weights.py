@@ -146,8 +146,8 @@ class CheckpointWeights:
             raise self._missing(name)
         return self._meta[name][1]
 
-    def get(self, name: str):
-        """Tensor ``name`` as float32 torch tensor (read from disk now)."""
+    def get(self, name: str, dtype=None):
+        """Tensor ``name`` as a torch tensor of ``dtype`` (default float32), read from disk now."""
         from safetensors import safe_open
 
         if name not in self._where:
@@ -159,7 +159,7 @@ class CheckpointWeights:
         except Exception as err:
             raise QvlError(f"Could not read '{name}' from {path.name} ({type(err).__name__}: {err}); "
                            "the file is corrupt: re-download it.") from None
-        return tensor.float()
+        return tensor.float() if dtype is None else tensor.to(dtype)
 
     def load_into(self, module, prefix: str, aliases: dict[str, str] | None = None,
                   transposed: dict[str, str] | None = None) -> None:
