@@ -119,8 +119,11 @@ def _warn(msg: str) -> None:
 @main.command()
 @click.argument("bundle", type=click.Path(path_type=Path))
 def engine(bundle):
-    """Build the TensorRT engines of BUNDLE here, on the GPU that will run them."""
-    from qvl_export.building.trt import build_engines
+    """Build the TensorRT engines of BUNDLE here, on the GPU that will run them.
+
+    Needs only the runtime install plus TensorRT and cuda-python (no torch, no onnx-ir): every file is
+    checked against the manifest's sha256 first, then the engines are built and recorded."""
+    from qvl_export.building.trt_target import build_engines
 
     build_engines(bundle, _warn, _say)
     _say(f"engines written into {bundle}; run it with 'qvl-export run {bundle} ...'")

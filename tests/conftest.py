@@ -29,7 +29,7 @@ def pytest_collection_modifyitems(config, items):
     try:
         import tensorrt  # noqa: F401
 
-        from qvl_export.building.trt_engine import gpu_compute_capability
+        from qvl_export.runtimes.trt.cuda import gpu_compute_capability
 
         has_gpu = gpu_compute_capability() is not None
     except ImportError:

@@ -12,7 +12,7 @@ from click.testing import CliRunner
 from PIL import Image
 
 from qvl_export.building.artifacts import BuildOptions, build
-from qvl_export.building.devices import Ranges
+from qvl_export.core.devices import Ranges
 from qvl_export.cli import main
 from qvl_export.core.errors import QvlError
 from qvl_export.core.manifest import BUILD_LOG, MANIFEST, Manifest

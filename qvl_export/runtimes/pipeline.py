@@ -171,7 +171,7 @@ class Pipeline:
 
             impl = OrtBackend(folder, manifest, threads=threads)
         elif kind == "tensorrt":
-            from qvl_export.runtimes.tensorrt import TrtBackend  # noqa: F401  (GPU only)
+            from qvl_export.runtimes.trt.runner import TrtBackend  # GPU only
 
             impl = TrtBackend(folder, manifest)
         else:
@@ -246,6 +246,8 @@ class Pipeline:
     def decoder_step(self, input_ids: np.ndarray, image_embeds: np.ndarray, position_ids: np.ndarray,
                      cache: KVCache) -> np.ndarray:
         """input_ids [B, T], image_embeds [N, D], position_ids [3, B, T] -> logits [B, V]; cache grows by T."""
+        if hasattr(cache, "step"):  # the backend's device-resident cache (TensorRT): K/V stay on the device
+            return cache.step(input_ids, image_embeds, position_ids)
         feeds = decoder_feeds(self.kv_layout, input_ids, image_embeds.astype(self.embed_dtype, copy=False),
                               position_ids, cache)
         out = self.backend.run("decoder", feeds)
@@ -253,7 +255,10 @@ class Pipeline:
         return out[0][:, -1, :].astype(np.float32, copy=False)
 
     def new_cache(self, batch: int = 1, capacity: int = 0) -> KVCache:
-        """An empty KV cache for this decoder; ``capacity`` tokens are allocated up front (buffer layout)."""
+        """An empty KV cache for this decoder; ``capacity`` tokens are allocated up front (buffer layout).
+        A backend with its own ``new_cache`` (TensorRT) keeps the cache on the device instead."""
+        if hasattr(self.backend, "new_cache"):
+            return self.backend.new_cache(batch, capacity)
         text = self.spec.text
         return KVCache(text.num_hidden_layers, text.num_key_value_heads, text.head_dim, self.kv_dtype, batch,
                        capacity)

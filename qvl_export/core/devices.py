@@ -1,9 +1,12 @@
 """Target devices, their precision rules, TensorRT optimization profiles and a memory estimate.
 
-Pure Python (no TensorRT needed): every rule here is unit-tested on CPU.
+Pure Python (no TensorRT needed): every rule here is unit-tested on CPU. It lives in ``core`` because
+both sides need it: the build machine checks a bundle against its device, and ``qvl-export engine``
+on the device (a runtime-only install) makes the optimization profiles from the recorded ranges.
 
-- FP8 needs SM 8.9+ (Ada / Hopper / Blackwell). Jetson Orin is Ampere SM 8.7: fp16, bf16, int8 -
-  no fp8 (the error suggests int8). Jetson Thor is Blackwell SM 11.0: fp8 too.
+- What a precision needs comes from the precision registry (``core.precisions``): its targets and
+  its minimum compute capability. FP8 needs SM 8.9+ (Ada / Hopper / Blackwell): Jetson Orin is
+  Ampere SM 8.7 (no fp8; the error suggests int8), Jetson Thor is Blackwell SM 11.0.
 - Jetson memory is shared by the CPU and the GPU: the estimate is checked against what is left
   after the OS and the runtime (``reserved_gb``).
 - Engines are not portable across TensorRT versions or GPUs: the bundle is built on the device.
@@ -14,12 +17,11 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
+from qvl_export.core import precisions as registry
 from qvl_export.core.errors import QvlError
 from qvl_export.core.spec import ModelSpec
 
-# bytes per weight / activation element by precision
-WEIGHT_BYTES = {"fp32": 4.0, "fp16": 2.0, "bf16": 2.0, "int8": 1.0, "fp8": 1.0}
-ACT_BYTES = {"fp32": 4.0, "fp16": 2.0, "bf16": 2.0, "int8": 2.0, "fp8": 2.0}  # q/dq'd activations run in fp16
+TARGET = "trt"  # the devices here run TensorRT engines
 
 
 @dataclass(frozen=True)
@@ -29,20 +31,20 @@ class Device:
     sm: tuple[int, int] | None  # None: any GPU (checked against the GPU present at build time)
     memory_gb: float | None  # None: unknown until the build machine is seen
     reserved_gb: float = 0.0
-    precisions: tuple[str, ...] = ("fp32", "fp16", "bf16", "int8", "fp8")
     jetson: bool = False
+
+    @property
+    def usable_gb(self) -> float | None:
+        """Memory left to the engines (Jetson: shared by CPU and GPU, after the OS and the runtime)."""
+        return None if self.memory_gb is None else self.memory_gb - self.reserved_gb
 
 
 DEVICES = {
     "x86-gpu": Device("x86-gpu", "discrete NVIDIA GPU (fp8 needs SM 8.9+)", None, None),
-    "jetson-orin": Device("jetson-orin", "Jetson AGX Orin 64 GB (Ampere SM 8.7)", (8, 7), 64.0, 3.0,
-                          ("fp32", "fp16", "bf16", "int8"), True),
-    "jetson-orin-nx": Device("jetson-orin-nx", "Jetson Orin NX 16 GB (SM 8.7)", (8, 7), 16.0, 2.5,
-                             ("fp32", "fp16", "bf16", "int8"), True),
-    "jetson-orin-nano": Device("jetson-orin-nano", "Jetson Orin Nano 8 GB (SM 8.7)", (8, 7), 8.0, 2.0,
-                               ("fp32", "fp16", "bf16", "int8"), True),
-    "jetson-thor": Device("jetson-thor", "Jetson AGX Thor 128 GB (Blackwell SM 11.0)", (11, 0), 128.0, 4.0,
-                          ("fp32", "fp16", "bf16", "int8", "fp8"), True),
+    "jetson-orin": Device("jetson-orin", "Jetson AGX Orin 64 GB (Ampere SM 8.7)", (8, 7), 64.0, 3.0, jetson=True),
+    "jetson-orin-nx": Device("jetson-orin-nx", "Jetson Orin NX 16 GB (SM 8.7)", (8, 7), 16.0, 2.5, jetson=True),
+    "jetson-orin-nano": Device("jetson-orin-nano", "Jetson Orin Nano 8 GB (SM 8.7)", (8, 7), 8.0, 2.0, jetson=True),
+    "jetson-thor": Device("jetson-thor", "Jetson AGX Thor 128 GB (Blackwell SM 11.0)", (11, 0), 128.0, 4.0, jetson=True),
 }
 
 
@@ -53,16 +55,29 @@ def get_device(name: str) -> Device:
 
 
 def check_precision(device: Device, precisions: dict[str, str], sm: tuple[int, int] | None = None) -> None:
-    """Refuse a per-part precision the device cannot run, with the alternative to use."""
+    """Refuse a per-part precision the device cannot run, with the alternative to use.
+
+    ``sm``: the GPU present (on-device engine builds); otherwise the device's own. The rules are the
+    registry's: the precision must take the trt target, and the GPU must reach its ``min_sm``."""
     sm = sm or device.sm
-    for part, prec in precisions.items():
-        if prec == "fp8" and (prec not in device.precisions or (sm is not None and sm < (8, 9))):
-            where = f"SM {sm[0]}.{sm[1]}" if sm else device.name
-            raise QvlError(f"FP8 needs an SM 8.9+ GPU (Ada, Hopper, Blackwell, Jetson Thor); {device.name} "
-                           f"({where}) has none: build {part} with --precision int8 (or fp16) instead.")
-        if prec not in device.precisions:
-            raise QvlError(f"{device.name} does not support {prec} for {part}; use one of "
-                           f"{', '.join(device.precisions)}.")
+    for part, name in precisions.items():
+        p = registry.get(name)
+        if TARGET not in p.targets:
+            raise QvlError(p.hint or f"{name} is not available for TensorRT engines ({part}).")
+        if p.min_sm is not None and sm is not None and sm < p.min_sm:
+            others = [q.name for q in registry.REGISTRY.values()
+                      if q.calibrated and TARGET in q.targets and (q.min_sm is None or sm >= q.min_sm)]
+            instead = f"--precision {part}={others[0]}" if others else "another precision"
+            raise QvlError(f"{name} needs an SM {p.min_sm[0]}.{p.min_sm[1]}+ GPU (FP8: Ada, Hopper, Blackwell, Jetson "
+                           f"Thor); {device.name} (SM {sm[0]}.{sm[1]}) has none: build {part} with {instead} (or "
+                           "fp16) instead.")
+
+
+def available_precisions(device: Device, sm: tuple[int, int] | None = None) -> tuple[str, ...]:
+    """The registry's precisions that ``device`` (or a GPU of compute capability ``sm``) can run."""
+    sm = sm or device.sm
+    return tuple(p.name for p in registry.REGISTRY.values()
+                 if TARGET in p.targets and (p.min_sm is None or sm is None or sm >= p.min_sm))
 
 
 @dataclass(frozen=True)
@@ -209,29 +224,49 @@ def parameter_counts(spec: ModelSpec) -> dict[str, int]:
     return {"vision": vision, "merger": merger, "decoder": decoder}
 
 
-def estimate_memory(spec: ModelSpec, precisions: dict[str, str], r: Ranges) -> MemoryEstimate:
-    """Engine weights + peak activations + KV cache at the declared ranges (GB, 1e9 bytes)."""
-    counts = parameter_counts(spec)
-    weights = sum(counts[p] * WEIGHT_BYTES[precisions.get(p, "fp16")] for p in counts)
+def part_weight_bytes(spec: ModelSpec, part: str, precision: str, target: str = TARGET) -> float:
+    """Bytes of one part's weights in an engine (scales not counted).
+
+    The decoder's token table is a Gather, not a weighted op: on TensorRT it stays in the traced dtype
+    (fp32 for int8 / fp8 decoders), so it is counted at ``token_table_bytes(target)``; with tied
+    embeddings a quantized LM head keeps its own quantized copy of the table beside it."""
+    p = registry.get(precision)
+    count = parameter_counts(spec)[part]
+    if part != "decoder":
+        return count * p.weight_bytes
+    t = spec.text
+    table = t.vocab_size * t.hidden_size
+    table_b = p.token_table_bytes(target)
+    lm_head_copy = table * p.weight_bytes if t.tie_word_embeddings and table_b != p.weight_bytes else 0.0
+    return (count - table) * p.weight_bytes + table * table_b + lm_head_copy
+
+
+def estimate_memory(spec: ModelSpec, precisions: dict[str, str], r: Ranges, target: str = TARGET) -> MemoryEstimate:
+    """Engine weights + peak activations + KV cache at the declared ranges (GB, 1e9 bytes); bytes per
+    weight, activation and token-table entry come from the precision registry."""
+    weights = sum(part_weight_bytes(spec, part, precisions.get(part, "fp16"), target)
+                  for part in parameter_counts(spec))
     v, t = spec.vision, spec.text
     s = padded_vision_tokens(spec, r.max_pixels, r.max_images, worst=True)
-    act_b = ACT_BYTES[precisions.get("vision", "fp16")]
+    act_b = registry.get(precisions.get("vision", "fp16")).act_bytes
     # vision: a few [S, C] / [S, I] buffers live at once + full-attention scores [heads, S, S] (fp32 softmax)
     vision_act = (6 * s * v.hidden_size + 2 * s * v.intermediate_size) * act_b + v.num_heads * s * s * 4
-    dec_b = ACT_BYTES[precisions.get("decoder", "fp16")]
+    dec_b = registry.get(precisions.get("decoder", "fp16")).act_bytes
     seq = r.max_batch * r.max_seq
     decoder_act = (6 * seq * t.hidden_size + 2 * seq * t.intermediate_size) * dec_b \
         + r.max_batch * t.num_attention_heads * r.max_seq * r.max_seq * 4 + r.max_batch * t.vocab_size * 4
     kv = 2 * t.num_hidden_layers * r.max_batch * t.num_key_value_heads * r.max_seq * t.head_dim * dec_b
+    if target == TARGET:  # the concat decoder's cache lives in two device buffers (runtimes.trt.kv_cache)
+        kv *= 2
     # parts run one after the other: the larger activation peak counts; KV is live with the decoder
     return MemoryEstimate(weights / 1e9, max(vision_act, decoder_act) / 1e9, kv / 1e9, 3.5 * weights / 1e9)
 
 
 def check_memory(device: Device, est: MemoryEstimate, warn) -> None:
     """Error when the engines cannot fit the device; warn when the on-device build may not."""
-    if device.memory_gb is None:
+    usable = device.usable_gb
+    if usable is None:
         return
-    usable = device.memory_gb - device.reserved_gb
     if est.runtime_gb > usable:
         raise QvlError(f"Estimated {est.runtime_gb:.1f} GB (weights {est.weights_gb:.1f} + activations "
                        f"{est.activations_gb:.1f} + KV cache {est.kv_cache_gb:.1f}) exceeds the "

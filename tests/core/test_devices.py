@@ -1,16 +1,19 @@
-"""Device rules, optimization profiles and the memory estimate (pure Python, CPU)."""
+"""Device rules, optimization profiles and the memory estimate (pure Python, CPU; no TensorRT)."""
 
 from __future__ import annotations
 
 import pytest
 
-from qvl_export.building.devices import (
+from qvl_export.core import precisions as registry
+from qvl_export.core.devices import (
     DEVICES,
     Ranges,
+    available_precisions,
     check_memory,
     check_precision,
     estimate_memory,
     parameter_counts,
+    part_weight_bytes,
     profiles,
 )
 from qvl_export.core.errors import QvlError
@@ -73,7 +76,8 @@ def test_memory_estimate_and_orin_nano_check(checkpoint):
     big = estimate_memory(spec, {"vision": "fp16", "merger": "fp16", "decoder": "fp16"}, Ranges(max_seq=4096))
     assert big.kv_cache_gb == pytest.approx(4 * small.kv_cache_gb)
     int8 = estimate_memory(spec, {"vision": "int8", "merger": "int8", "decoder": "int8"}, Ranges(max_seq=1024))
-    assert int8.weights_gb == pytest.approx(small.weights_gb / 2)
+    assert int8.weights_gb < small.weights_gb  # the fp32 token table keeps it above half (next test)
+    assert int8.activations_gb == pytest.approx(small.activations_gb)  # Q/DQ'd activations run in fp16
     warnings = []
     check_memory(DEVICES["jetson-orin-nano"], small, warnings.append)
     huge = type(small)(weights_gb=7.0, activations_gb=1.0, kv_cache_gb=1.0, build_peak_gb=24.0)
@@ -89,19 +93,32 @@ def test_ranges_validation(checkpoint):
         Ranges(max_seq=10**6).validate(spec)
 
 
-def test_engine_settings_clear_tf32_and_set_typing():
-    """The TensorRT builder settings are decided without TensorRT; build_engine only applies them."""
-    import pytest
+def test_precision_rules_come_from_the_registry():
+    """min_sm and targets are the registry's: Orin (SM 8.7) lacks fp8, int4 is not a TensorRT precision."""
+    assert "fp8" not in available_precisions(DEVICES["jetson-orin"])
+    assert "fp8" in available_precisions(DEVICES["jetson-thor"])
+    assert "int4" not in available_precisions(DEVICES["x86-gpu"])
+    assert set(available_precisions(DEVICES["x86-gpu"], sm=(9, 0))) == {
+        p.name for p in registry.REGISTRY.values() if "trt" in p.targets}
+    with pytest.raises(QvlError, match="int4"):
+        check_precision(DEVICES["x86-gpu"], {"decoder": "int4"})
+    check_precision(DEVICES["x86-gpu"], {"decoder": "fp8"})  # GPU unknown until the device build checks it
 
-    from qvl_export.building.devices import Profile
-    from qvl_export.building.trt_engine import engine_settings
-    from qvl_export.core.errors import QvlError
 
-    prof = [Profile("prefill", {"input_ids": ((1, 1), (1, 64), (1, 128))})]
-    s10 = engine_settings("fp32", prof, trt_major=10)
-    assert s10.tf32 is False and s10.strongly_typed_flag is True and s10.workspace_bytes == 4 << 30
-    s11 = engine_settings("int8", prof, trt_major=11, workspace_gb=2)
-    assert s11.tf32 is False and s11.strongly_typed_flag is False and s11.workspace_bytes == 2 << 30
-    assert engine_settings("fp16", prof, trt_major=10, allow_tf32=True).tf32 is True
-    with pytest.raises(QvlError):
-        engine_settings("fp32", [], trt_major=10)
+def test_int8_decoder_keeps_an_fp32_token_table_on_trt(checkpoint):
+    """An int8 decoder's token table is a Gather: TensorRT keeps it fp32 (4 bytes), the weighted ops at 1
+    byte; a tied LM head adds its own int8 copy of the table. The estimate follows the registry."""
+    for family in ("qwen2_vl", "qwen2_5_vl"):
+        spec = parse_model_config(checkpoint(family))
+        t = spec.text
+        table = t.vocab_size * t.hidden_size
+        rest = parameter_counts(spec)["decoder"] - table
+        tied = table * 1.0 if t.tie_word_embeddings else 0.0
+        assert part_weight_bytes(spec, "decoder", "int8", "trt") == pytest.approx(rest * 1.0 + table * 4.0 + tied)
+        assert part_weight_bytes(spec, "decoder", "int8", "ort") == pytest.approx(rest * 1.0 + table * 1.0)
+        assert part_weight_bytes(spec, "decoder", "fp16", "trt") == pytest.approx((rest + table) * 2.0)
+        assert part_weight_bytes(spec, "vision", "int8") == parameter_counts(spec)["vision"] * 1.0
+        est = estimate_memory(spec, {"vision": "int8", "merger": "int8", "decoder": "int8"}, Ranges(max_seq=1024))
+        want = sum(part_weight_bytes(spec, p, "int8", "trt") for p in ("vision", "merger", "decoder")) / 1e9
+        assert est.weights_gb == pytest.approx(want)
+        assert est.build_peak_gb == pytest.approx(3.5 * want)

@@ -1,4 +1,8 @@
-"""Minimal CUDA runtime access through cuda-python (no torch): device buffers and copies."""
+"""Minimal CUDA runtime access through cuda-python (no torch): device buffers and copies.
+
+Every CUDA call goes through a ``cudart`` object (cuda-python's runtime module), passed in, so the
+buffer bookkeeping can be unit-tested with a fake that records calls.
+"""
 
 from __future__ import annotations
 
@@ -58,6 +62,7 @@ class DeviceBuffer:
         return self.ptr
 
     def upload(self, array: np.ndarray, stream) -> int:
+        """Copy ``array`` to the device (asynchronously: keep ``array`` alive until the stream syncs)."""
         array = np.ascontiguousarray(array)
         ptr = self.ensure(array.nbytes)
         if array.nbytes:
@@ -65,9 +70,12 @@ class DeviceBuffer:
                                                     self.cudart.cudaMemcpyKind.cudaMemcpyHostToDevice, stream))
         return ptr
 
-    def download(self, out: np.ndarray, stream) -> np.ndarray:
+    def download(self, out: np.ndarray, stream, offset: int = 0) -> np.ndarray:
+        """Copy ``out.nbytes`` bytes from ``offset`` bytes into the buffer to the contiguous ``out``."""
+        if offset + out.nbytes > self.nbytes:
+            raise ValueError(f"download of {out.nbytes} bytes at {offset} from a {self.nbytes}-byte buffer")
         if out.nbytes:
-            cudart_call(self.cudart.cudaMemcpyAsync(out.ctypes.data, self.ptr, out.nbytes,
+            cudart_call(self.cudart.cudaMemcpyAsync(out.ctypes.data, self.ptr + offset, out.nbytes,
                                                     self.cudart.cudaMemcpyKind.cudaMemcpyDeviceToHost, stream))
         return out
 
