@@ -25,7 +25,9 @@ class Precision:
     kind: str  # FLOAT (traced in trace_dtype), CALIBRATED (static W8A8 Q/DQ), WEIGHT_ONLY (packed weights)
     trace_dtype: str  # the dtype the part's graph is traced in ("float32" for every quantized precision)
     weight_bytes: float  # stored bytes per weight (engine or part; scales not counted)
-    act_bytes: float  # bytes per activation element at run time (Q/DQ'd activations run in fp16 on TensorRT)
+    # bytes per activation element at run time: a strongly typed engine runs what the graph says, and
+    # int8 / fp8 graphs are traced in fp32 (only the quantized MatMuls run in 8 bits)
+    act_bytes: float
     # bytes per token-table entry by target: the table is a Gather, not a weighted op, so TensorRT keeps
     # it in the traced dtype, while the ort target's quantize_embeddings pass stores int8 rows
     table_bytes: tuple[tuple[str, float], ...]
@@ -70,8 +72,8 @@ REGISTRY: dict[str, Precision] = {p.name: p for p in (
     _float("bf16", "bfloat16", 2.0, 2, targets=("trt",), cpu_kernels=False,
            hint="onnxruntime's CPU provider has no bf16 kernels, so bf16 parts could not be run or checked here: "
                 "use fp16, or bf16 with --target trt."),
-    Precision("fp8", CALIBRATED, "float32", 1.0, 2.0, (("ort", 1.0), ("trt", 4.0)), 3, min_sm=(8, 9), bits=8),
-    Precision("int8", CALIBRATED, "float32", 1.0, 2.0, (("ort", 1.0), ("trt", 4.0)), 4, bits=8),
+    Precision("fp8", CALIBRATED, "float32", 1.0, 4.0, (("ort", 1.0), ("trt", 4.0)), 3, min_sm=(8, 9), bits=8),
+    Precision("int8", CALIBRATED, "float32", 1.0, 4.0, (("ort", 1.0), ("trt", 4.0)), 4, bits=8),
     Precision("int4", WEIGHT_ONLY, "float32", 0.5, 4.0, (("ort", 1.0),), 5, targets=("ort",), parts=("decoder",),
               bits=4, hint="int4 is weight-only quantization for the decoder (decode is memory-bound; the vision "
                            "parts are compute-bound) through onnxruntime's MatMulNBits: use --precision "
