@@ -13,7 +13,9 @@ from pathlib import Path
 
 import click
 
+from qvl_export.core import precisions
 from qvl_export.core.errors import QvlError
+from qvl_export.core.parts import TARGETS
 
 log = logging.getLogger("qvl_export")
 
@@ -129,78 +131,81 @@ def engine(bundle):
     _say(f"engines written into {bundle}; run it with 'qvl-export run {bundle} ...'")
 
 
+def _options(*groups):
+    """Apply groups of click options in the order written."""
+    def decorate(f):
+        for group in reversed(groups):
+            for option in reversed(group):
+                f = option(f)
+        return f
+    return decorate
+
+
+# qvl-export build's options, grouped as building.settings groups them (settings_from_cli maps them)
+_BUILD_OUTPUT = [
+    click.argument("model_dir", required=False, type=click.Path(path_type=Path)),
+    click.option("-o", "--output", "output", type=click.Path(path_type=Path), default=None,
+                 help="Artifacts folder (default: build/<model name>)."),
+    click.option("--target", type=click.Choice(list(TARGETS)), default="ort", show_default=True),
+    click.option("--precision", default="fp32", show_default=True,
+                 help=f"One of {', '.join(precisions.NAMES)} for every part, or per part: "
+                      "vision=fp16,merger=fp16,decoder=int8."),
+]
+_BUILD_CALIBRATION = [
+    click.option("--calib-docs", type=click.Path(path_type=Path), default=None,
+                 help="Folder of PNG/JPEG/WebP/PDF calibration documents (default: the built-in set)."),
+    click.option("--calib-limit", type=click.IntRange(1), default=None, help="Use at most N calibration documents."),
+    click.option("--calib-cache", type=click.Path(path_type=Path), default=None,
+                 help="Folder to store / reuse the calibration feeds."),
+    click.option("--calibrator", type=click.Choice(["percentile", "max", "entropy", "distribution"]),
+                 default="percentile", show_default=True,
+                 help="int8 activation calibrator (fp8 always uses max: amax / 448 per tensor)."),
+    click.option("--sensitivity", is_flag=True, help="Print every quantized op's local quantization error."),
+]
+_BUILD_GRAPH = [
+    click.option("--window-attention", type=click.Choice(["fused", "dense"]), default="fused", show_default=True,
+                 help="Qwen2.5-VL window blocks: per-window attention, or the S x S mask baseline."),
+    click.option("--parity/--no-parity", "run_parity", default=True, show_default=True,
+                 help="Run the parity gate against the PyTorch reference after building."),
+    click.option("--gates", type=click.Path(path_type=Path, exists=True, dir_okay=False), default=None,
+                 help="JSON file overriding the parity thresholds."),
+    click.option("--passes", "only_passes", default=None,
+                 help="Comma-separated passes to run (default: every pass of the target; 'none' for none)."),
+    click.option("--skip-pass", "skip_passes", multiple=True, help="A pass to leave out; repeatable."),
+]
+_BUILD_TRT = [
+    click.option("--device", default="x86-gpu", show_default=True,
+                 help="trt target device: x86-gpu, jetson-orin, jetson-orin-nx, jetson-orin-nano, jetson-thor."),
+    click.option("--bundle", is_flag=True, help="trt target: write a bundle to build the engines on the device."),
+    click.option("--engine-min-pixels", default=56 * 56, show_default=True, type=click.IntRange(1)),
+    click.option("--engine-opt-pixels", default=896 * 896, show_default=True, type=click.IntRange(1)),
+    click.option("--engine-max-pixels", default=1344 * 1344, show_default=True, type=click.IntRange(1)),
+    click.option("--max-images", default=1, show_default=True, type=click.IntRange(1), help="Images per prompt."),
+    click.option("--max-seq", default=4096, show_default=True, type=click.IntRange(2), help="Prompt + new tokens."),
+    click.option("--max-batch", default=1, show_default=True, type=click.IntRange(1)),
+]
+_BUILD_CHECKPOINT = [
+    click.option("--chat-template", "chat_template", type=click.Path(path_type=Path, dir_okay=False), default=None,
+                 help="A Jinja chat template to use instead of the checkpoint's (copied into the artifacts)."),
+    click.option("--assume-default-preprocessing", is_flag=True,
+                 help="Build a checkpoint that has no preprocessor_config.json with Qwen2-VL's default settings."),
+    click.option("--force", is_flag=True, help="Replace an existing artifacts folder."),
+]
+
+
 @main.command()
-@click.argument("model_dir", required=False, type=click.Path(path_type=Path))
-@click.option("-o", "--output", "output", type=click.Path(path_type=Path), default=None,
-              help="Artifacts folder (default: build/<model name>).")
-@click.option("--target", type=click.Choice(["ort", "trt"]), default="ort", show_default=True)
-@click.option("--precision", default="fp32", show_default=True,
-              help="fp32, fp16, bf16 (trt), int8 or fp8 for every part, or per part: "
-                   "vision=fp16,merger=fp16,decoder=int8.")
-@click.option("--calib-docs", type=click.Path(path_type=Path), default=None,
-              help="Folder of PNG/JPEG/WebP/PDF calibration documents (default: the built-in set).")
-@click.option("--calib-limit", type=click.IntRange(1), default=None, help="Use at most N calibration documents.")
-@click.option("--calib-cache", type=click.Path(path_type=Path), default=None,
-              help="Folder to store / reuse the calibration feeds.")
-@click.option("--calibrator", type=click.Choice(["percentile", "max", "entropy", "distribution"]),
-              default="percentile", show_default=True,
-              help="int8 activation calibrator (fp8 always uses max: amax / 448 per tensor).")
-@click.option("--sensitivity", is_flag=True, help="Print every quantized op's local quantization error.")
-@click.option("--window-attention", type=click.Choice(["fused", "dense"]), default="fused", show_default=True,
-              help="Qwen2.5-VL window blocks: per-window attention, or the S x S mask baseline.")
-@click.option("--parity/--no-parity", "run_parity", default=True, show_default=True,
-              help="Run the parity gate against the PyTorch reference after building.")
-@click.option("--gates", type=click.Path(path_type=Path, exists=True, dir_okay=False), default=None,
-              help="JSON file overriding the parity thresholds.")
-@click.option("--passes", "only_passes", default=None,
-              help="Comma-separated passes to run (default: every pass of the target; 'none' for none).")
-@click.option("--skip-pass", "skip_passes", multiple=True, help="A pass to leave out; repeatable.")
-@click.option("--device", default="x86-gpu", show_default=True,
-              help="trt target device: x86-gpu, jetson-orin, jetson-orin-nx, jetson-orin-nano, jetson-thor.")
-@click.option("--bundle", is_flag=True, help="trt target: write a bundle to build the engines on the device.")
-@click.option("--engine-min-pixels", default=56 * 56, show_default=True, type=click.IntRange(1))
-@click.option("--engine-opt-pixels", default=896 * 896, show_default=True, type=click.IntRange(1))
-@click.option("--engine-max-pixels", default=1344 * 1344, show_default=True, type=click.IntRange(1))
-@click.option("--max-images", default=1, show_default=True, type=click.IntRange(1), help="Images per prompt.")
-@click.option("--max-seq", default=4096, show_default=True, type=click.IntRange(2), help="Prompt + new tokens.")
-@click.option("--max-batch", default=1, show_default=True, type=click.IntRange(1))
-@click.option("--chat-template", "chat_template", type=click.Path(path_type=Path, dir_okay=False), default=None,
-              help="A Jinja chat template to use instead of the checkpoint's (copied into the artifacts).")
-@click.option("--assume-default-preprocessing", is_flag=True,
-              help="Build a checkpoint that has no preprocessor_config.json with Qwen2-VL's default settings.")
-@click.option("--force", is_flag=True, help="Replace an existing artifacts folder.")
-def build(model_dir, output, target, precision, calib_docs, calib_limit, calib_cache, calibrator, sensitivity,
-          window_attention, run_parity, gates, only_passes, skip_passes,
-          device, bundle, engine_min_pixels, engine_opt_pixels, engine_max_pixels, max_images, max_seq, max_batch,
-          chat_template, assume_default_preprocessing, force):
+@_options(_BUILD_OUTPUT, _BUILD_CALIBRATION, _BUILD_GRAPH, _BUILD_TRT, _BUILD_CHECKPOINT)
+def build(model_dir, output, run_parity, gates, **options):
     """Trace MODEL_DIR into ONNX parts (the built-in demo checkpoint when omitted), then check parity."""
-    from qvl_export.building.artifacts import BuildOptions, build as do_build
+    from qvl_export.building.plan import run_build
+    from qvl_export.building.settings import Reporter, parity_skip_reason, resolve_model, settings_from_cli
 
-    if model_dir is None:
-        from qvl_export.demo import checkpoint_dir
-
-        _say("no MODEL_DIR given: building the built-in demo model (a 1.5M-parameter Qwen2.5-VL trained to read "
-             "invoice totals)")
-        model_dir = checkpoint_dir()
-        output = output or Path("build") / "demo"
-    output = output or Path("build") / Path(model_dir).name
-    from qvl_export.building.devices import Ranges
-
-    only = None if only_passes is None else [p for p in only_passes.split(",") if p.strip() and p != "none"]
-    ranges = Ranges(min_pixels=engine_min_pixels, opt_pixels=engine_opt_pixels, max_pixels=engine_max_pixels,
-                    max_images=max_images, max_seq=max_seq, max_batch=max_batch)
-    do_build(model_dir, output, BuildOptions(target=target, precision=precision,
-                                             window_attention=window_attention, force=force, progress=_say,
-                                             passes=only, skip_passes=list(skip_passes), device=device,
-                                             bundle=bundle, ranges=ranges, warn=_warn, calib_docs=calib_docs,
-                                             calib_limit=calib_limit, calib_cache=calib_cache,
-                                             calibrator=calibrator, sensitivity=sensitivity,
-                                             chat_template=chat_template,
-                                             assume_default_preprocessing=assume_default_preprocessing))
-    if bundle:
-        _say(f"bundle written to {output}: copy it to the {device} and run 'qvl-export engine {output.name}' there")
-    if run_parity and "bf16" in precision:
-        _say("parity skipped: bf16 runs on TensorRT only; run 'qvl-export parity' where the engines run")
+    model_dir, output = resolve_model(model_dir, output, _say)
+    settings = settings_from_cli(options)
+    run_build(model_dir, output, settings, Reporter(_say, _warn))
+    skipped = parity_skip_reason(settings) if run_parity else None
+    if skipped:
+        _say(skipped)
     elif run_parity:
         _parity(output, model_dir, gates, quick=True, verify=False)  # sealed by this very build a moment ago
 

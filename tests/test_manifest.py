@@ -12,8 +12,8 @@ from click.testing import CliRunner
 from PIL import Image
 
 from qvl_export.building.artifacts import BuildOptions, build
-from qvl_export.core.devices import Ranges
 from qvl_export.cli import main
+from qvl_export.core.devices import Ranges
 from qvl_export.core.errors import QvlError
 from qvl_export.core.manifest import BUILD_LOG, MANIFEST, Manifest
 from qvl_export.runtimes.pipeline import Pipeline
@@ -137,3 +137,32 @@ def test_runtime_enforces_the_bundle_ranges(checkpoint, tmp_path):
     with pytest.raises(QvlError, match="built for 256"):
         pipe.generate([small], "Total?", max_new_tokens=250)
     assert pipe.generate([Image.new("RGB", (400, 400))], "Total?", max_new_tokens=4, max_pixels=224 * 224).token_ids
+
+
+def test_format_2_manifest_is_migrated(artifacts, tmp_path):
+    """A format-2 manifest (untyped ``options``, precision as one label, lint findings among the passes)
+    reads back into the typed sections and still loads, checksums verified."""
+    folder = _copy(artifacts("qwen2_vl"), tmp_path)
+    new = Manifest.read(folder)
+    lint = {"level": "warning", "rule": "r1", "node": "n", "message": "m"}
+
+    def to_format_2(d):
+        d["format"] = "qvl-export/2"
+        d["precision"] = "fp32"
+        d["options"] = {"window_attention": "dense", "chat_template": "chat_template.jinja",
+                        "precisions": {"vision": "fp32", "merger": "fp32", "decoder": "fp32"},
+                        "ranges": {"max_seq": 256}, "quantization": {"decoder": {"quantized_count": 3}},
+                        "calibration": {"documents": ["a.png"], "settings": {"decode_stride": 4}}}
+        d["parts"]["decoder"]["passes"].append({"pass": "trt_lint", "findings": [lint]})
+        for k in ("build", "calibration", "tensorrt"):
+            d.pop(k)
+    _edit(folder, to_format_2)
+    m = Manifest.read(folder)
+    assert m.format == "qvl-export/2" and m.precisions == new.precisions and m.precision == "fp32"
+    assert m.build.window_attention == "dense" and m.build.chat_template == "chat_template.jinja"
+    assert m.calibration.documents == ["a.png"] and m.calibration.quantization["decoder"]["quantized_count"] == 3
+    assert m.tensorrt.ranges == {"max_seq": 256} and m.tensorrt.device == "x86-gpu"
+    assert m.parts["decoder"].lint == [lint]
+    assert [r["pass"] for r in m.parts["decoder"].passes] == [r["pass"] for r in new.parts["decoder"].passes]
+    assert m.source == new.source and m.files == new.files
+    Pipeline.load(folder, backend="onnxruntime")  # checksums of a format-2 folder still verify

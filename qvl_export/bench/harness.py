@@ -395,6 +395,6 @@ def _machine(load_before: tuple[float, float, float]) -> dict:
 
 
 def _versions() -> dict:
-    from qvl_export.building.artifacts import library_versions
+    from qvl_export.building.versions import library_versions
 
     return library_versions()

@@ -21,7 +21,7 @@ import math
 from typing import TYPE_CHECKING
 
 from qvl_export.bench.harness import CONTENTION
-from qvl_export.building.artifacts import WEIGHT_ONLY
+from qvl_export.core import precisions
 
 if TYPE_CHECKING:  # pragma: no cover
     from pathlib import Path
@@ -345,7 +345,7 @@ def table(r: dict) -> str:
                    f"(read-only {rl['read_bandwidth_gb_s']:.1f} GB/s -> {rl['read_tokens_per_s']:.2f} tok/s)")
     for q, fig in r.get("quantized", {}).items():
         out.append("")
-        how = ("decoder weight-only, no calibration" if q in WEIGHT_ONLY
+        how = ("decoder weight-only, no calibration" if precisions.get(q).kind == precisions.WEIGHT_ONLY
                else f"calibrated on {r.get('calib_limit')} built-in documents")
         out.append(f"Ours {q} vs ours fp32 (same passes; {how})")
         out.append(f"  decode {_f(fig.get('decode_tokens_per_s'), '{:.2f}')} tok/s "

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
-from qvl_export.calibration.quantize import weighted_nodes
+from qvl_export.calibration.qdq import weighted_nodes
 
 log = logging.getLogger(__name__)
 

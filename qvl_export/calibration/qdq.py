@@ -1,4 +1,7 @@
-"""Static W8A8 quantization of one part with onnxruntime.quantization, placed by TensorRT's rules.
+"""Q/DQ placement: static W8A8 quantization of one part with onnxruntime.quantization, by TensorRT's rules.
+
+The quantizer of the registry's calibrated precisions (int8, fp8); ``building/quantize_stage.py``
+calls it with the calibration feeds and the precision guard's exclusions.
 
 Why onnxruntime.quantization (and not ModelOpt's ONNX PTQ): it runs here on CPU with the same
 onnxruntime the parity gate uses, supports int8 and float8 (E4M3) QDQ, per-channel weights and
@@ -20,11 +23,11 @@ from pathlib import Path
 
 import numpy as np
 
+from qvl_export.core import precisions as registry
 from qvl_export.core.errors import QvlError
 
 log = logging.getLogger(__name__)
 
-QUANT_PRECISIONS = ("int8", "fp8")
 CALIBRATORS = ("max", "percentile", "entropy", "distribution")
 
 
@@ -128,7 +131,7 @@ def fp8_overrides(ranges: list) -> dict[str, list[dict]]:
     return out
 
 
-def quantize_part(src: Path, dst: Path, feeds: list[dict[str, np.ndarray]], precision: str, part: str,
+def place_qdq(src: Path, dst: Path, feeds: list[dict[str, np.ndarray]], precision: str, part: str,
                   calibrator: str = "percentile", exclude: dict[str, str] | None = None,
                   external_data: bool = False, ranges: list | None = None, target: str = "trt") -> QuantReport:
     """Quantize ``src`` into ``dst`` calibrated on ``feeds``; ``exclude`` maps scopes to reasons.
@@ -136,10 +139,15 @@ def quantize_part(src: Path, dst: Path, feeds: list[dict[str, np.ndarray]], prec
     fp8 needs ``ranges`` (``guard.measure``'s per-op activation and weight ``abs_max``): E4M3 scales
     are set to amax / 448 per tensor, for activations and weights (see ``fp8_overrides``)."""
     import onnx
-    from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
+    from onnxruntime.quantization import (
+        CalibrationMethod,
+        QuantFormat,
+        QuantType,
+        quantize_static,
+    )
 
-    if precision not in QUANT_PRECISIONS:
-        raise ValueError(precision)
+    if registry.get(precision).kind != registry.CALIBRATED:
+        raise ValueError(f"{precision} is not a calibrated precision")
     if calibrator not in CALIBRATORS:
         raise QvlError(f"Unknown calibrator {calibrator!r}; use one of {', '.join(CALIBRATORS)}.")
     if not feeds:

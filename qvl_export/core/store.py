@@ -8,6 +8,11 @@ by leaving the ``with`` block on an exception) and never damages a previous fold
 updates an existing, complete folder in place (engines built on the device from a bundle): new
 files go to hidden temporary names and are renamed into place together by ``commit``.
 
+Tools that write files themselves (onnxruntime's quantizer) write to a ``scratch`` path: hidden,
+never sealed, removed by ``drop_scratch``, ``commit`` or ``abort``. The manifest is changed only
+through the store too: ``save_part`` (a part's files, tensors, precision, passes, lint findings),
+``annotate`` (passes / lint of a saved part), ``set_manifest`` / ``update_manifest`` (sections).
+
 Pure Python: onnx-ir is imported only when a part is saved (build machines), so a runtime-only
 install (a Jetson) can add engines to a bundle.
 """
@@ -32,6 +37,7 @@ class ArtifactStore:
         self.path = Path(path)  # where files are written now
         self.destination = destination  # None: updating ``path`` in place
         self.manifest = manifest
+        self._parts: dict[str, PartInfo] = {}  # parts saved before the manifest exists (set_manifest)
         self._pending: dict[str, Path] = {}  # in-place updates: final name -> hidden temporary file
 
     # -- opening ---------------------------------------------------------------------------------
@@ -81,7 +87,18 @@ class ArtifactStore:
     def copy_in(self, source: Path, name: str | None = None) -> None:
         shutil.copyfile(source, self._target(name or Path(source).name))
 
-    def save_part(self, name: str, model, precision: str, passes: list[dict] | None = None) -> PartInfo:
+    def drop_scratch(self, path: Path) -> None:
+        """Remove a scratch file (``scratch``) and its external data file, if any."""
+        for p in (Path(path), Path(path).with_name(Path(path).name + ".data")):
+            p.unlink(missing_ok=True)
+
+    def part(self, name: str) -> PartInfo | None:
+        """The manifest entry of part ``name`` (None before it is saved)."""
+        parts = self.manifest.parts if self.manifest is not None else self._parts
+        return parts.get(name)
+
+    def save_part(self, name: str, model, precision: str, passes: list[dict] | None = None,
+                  lint: list[dict] | None = None) -> PartInfo:
         """Write (or replace) part ``name`` from an onnx-ir model: ``<name>.onnx`` plus
         ``<name>.onnx.data`` when its weights are large (names unique per part, so parts never
         overwrite each other's data). ``model`` may hold tensors backed by the part's previous files
@@ -92,7 +109,7 @@ class ArtifactStore:
         size = sum(v.const_value.nbytes for v in model.graph.initializers.values() if v.const_value is not None)
         file = f"{name}.onnx"
         data = f"{name}.onnx.data" if size > EXTERNAL_DATA_THRESHOLD else None
-        old = self.manifest.parts.get(name) if self.manifest else None
+        old = self.part(name)
         replaced = {self.file(f).resolve() for f in (old.file, old.external_data, file, data) if f} if old else set()
         if data is None:
             ir.external_data.load_to_model(model)  # saved inline: no tensor may point at another file
@@ -107,19 +124,37 @@ class ArtifactStore:
             ir.save(model, self.file(file), external_data=data)
         else:
             ir.save(model, self.file(file))
+        keep_passes = old.passes if old else []
+        keep_lint = old.lint if old else []
         info = PartInfo(name, file, data, tensor_infos(model.graph.inputs), tensor_infos(model.graph.outputs),
-                        precision, passes=list(passes if passes is not None else (old.passes if old else [])),
-                        lint=list(old.lint) if old else [])
-        if self.manifest is not None:
-            self.manifest.parts[name] = info
+                        precision, passes=list(passes if passes is not None else keep_passes),
+                        lint=list(lint if lint is not None else keep_lint))
+        (self.manifest.parts if self.manifest is not None else self._parts)[name] = info
         return info
 
+    def annotate(self, name: str, passes: list[dict] | None = None, lint: list[dict] | None = None) -> None:
+        """Replace the pass records and / or lint findings of a saved part (its files unchanged)."""
+        part = self.part(name)
+        if passes is not None:
+            part.passes = list(passes)
+        if lint is not None:
+            part.lint = list(lint)
+
     def set_manifest(self, manifest: Manifest) -> None:
-        """The manifest of a new build (parts saved before it was made are carried over)."""
-        if self.manifest is not None:
-            for name, part in self.manifest.parts.items():
-                manifest.parts.setdefault(name, part)
+        """The manifest of a new build (parts saved before it was made are carried over), or the one
+        a tool that wrote into the folder read back."""
+        carried = self.manifest.parts if self.manifest is not None else self._parts
+        for name, part in carried.items():
+            manifest.parts.setdefault(name, part)
+        self._parts = {}
         self.manifest = manifest
+
+    def update_manifest(self, **sections) -> None:
+        """Set top-level sections of the manifest (``calibration=...``, ``tensorrt=...``)."""
+        for key, value in sections.items():
+            if not hasattr(self.manifest, key):
+                raise AttributeError(f"the manifest has no section {key!r}")
+            setattr(self.manifest, key, value)
 
     def write_manifest(self) -> None:
         """Write the (unsealed) manifest now: the runtime can load the folder being built (calibration)."""

@@ -131,13 +131,11 @@ def decoder_part(spec: ModelSpec, weights: CheckpointWeights) -> PartSpec:
     return PartSpec("decoder", build, example, dynamic, axes, low)
 
 
-DTYPES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
-
-
-def trace_part(part: PartSpec, precision: str = "fp32"):
+def trace_part(part: PartSpec, dtype: str = "float32"):
     """Build, trace and free the torch module; returns the ONNX model as an ``onnx_ir.Model``.
 
-    fp16/bf16: the parameters and the part's activation inputs take that dtype; buffers (rotary
+    ``dtype``: the precision's ``trace_dtype`` (core.precisions), a torch dtype name. float16 /
+    bfloat16: the parameters and the part's activation inputs take that dtype; buffers (rotary
     frequencies, section tables) stay float32, and the modules' own ``.float()`` casts keep norms,
     rotary and softmax in float32 - so the graph carries exactly the casts the modules declare.
     """
@@ -145,18 +143,18 @@ def trace_part(part: PartSpec, precision: str = "fp32"):
 
     module = part.build()
     args = part.example(module)
-    if precision in ("fp16", "bf16"):
-        dtype = getattr(torch, DTYPES[precision])
+    if dtype != "float32":
+        low = getattr(torch, dtype)
         with torch.no_grad():
             for p in module.parameters():
-                p.data = p.data.to(dtype)
+                p.data = p.data.to(low)
         names = list(module.input_names)
         flat = []
         for i, a in enumerate(args):
             if isinstance(a, (tuple, list)):
-                flat.append(type(a)(x.to(dtype) for x in a))  # *past
+                flat.append(type(a)(x.to(low) for x in a))  # *past
             elif names[i] in part.low_precision_inputs:
-                flat.append(a.to(dtype))
+                flat.append(a.to(low))
             else:
                 flat.append(a)
         args = tuple(flat)

@@ -8,9 +8,9 @@ import onnx
 import onnxruntime as ort
 from click.testing import CliRunner
 
-from qvl_export.building import artifacts as art_mod
 from qvl_export.building.artifacts import BuildOptions, build
 from qvl_export.cli import main
+from qvl_export.core import store as store_mod
 from qvl_export.core.manifest import Manifest
 
 
@@ -18,10 +18,12 @@ def test_manifest_describes_parts(artifacts, checkpoint):
     folder = artifacts("qwen2_5_vl")
     m = Manifest.read(folder)
     raw = json.loads((folder / "manifest.json").read_text())
-    assert raw["format"] == "qvl-export/2"
+    assert raw["format"] == "qvl-export/3"
     assert set(raw["files"]) >= {"vision.onnx", "merger.onnx", "decoder.onnx", "tokenizer.json", "chat_template.jinja"}
-    assert m.source["architecture"] == "Qwen2_5_VLForConditionalGeneration"
-    assert len(m.source["sha256"]) == 64
+    assert m.source.architecture == "Qwen2_5_VLForConditionalGeneration"
+    assert len(m.source.sha256) == 64
+    assert m.precisions == {"vision": "fp32", "merger": "fp32", "decoder": "fp32"} and m.precision == "fp32"
+    assert m.calibration is None and m.tensorrt is None
     for pkg in ("torch", "transformers", "onnx", "onnxruntime", "qvl-export"):
         assert pkg in m.versions
     assert set(m.parts) == {"vision", "merger", "decoder"}
@@ -41,7 +43,7 @@ def test_manifest_describes_parts(artifacts, checkpoint):
 
 
 def test_external_data_names_are_part_unique(checkpoint, tmp_path, monkeypatch):
-    monkeypatch.setattr(art_mod, "EXTERNAL_DATA_THRESHOLD", 0)
+    monkeypatch.setattr(store_mod, "EXTERNAL_DATA_THRESHOLD", 0)
     out = tmp_path / "ext"
     m = build(checkpoint("qwen2_vl"), out, BuildOptions())
     data = [p.external_data for p in m.parts.values()]

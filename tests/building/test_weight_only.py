@@ -26,7 +26,8 @@ def test_int4_decoder_builds_shrinks_and_passes_its_gate(family, checkpoint, art
     build(checkpoint(family), out, BuildOptions(precision="decoder=int4"))
     m = Manifest.read(out)
     assert m.parts["decoder"].precision == "int4" and m.parts["vision"].precision == "fp32"
-    assert m.options["quantization"]["decoder"]["quantized_count"] > 0
+    assert m.calibration.quantization["decoder"]["quantized_count"] > 0
+    assert m.calibration.documents == []  # weight-only: no calibration data
     model = onnx.load(out / m.parts["decoder"].file)
     inits = {i.name for i in model.graph.initializer}
     ops = [n.op_type for n in model.graph.node]

@@ -45,7 +45,8 @@ def test_quantized_build_passes_its_gates(family, precision, quantized, checkpoi
     art = quantized(family, precision)
     m = Manifest.read(art)
     assert {p.precision for p in m.parts.values()} == {precision}
-    q = m.options["quantization"]
+    q = m.calibration.quantization
+    assert m.calibration.documents and m.calibration.settings
     assert set(q) == {"vision", "merger", "decoder"}
     for part in m.parts.values():
         model = onnx.load(art / part.file, load_external_data=False)
@@ -65,7 +66,7 @@ def test_fp8_scales_are_max_calibrated(quantized):
     import ml_dtypes
     from onnx import numpy_helper
 
-    from qvl_export.calibration.quantize import FP8_MAX
+    from qvl_export.calibration.qdq import FP8_MAX
 
     art = quantized("qwen2_5_vl", "fp8")
     model = onnx.load(art / Manifest.read(art).parts["decoder"].file)
@@ -126,7 +127,7 @@ def test_int8_parts_run_integer_kernels(family, quantized, tmp_path):
                        and len(n.input) > 1 and producers.get(n.input[1]) == "DequantizeLinear"]
         integer = [n for n in model.graph.node if n.op_type in ("MatMulIntegerToFloat", "QGemm")]
         assert not float_on_dq, (name, float_on_dq)
-        assert len(integer) == m.options["quantization"][name]["quantized_count"], name
+        assert len(integer) == m.calibration.quantization[name]["quantized_count"], name
 
 
 def test_int8_artifacts_shrink(quantized, artifacts):

@@ -1,0 +1,131 @@
+"""Quantization as stages of the build: calibration documents, calibration feeds, then one
+quantizer per precision kind.
+
+``QUANTIZERS`` is the one table from a ``core.precisions`` kind to its quantizer: calibrated W8A8
+(int8, fp8: feeds -> precision guard -> Q/DQ placement, ``calibration/qdq.py``) and weight-only
+(int4: ``building/weight_only.py``). A quantizer reads the part's saved float graph and returns the
+quantized onnx-ir model with a summary for the manifest; the ``save_part`` stage writes it. Adding a
+precision means a registry row and, for a new kind, a quantizer here.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import TYPE_CHECKING, Callable
+
+from qvl_export.core import precisions as registry
+from qvl_export.core.manifest import Calibration
+from qvl_export.core.precisions import Precision
+
+if TYPE_CHECKING:
+    from qvl_export.building.context import BuildContext
+
+log = logging.getLogger(__name__)
+
+
+def is_calibrated(ctx: BuildContext, part: str | None = None) -> bool:
+    return bool(ctx.of_kind(registry.CALIBRATED))
+
+
+def load_documents(ctx: BuildContext) -> None:
+    """Calibrated builds: the calibration documents (a bad --calib-docs fails before tracing)."""
+    from qvl_export.calibration.documents import builtin_documents
+    from qvl_export.calibration.sources import folder_documents
+
+    c = ctx.settings.calibration
+    ctx.documents = (folder_documents(c.docs, limit=c.limit) if c.docs is not None
+                     else builtin_documents(c.limit))
+
+
+def calibrate(ctx: BuildContext) -> None:
+    """Calibrated builds: every part's inputs recorded while the float artifacts run over the
+    documents (or read back from --calib-cache)."""
+    from qvl_export.calibration import collect
+    from qvl_export.runtimes.pipeline import Pipeline
+
+    cache = ctx.settings.calibration.cache
+    settings = collect.CalibSettings()
+    key = collect.documents_key(ctx.documents, settings, ctx.manifest.source.sha256)
+    feeds = collect.load_cache(Path(cache), key) if cache else None
+    if feeds is None:
+        ctx.say(f"calibrating on {len(ctx.documents)} documents (fp32 artifacts: vision, merger, prefill and "
+                "decode steps)")
+        pipe = Pipeline.load(ctx.store.path, verify=False)  # the folder is still being built
+        feeds = collect.collect_feeds(pipe, ctx.documents, settings,
+                                      progress=lambda i, n: ctx.say(f"calibration document {i}/{n}"))
+        del pipe
+        if cache:
+            collect.save_cache(Path(cache), key, feeds)
+            ctx.say(f"calibration feeds cached in {cache}")
+    else:
+        ctx.say(f"reusing the calibration feeds in {cache}")
+    ctx.feeds = feeds
+    section = _calibration(ctx)
+    section.documents = [d.name for d in ctx.documents]
+    section.settings = vars(settings)
+
+
+def quantize(ctx: BuildContext, name: str) -> None:
+    """A quantized part: its precision kind's quantizer replaces the float graph in memory."""
+    prec = registry.get(ctx.precisions[name])
+    if not prec.quantized:
+        return
+    model, summary = QUANTIZERS[prec.kind](ctx, name, prec)
+    ctx.replace_model(name, model)
+    ctx.quantized_parts.add(name)
+    _calibration(ctx).quantization[name] = summary
+
+
+def quantize_calibrated(ctx: BuildContext, name: str, prec: Precision):
+    """int8 / fp8: measure every weighted op's local error on the feeds, keep the fragile ones in
+    float (the precision guard), place Q/DQ on the rest."""
+    import onnx_ir as ir
+
+    from qvl_export.calibration.guard import guard, measure, sensitivity_table
+    from qvl_export.calibration.qdq import place_qdq
+
+    store, c = ctx.store, ctx.settings.calibration
+    part = store.part(name)
+    src, feeds = store.file(part.file), ctx.feeds[name]
+    sens = measure(src, feeds, prec.name)
+    keep = guard(sens, prec.name)
+    if c.sensitivity:
+        ctx.say("sensitivity (local quantization error per op)\n" + sensitivity_table(name, sens))
+    for scope, why in keep.items():
+        ctx.say(f"{name}: keeping {scope} in float: {why}")
+    out = store.scratch(f"{name}.quantized.onnx")
+    report = place_qdq(src, out, feeds, prec.name, name, calibrator=c.calibrator, exclude=keep,
+                       external_data=part.external_data is not None, ranges=sens, target=ctx.settings.target)
+    model = ir.load(out)
+    ir.external_data.load_to_model(model)  # the scratch files go now
+    store.drop_scratch(out)
+    worst = sorted(sens, key=lambda s: -s.rel_error)[:5]
+    ctx.say(f"{name}: {prec.name}, {len(report.quantized)} ops quantized, {len(report.kept)} kept in float")
+    return model, {**report.to_dict(), "calibration_feeds": len(feeds),
+                   "worst_ops": {s.scope: round(s.rel_error, 4) for s in worst}}
+
+
+def quantize_weight_only(ctx: BuildContext, name: str, prec: Precision):
+    """int4: the decoder's weights packed into MatMulNBits blocks (no calibration)."""
+    from qvl_export.building.weight_only import ACCURACY_LEVEL, BLOCK_SIZE, pack_weights
+
+    model, summary = pack_weights(ctx.store.file(ctx.store.part(name).file), prec, name)
+    ctx.say(f"{name}: {prec.name} weight-only, {summary['quantized_count']} MatMuls packed into MatMulNBits "
+            f"(blocks of {BLOCK_SIZE}, accuracy level {ACCURACY_LEVEL})")
+    return model, summary
+
+
+# precision kind -> quantizer(ctx, part name, precision) -> (onnx-ir model, manifest summary)
+QUANTIZERS: dict[str, Callable] = {
+    registry.CALIBRATED: quantize_calibrated,
+    registry.WEIGHT_ONLY: quantize_weight_only,
+}
+
+
+def _calibration(ctx: BuildContext) -> Calibration:
+    """The manifest's calibration section, made when the first quantized part needs it."""
+    if ctx.calibration is None:
+        ctx.calibration = Calibration()
+        ctx.store.update_manifest(calibration=ctx.calibration)
+    return ctx.calibration
