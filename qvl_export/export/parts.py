@@ -1,7 +1,10 @@
 """Tracing: one export-ready module per part -> one ONNX model (onnx-ir) with dynamic axes.
 
-Each part is built from its own weights, traced with ``torch.onnx.export(dynamo=True)``, and its
-torch module is freed before the next part is built, so peak memory stays near one part.
+A part is traced from a skeleton of its module (parameters uninitialised, no resident memory)
+with ``torch.onnx.export(dynamo=True)``, and its initializers are then bound lazily to the
+checkpoint's tensors (``export/lazy_weights.py``): nothing of the weights is read until the part
+is saved, one tensor at a time. ``PartSpec.build`` still gives the module with its weights loaded,
+for the tests that compare a traced part with its torch module.
 """
 
 from __future__ import annotations
@@ -26,12 +29,31 @@ class PartSpec:
     """What a part is: how to build its module and example inputs, and its dynamic axes."""
 
     name: str
-    build: Callable[[], "torch.nn.Module"]  # noqa: F821
+    module: Callable[[], "torch.nn.Module"]  # noqa: F821  (the export-ready module; weights not loaded)
     example: Callable[["torch.nn.Module"], tuple]  # noqa: F821
     dynamic: Callable[["torch.nn.Module"], tuple]  # noqa: F821
     axes: dict[str, dict[int, str]] = field(default_factory=dict)  # input/output name -> {axis: name}
     # inputs that take the part's dtype in an fp16/bf16 trace (rotary tables and ids stay as they are)
     low_precision_inputs: tuple[str, ...] = ()
+    weights: CheckpointWeights | None = None
+    prefix: str = ""  # checkpoint name prefix of the module's parameters
+    # module -> (aliases: parameter -> checkpoint name, transposed: parameter -> checkpoint name)
+    names: Callable[["torch.nn.Module"], tuple[dict[str, str], dict[str, str]]] = \
+        lambda m: (getattr(m, "weight_aliases", dict)(), getattr(m, "transposed_weights", dict)())  # noqa: E731
+
+    def build(self):
+        """The module with the checkpoint's weights loaded (shapes checked)."""
+        m = self.module()
+        aliases, transposed = self.names(m)
+        self.weights.load_into(m, self.prefix, aliases, transposed or None)
+        return m
+
+    def skeleton(self):
+        """The module with its parameters left uninitialised (bound lazily after tracing)."""
+        from qvl_export.export.lazy_weights import skeleton
+
+        with skeleton():
+            return self.module()
 
 
 def vision_part(spec: ModelSpec, weights: CheckpointWeights, window_attention: str = "fused") -> PartSpec:
@@ -42,10 +64,8 @@ def vision_part(spec: ModelSpec, weights: CheckpointWeights, window_attention: s
 
     v = spec.vision
 
-    def build():
-        m = VisionEncoder(v, window_attention).eval()
-        weights.load_into(m, "visual.", m.weight_aliases())
-        return m
+    def module():
+        return VisionEncoder(v, window_attention).eval()
 
     # S is a whole number of windows (Qwen2.5-VL) or merge units (Qwen2-VL)
     group = v.window_tokens if v.windowed else v.merge_unit
@@ -65,7 +85,7 @@ def vision_part(spec: ModelSpec, weights: CheckpointWeights, window_attention: s
         return ({0: seq}, {0: seq}, {0: seq}, {0: seq})
 
     axes = {n: {0: "vision_tokens"} for n in ("patches", "rope_cos", "rope_sin", "image_ids", "vision_hidden")}
-    return PartSpec("vision", build, example, dynamic, axes, ("patches",))
+    return PartSpec("vision", module, example, dynamic, axes, ("patches",), weights, "visual.")
 
 
 def merger_part(spec: ModelSpec, weights: CheckpointWeights) -> PartSpec:
@@ -76,10 +96,8 @@ def merger_part(spec: ModelSpec, weights: CheckpointWeights) -> PartSpec:
 
     v = spec.vision
 
-    def build():
-        m = Merger(v).eval()
-        weights.load_into(m, "visual.merger.")
-        return m
+    def module():
+        return Merger(v).eval()
 
     def example(m):
         return (torch.randn(v.merge_unit * 6, v.hidden_size, generator=torch.Generator().manual_seed(1)),)
@@ -88,7 +106,7 @@ def merger_part(spec: ModelSpec, weights: CheckpointWeights) -> PartSpec:
         return ({0: v.merge_unit * Dim("units", min=1, max=1 << 20)},)
 
     axes = {"vision_hidden": {0: "vision_tokens"}, "image_embeds": {0: "image_tokens"}}
-    return PartSpec("merger", build, example, dynamic, axes, ("vision_hidden",))
+    return PartSpec("merger", module, example, dynamic, axes, ("vision_hidden",), weights, "visual.merger.")
 
 
 def decoder_part(spec: ModelSpec, weights: CheckpointWeights) -> PartSpec:
@@ -99,10 +117,8 @@ def decoder_part(spec: ModelSpec, weights: CheckpointWeights) -> PartSpec:
 
     t = spec.text
 
-    def build():
-        m = Decoder(t, spec.tokens.image_token_id).eval()
-        weights.load_into(m, "model.", m.weight_aliases(), m.transposed_weights())
-        return m
+    def module():
+        return Decoder(t, spec.tokens.image_token_id).eval()
 
     def example(m):
         b, seq, past, n_img = 2, 7, 3, 4
@@ -128,26 +144,35 @@ def decoder_part(spec: ModelSpec, weights: CheckpointWeights) -> PartSpec:
             axes[f"past_key_values.{i}.{kind}"] = {0: "batch", 2: "past"}
             axes[f"present.{i}.{kind}"] = {0: "batch", 2: "past_plus_seq"}
     low = ("image_embeds",) + tuple(n for n in axes if n.startswith("past_key_values."))
-    return PartSpec("decoder", build, example, dynamic, axes, low)
+    return PartSpec("decoder", module, example, dynamic, axes, low, weights, "model.")
 
 
 def trace_part(part: PartSpec, dtype: str = "float32"):
-    """Build, trace and free the torch module; returns the ONNX model as an ``onnx_ir.Model``.
+    """Trace a skeleton of the part's module and bind its weights lazily; returns an ``onnx_ir.Model``.
 
     ``dtype``: the precision's ``trace_dtype`` (core.precisions), a torch dtype name. float16 /
-    bfloat16: the parameters and the part's activation inputs take that dtype; buffers (rotary
-    frequencies, section tables) stay float32, and the modules' own ``.float()`` casts keep norms,
-    rotary and softmax in float32 - so the graph carries exactly the casts the modules declare.
+    bfloat16: the parameters and the part's activation inputs take that dtype (the checkpoint's
+    tensors are converted as they are read); buffers (rotary frequencies, section tables) stay
+    float32, and the modules' own ``.float()`` casts keep norms, rotary and softmax in float32 - so
+    the graph carries exactly the casts the modules declare.
+
+    The exporter's optimizer is off for the trace (it would fold transposes of the uninitialised
+    weights into constants); it runs after the weights are bound, with every weight transpose
+    already folded lazily, so it finds nothing large to fold and reads no weight.
     """
     import torch
+    from onnxscript.optimizer import optimize_ir
 
-    module = part.build()
+    from qvl_export.export.lazy_weights import bind_lazy, fold_weight_transposes
+    from qvl_export.loading.weights import load_plan
+
+    module = part.skeleton()
     args = part.example(module)
     if dtype != "float32":
         low = getattr(torch, dtype)
         with torch.no_grad():
             for p in module.parameters():
-                p.data = p.data.to(low)
+                p.data = torch.empty_like(p.data, dtype=low)  # values come from the checkpoint
         names = list(module.input_names)
         flat = []
         for i, a in enumerate(args):
@@ -170,15 +195,18 @@ def trace_part(part: PartSpec, dtype: str = "float32"):
             dynamic_shapes=part.dynamic(module),
             opset_version=OPSET,
             dynamo=True,
-            optimize=True,
+            optimize=False,
             verbose=False,
         )
     model = program.model
     _rename_dims(model, part.axes)
-    # the IR keeps views of the torch weights; detach them into numpy-owned buffers before freeing
-    _own_initializers(model)
+    aliases, transposed = part.names(module)
+    bind_lazy(model, part.weights, load_plan(module, part.prefix, aliases, transposed), set(transposed), dtype)
+    _own_initializers(model)  # the buffers (rotary tables): small, computed by the module
     del program, module, args
     gc.collect()
+    fold_weight_transposes(model)
+    optimize_ir(model)
     return model
 
 
@@ -211,9 +239,11 @@ def _rename_dims(model, axes: dict[str, dict[int, str]]) -> None:
 
 
 def _own_initializers(model) -> None:
+    """Copy the initializers the torch exporter still backs with torch storage (the module's buffers)
+    into numpy-owned tensors; lazily bound weights stay lazy."""
     import onnx_ir as ir
 
     for value in model.graph.initializers.values():
         const = value.const_value
-        if const is not None and not isinstance(const, ir.Tensor):
+        if const is not None and not isinstance(const, (ir.Tensor, ir.LazyTensor)):
             value.const_value = ir.tensor(const.numpy(), name=value.name)
