@@ -39,28 +39,26 @@ def load_documents(ctx: BuildContext) -> None:
 
 
 def calibrate(ctx: BuildContext) -> None:
-    """Calibrated builds: every part's inputs recorded while the float artifacts run over the
-    documents (or read back from --calib-cache)."""
+    """Calibrated builds: activation statistics of every int8/fp8 part, taken while the float
+    artifacts run over the documents (``calibration/taps.py``), or read back from --calib-cache."""
     from qvl_export.calibration import collect
-    from qvl_export.runtimes.pipeline import Pipeline
 
-    cache = ctx.settings.calibration.cache
+    c = ctx.settings.calibration
+    parts = tuple(ctx.of_kind(registry.CALIBRATED))
     settings = collect.CalibSettings()
-    key = collect.documents_key(ctx.documents, settings, ctx.manifest.source.sha256)
-    feeds = collect.load_cache(Path(cache), key) if cache else None
-    if feeds is None:
-        ctx.say(f"calibrating on {len(ctx.documents)} documents (fp32 artifacts: vision, merger, prefill and "
-                "decode steps)")
-        pipe = Pipeline.load(ctx.store.path, verify=False)  # the folder is still being built
-        feeds = collect.collect_feeds(pipe, ctx.documents, settings,
-                                      progress=lambda i, n: ctx.say(f"calibration document {i}/{n}"))
-        del pipe
-        if cache:
-            collect.save_cache(Path(cache), key, feeds)
-            ctx.say(f"calibration feeds cached in {cache}")
+    key = collect.documents_key(ctx.documents, settings, ctx.manifest.source.sha256, c.calibrator, parts)
+    stats = collect.load_cache(Path(c.cache), key) if c.cache else None
+    if stats is None:
+        ctx.say(f"calibrating on {len(ctx.documents)} documents (float artifacts with activation taps: "
+                f"{', '.join(parts)})")
+        stats = collect.collect_stats(ctx.store.path, ctx.manifest, list(parts), ctx.documents, settings,
+                                      c.calibrator, progress=lambda i, n: ctx.say(f"calibration document {i}/{n}"))
+        if c.cache:
+            collect.save_cache(Path(c.cache), key, stats)
+            ctx.say(f"calibration statistics cached in {c.cache}")
     else:
-        ctx.say(f"reusing the calibration feeds in {cache}")
-    ctx.feeds = feeds
+        ctx.say(f"reusing the calibration feeds in {c.cache}")
+    ctx.feeds = stats
     section = _calibration(ctx)
     section.documents = [d.name for d in ctx.documents]
     section.settings = vars(settings)
@@ -78,31 +76,30 @@ def quantize(ctx: BuildContext, name: str) -> None:
 
 
 def quantize_calibrated(ctx: BuildContext, name: str, prec: Precision):
-    """int8 / fp8: measure every weighted op's local error on the feeds, keep the fragile ones in
-    float (the precision guard), place Q/DQ on the rest."""
-    import onnx_ir as ir
-
+    """int8 / fp8: measure every weighted op's local error on the calibration statistics, keep the
+    fragile ones in float (the precision guard), place Q/DQ on the rest. The float part is read
+    lazily and the quantized weights are computed when the part is saved."""
     from qvl_export.calibration.guard import guard, measure, sensitivity_table
     from qvl_export.calibration.qdq import place_qdq
 
-    store, c = ctx.store, ctx.settings.calibration
-    part = store.part(name)
-    src, feeds = store.file(part.file), ctx.feeds[name]
-    sens = measure(src, feeds, prec.name)
+    c = ctx.settings.calibration
+    stats = ctx.feeds[name]
+    model = ctx.model(name)
+    sens = measure(model, stats, prec.name)
     keep = guard(sens, prec.name)
     if c.sensitivity:
         ctx.say("sensitivity (local quantization error per op)\n" + sensitivity_table(name, sens))
     for scope, why in keep.items():
         ctx.say(f"{name}: keeping {scope} in float: {why}")
-    out = store.scratch(f"{name}.quantized.onnx")
-    report = place_qdq(src, out, feeds, prec.name, name, calibrator=c.calibrator, exclude=keep,
-                       external_data=part.external_data is not None, ranges=sens, target=ctx.settings.target)
-    model = ir.load(out)
-    ir.external_data.load_to_model(model)  # the scratch files go now
-    store.drop_scratch(out)
+    if prec.name == "fp8":  # max-calibrated: amax / 448 (calibration/qdq.py)
+        ranges = {n: (-t.abs_max, t.abs_max) for n, t in stats.tensors.items()}
+    else:
+        ranges = stats.ranges()
+    report = place_qdq(model, ranges, prec.name, name, calibrator=c.calibrator, exclude=keep,
+                       target=ctx.settings.target)
     worst = sorted(sens, key=lambda s: -s.rel_error)[:5]
     ctx.say(f"{name}: {prec.name}, {len(report.quantized)} ops quantized, {len(report.kept)} kept in float")
-    return model, {**report.to_dict(), "calibration_feeds": len(feeds),
+    return model, {**report.to_dict(), "calibration_runs": stats.runs,
                    "worst_ops": {s.scope: round(s.rel_error, 4) for s in worst}}
 
 

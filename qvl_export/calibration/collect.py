@@ -1,16 +1,18 @@
-"""Calibration feeds: realistic inputs of every part, recorded while the fp32 artifacts run.
+"""Calibration: activation statistics of every part to quantize, taken while the float artifacts run.
 
 For each document: the vision encoder and merger see the page; the decoder sees the prefill of
 page + prompt, then decode steps along the fp32 model's own greedy answer (the reference answer,
-since the fp32 artifacts pass the parity gate). Decode steps are sampled every ``decode_stride``
-tokens so the KV caches of long answers don't dominate memory.
+since the fp32 artifacts pass the parity gate). Decode steps count every ``decode_stride`` tokens,
+as the prefill does. The parts run their tap graphs (``calibration/taps.py``): statistics are
+accumulated as the runs go, nothing is recorded, so memory does not grow with the documents.
 
-The feeds are cached on disk (``--calib-cache DIR``): a later build with the same source
-checkpoint, documents and settings reuses them instead of running the model again.
+The statistics are cached on disk (``--calib-cache DIR``): a later build with the same source
+checkpoint, documents, settings and calibrator reuses them instead of running the model again.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import logging
@@ -21,10 +23,11 @@ from typing import Callable
 import numpy as np
 
 from qvl_export.calibration.documents import Document
+from qvl_export.calibration.taps import ActivationStats, TappingBackend, write_tap_graph
 from qvl_export.core.errors import QvlError
 
 log = logging.getLogger(__name__)
-CACHE_FORMAT = "qvl-calib/1"
+CACHE_FORMAT = "qvl-calib/2"  # statistics (format 1 held recorded feeds)
 
 
 @dataclass
@@ -34,8 +37,9 @@ class CalibSettings:
     max_pixels: int | None = None  # cap calibration pages (default: the preprocessor's)
 
 
-def documents_key(docs: list[Document], settings: CalibSettings, source_sha: str) -> str:
-    h = hashlib.sha256(f"{CACHE_FORMAT}|{source_sha}|{settings}".encode())
+def documents_key(docs: list[Document], settings: CalibSettings, source_sha: str, method: str = "",
+                  parts: tuple[str, ...] = ()) -> str:
+    h = hashlib.sha256(f"{CACHE_FORMAT}|{source_sha}|{settings}|{method}|{','.join(parts)}".encode())
     for d in docs:
         h.update(d.name.encode())
         h.update(d.prompt.encode())
@@ -43,65 +47,63 @@ def documents_key(docs: list[Document], settings: CalibSettings, source_sha: str
     return h.hexdigest()
 
 
-def collect_feeds(pipe, docs: list[Document], settings: CalibSettings,
-                  progress: Callable[[int, int], None] | None = None) -> dict[str, list[dict[str, np.ndarray]]]:
-    """Run ``pipe`` (fp32 artifacts) over ``docs``; returns part -> list of feed dicts."""
-    feeds: dict[str, list[dict[str, np.ndarray]]] = {"vision": [], "merger": [], "decoder": []}
-    step = {"n": 0}
+def collect_stats(folder: Path, manifest, parts: list[str], docs: list[Document], settings: CalibSettings,
+                  method: str, threads: int | None = None,
+                  progress: Callable[[int, int], None] | None = None) -> dict[str, ActivationStats]:
+    """Run the float artifacts in ``folder`` over ``docs`` with the tap graphs of ``parts``; returns
+    part -> ActivationStats. The tap graphs are written beside the parts and removed afterwards."""
+    from qvl_export.runtimes.onnxrt import OrtBackend
+    from qvl_export.runtimes.pipeline import Pipeline
 
-    def record(part: str, f: dict[str, np.ndarray]) -> None:
-        if part == "decoder":
-            is_prefill = f["input_ids"].shape[1] > 1
-            keep = is_prefill or step["n"] % settings.decode_stride == 0
-            step["n"] = 0 if is_prefill else step["n"] + 1
-            if not keep:
-                return
-        feeds[part].append({k: np.array(v, copy=True) for k, v in f.items()})
-
-    inner = pipe.backend
-    pipe.backend = _Recording(inner, record)
+    folder = Path(folder)
+    taps, files = {}, {}
+    for name in parts:
+        files[name] = f".{name}.tap.onnx"
+        taps[name] = write_tap_graph(folder / manifest.parts[name].file, folder / files[name])
     try:
+        tapped = dataclasses.replace(manifest, parts={
+            n: dataclasses.replace(p, file=files[n]) if n in files else p for n, p in manifest.parts.items()})
+        backend = OrtBackend(folder, tapped, threads=threads)
+        stats = {n: ActivationStats(taps[n], method) for n in parts}
+        plain = {n: len(manifest.parts[n].outputs) for n in parts}
+        step = {"n": 0}
+
+        def keep(part: str, feeds: dict) -> bool:
+            if part != "decoder":
+                return True
+            is_prefill = feeds["input_ids"].shape[1] > 1
+            kept = is_prefill or step["n"] % settings.decode_stride == 0
+            step["n"] = 0 if is_prefill else step["n"] + 1
+            return kept
+
+        pipe = Pipeline(folder, TappingBackend(backend, stats, plain, keep), manifest)
         for i, doc in enumerate(docs):
             pipe.generate([doc.image], doc.prompt, max_new_tokens=settings.max_new_tokens,
                           max_pixels=settings.max_pixels, temperature=0.0, repetition_penalty=1.0)
             if progress:
                 progress(i + 1, len(docs))
+        del pipe, backend
     finally:
-        pipe.backend = inner
-    return feeds
+        for f in files.values():
+            (folder / f).unlink(missing_ok=True)
+    return stats
 
 
-class _Recording:
-    """Wraps a runtime backend: every part run is recorded (feeds copied) before it executes."""
-
-    def __init__(self, inner, record: Callable[[str, dict[str, np.ndarray]], None]):
-        self._inner = inner
-        self._record = record
-
-    def run(self, part: str, feeds: dict[str, np.ndarray]):
-        self._record(part, feeds)
-        return self._inner.run(part, feeds)
-
-    def __getattr__(self, name):
-        return getattr(self._inner, name)
-
-
-def save_cache(folder: Path, key: str, feeds: dict[str, list[dict[str, np.ndarray]]]) -> None:
+def save_cache(folder: Path, key: str, stats: dict[str, ActivationStats]) -> None:
+    """One npz per part (statistics, row samples, collector histograms) and an index, moved into place."""
     folder.mkdir(parents=True, exist_ok=True)
     tmp = folder / ".writing"
     tmp.mkdir(exist_ok=True)
-    counts = {}
-    for part, items in feeds.items():
-        for i, f in enumerate(items):
-            np.savez(tmp / f"{part}_{i:04d}.npz", **f)
-        counts[part] = len(items)
-    (tmp / "index.json").write_text(json.dumps({"format": CACHE_FORMAT, "key": key, "counts": counts}))
+    for part, st in stats.items():
+        np.savez(tmp / f"{part}.npz", **st.to_arrays())
+    (tmp / "index.json").write_text(json.dumps({"format": CACHE_FORMAT, "key": key,
+                                                "parts": {p: st.describe() for p, st in stats.items()}}))
     for p in tmp.iterdir():
         p.replace(folder / p.name)
     tmp.rmdir()
 
 
-def load_cache(folder: Path, key: str) -> dict[str, list[dict[str, np.ndarray]]] | None:
+def load_cache(folder: Path, key: str) -> dict[str, ActivationStats] | None:
     index = folder / "index.json"
     if not index.exists():
         return None
@@ -112,13 +114,11 @@ def load_cache(folder: Path, key: str) -> dict[str, list[dict[str, np.ndarray]]]
     if meta.get("format") != CACHE_FORMAT or meta.get("key") != key:
         log.info("calibration cache %s is for other documents or settings; recollecting", folder)
         return None
-    feeds = {}
     try:
-        for part, n in meta["counts"].items():
-            feeds[part] = []
-            for i in range(n):
-                with np.load(folder / f"{part}_{i:04d}.npz") as z:
-                    feeds[part].append({k: z[k] for k in z.files})
+        out = {}
+        for part, info in meta["parts"].items():
+            with np.load(folder / f"{part}.npz") as z:
+                out[part] = ActivationStats.from_arrays(info, {k: z[k] for k in z.files})
     except (OSError, ValueError, KeyError) as err:
         raise QvlError(f"Calibration cache {folder} is damaged ({err}); delete it and rebuild.") from None
-    return feeds
+    return out

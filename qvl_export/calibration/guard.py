@@ -14,11 +14,10 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 
-from qvl_export.calibration.qdq import weighted_nodes
+from qvl_export.calibration.taps import weighted_nodes
 
 log = logging.getLogger(__name__)
 
@@ -27,7 +26,6 @@ FP16_MAX = 65504.0
 # demo models sit at 0.5-2% for int8 and 2-4% for fp8 on well-behaved ops)
 ERROR_BUDGET = {"int8": 0.06, "fp8": 0.10}
 FP16_HEADROOM = 4.0  # keep an op when an activation comes within 4x of the fp16 maximum
-MAX_ROWS = 4096  # activation rows kept per op for the error estimate
 
 
 @dataclass
@@ -60,55 +58,39 @@ def fake_quant_fp8(x: np.ndarray, axis: int | None) -> np.ndarray:
     return (x / scale).astype(ml_dtypes.float8_e4m3fn).astype(np.float32) * scale
 
 
-def measure(model_path: Path, feeds: list[dict[str, np.ndarray]], precision: str,
-            max_feeds: int = 8) -> list[OpSensitivity]:
-    """Capture every weighted op's input over the feeds and measure its local quantization error.
-
-    The error is estimated on the first ``max_feeds`` feeds; ``abs_max`` is taken over all of them
-    (fp8 builds use it as the activation's calibrated range)."""
-    import onnx
-    import onnxruntime as ort
-    from onnx import numpy_helper
-
-    model = onnx.load(str(model_path))
-    nodes = weighted_nodes(model)
-    by_name = {n.name: n for n in model.graph.node}
-    inits = {i.name: i for i in model.graph.initializer}
-    act_names = sorted({by_name[n.name].input[0] for n in nodes})
-    graph_outputs = {o.name for o in model.graph.output}
-    for name in act_names:
-        if name not in graph_outputs:
-            model.graph.output.append(onnx.helper.make_empty_tensor_value_info(name))
-    opts = ort.SessionOptions()
-    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-    sess = ort.InferenceSession(model.SerializeToString(), opts, providers=["CPUExecutionProvider"])
-    inputs = {i.name for i in sess.get_inputs()}
-    captured: dict[str, list[np.ndarray]] = {n: [] for n in act_names}
-    amax = dict.fromkeys(act_names, 0.0)
-    for i, f in enumerate(feeds):
-        outs = sess.run(act_names, {k: v for k, v in f.items() if k in inputs})
-        for name, arr in zip(act_names, outs):
-            amax[name] = max(amax[name], float(np.abs(arr).max(initial=0.0)))
-            if i < max_feeds:
-                captured[name].append(arr.reshape(-1, arr.shape[-1]).astype(np.float32))
+def measure(model, stats, precision: str) -> list[OpSensitivity]:
+    """Every weighted op's local quantization error, from the calibration statistics of its input
+    (``taps.ActivationStats``: absolute max over every run, rows sampled from the first runs) and its
+    weight, read from the onnx-ir ``model`` one op at a time."""
     quant = fake_quant_fp8 if precision == "fp8" else fake_quant_int8
-    weight_axis = None if precision == "fp8" else 0  # fp8: per-tensor weight scales (see quantize.py)
+    weight_axis = None if precision == "fp8" else 0  # fp8: per-tensor weight scales (see qdq.py)
+    values = {n.name: n for n in model.graph}
     result = []
-    for n in nodes:
-        node = by_name[n.name]
-        x = np.concatenate(captured[node.input[0]], axis=0)
-        if len(x) > MAX_ROWS:  # even sample: the error estimate needs rows, not all of them
-            x = x[np.linspace(0, len(x) - 1, MAX_ROWS).astype(int)]
-        w = numpy_helper.to_array(inits[n.weight]).astype(np.float32)
-        if node.op_type == "Gemm" and any(a.name == "transB" and a.i for a in node.attribute):
+    for n in weighted_nodes(model):
+        t = stats.tensors[n.activation]
+        x = t.sample()
+        const = values[n.name].inputs[1].const_value
+        w = const.numpy().astype(np.float32)
+        _release(const)
+        if n.trans_b:
             w = w.T
-        ref = x @ w
-        err = quant(x, None) @ quant(w, weight_axis)  # activation per tensor
-        denom = np.linalg.norm(ref)
-        rel = float(np.linalg.norm(err - ref) / denom) if denom > 0 else 0.0
-        result.append(OpSensitivity(n.scope, n.name, amax[node.input[0]], float(np.sqrt((x * x).mean())), rel,
-                                    node.input[0], n.weight, float(np.abs(w).max())))
+        rel = 0.0
+        if x.size:
+            ref = x @ w
+            err = quant(x, None) @ quant(w, weight_axis)  # activation per tensor
+            denom = np.linalg.norm(ref)
+            rel = float(np.linalg.norm(err - ref) / denom) if denom > 0 else 0.0
+        result.append(OpSensitivity(n.scope, n.name, t.abs_max, t.rms, rel, n.activation, n.weight,
+                                    float(np.abs(w).max(initial=0.0))))
+        del w
     return result
+
+
+def _release(tensor) -> None:
+    """Drop a lazily read tensor's memory map (its pages would otherwise stay counted as resident)."""
+    release = getattr(tensor, "release", None)
+    if release is not None:
+        release()
 
 
 def guard(sens: list[OpSensitivity], precision: str, fp16: bool = False) -> dict[str, str]:

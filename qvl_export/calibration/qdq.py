@@ -1,42 +1,40 @@
-"""Q/DQ placement: static W8A8 quantization of one part with onnxruntime.quantization, by TensorRT's rules.
-
-The quantizer of the registry's calibrated precisions (int8, fp8); ``building/quantize_stage.py``
-calls it with the calibration feeds and the precision guard's exclusions.
-
-Why onnxruntime.quantization (and not ModelOpt's ONNX PTQ): it runs here on CPU with the same
-onnxruntime the parity gate uses, supports int8 and float8 (E4M3) QDQ, per-channel weights and
-per-tensor activations, MinMax / Percentile / Entropy / Distribution calibrators, and its QDQ
-output is what TensorRT's explicit quantization reads. ModelOpt's ONNX PTQ follows the same rules
-but pulls a CUDA stack into the build and gives nothing more on CPU.
+"""Static W8A8 Q/DQ placement by TensorRT's rules, written without a copy of the part in memory.
 
 Placement (TensorRT explicit quantization): only weighted MatMul/Gemm nodes (B is a constant) are
-quantized - both inputs, weights per output channel (axis 1 of a [K, N] MatMul weight),
+quantized - both inputs, weights per output channel for int8 (axis 1 of a [K, N] MatMul weight,
+axis 0 of a transB Gemm's [N, K]) and per tensor for fp8 (the form every fp8 TensorRT GEMM takes),
 activations per tensor, symmetric (zero point 0); their outputs stay unquantized; attention
-MatMuls (both inputs activations) stay in float. The precision guard's nodes are excluded.
+MatMuls (both inputs activations) stay in float; the precision guard's nodes are excluded. On the
+ort target an int8 Gemm's bias becomes int32 (scale = activation scale x weight scale), the form
+onnxruntime fuses into QGemm; TensorRT takes float biases.
+
+The graph is the one onnxruntime's ``quantize_static`` writes (QDQ format, one Q/DQ pair per
+activation tensor, per-channel weights, the same names), and the numbers are computed with its own
+rules: activation ranges come from its calibration collectors (``calibration/taps.py``) and scales
+from ``quant_utils.compute_scale_zp``; weights are quantized the way ``quantize_data`` does it, per
+channel, vectorised (a test checks both give the same bytes). What differs is memory:
+``quantize_static`` loads the whole part, then builds its quantized copy and an augmented copy for
+calibration - three times the part in RAM (a 2B decoder did not fit 24 GB). Here the part is read
+lazily (``onnx_ir.load``), each quantized weight is a ``LazyTensor`` computed from its float tensor
+when the part is saved, and the float weight is dropped: one weight in flight.
 """
 
 from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import numpy as np
 
+from qvl_export.calibration.taps import WeightedNode, weighted_nodes
 from qvl_export.core import precisions as registry
 from qvl_export.core.errors import QvlError
 
 log = logging.getLogger(__name__)
 
 CALIBRATORS = ("max", "percentile", "entropy", "distribution")
-
-
-@dataclass
-class WeightedNode:
-    name: str  # ONNX node name
-    scope: str  # module path from the exporter's metadata, e.g. "layers.3.mlp.down_proj"
-    weight: str  # initializer name of the constant input
-    produces_output: bool = False  # feeds a graph output directly (lm_head)
+FP8_MAX = 448.0  # largest finite float8e4m3fn
+INT8_QMIN, INT8_QMAX = -127, 127  # symmetric int8 (onnxruntime's get_qmin_qmax_for_qType(INT8, symmetric=True))
 
 
 @dataclass
@@ -52,156 +50,222 @@ class QuantReport:
                 "quantized_count": len(self.quantized), "kept_high_precision": self.kept}
 
 
-def weighted_nodes(model) -> list[WeightedNode]:
-    """MatMul/Gemm nodes of an onnx.ModelProto whose second input is an initializer."""
-    inits = {i.name for i in model.graph.initializer}
-    outputs = {o.name for o in model.graph.output}
-    consumers: dict[str, list] = {}
-    for n in model.graph.node:
-        for i in n.input:
-            consumers.setdefault(i, []).append(n)
-    out = []
-    for n in model.graph.node:
-        if n.op_type not in ("MatMul", "Gemm") or len(n.input) < 2 or n.input[1] not in inits:
-            continue
-        scope = _scope(n) or n.name
-        feeds_out = any(o in outputs for o in n.output) or any(
-            o2 in outputs for c in consumers.get(n.output[0], []) for o2 in c.output if c.op_type in ("Add",))
-        out.append(WeightedNode(n.name, scope, n.input[1], feeds_out))
-    return out
+def activation_scale(precision: str, low: float, high: float) -> np.ndarray:
+    """Per-tensor activation scale [] float32: int8 from the calibrated range by onnxruntime's own
+    rule; fp8 the max-calibrated amax / 448 (see ``weight_scales``)."""
+    if precision == "fp8":
+        amax = max(abs(low), abs(high))
+        return np.array(amax / FP8_MAX if amax > 0 else 1.0, dtype=np.float32)
+    from onnxruntime.quantization.quant_utils import compute_scale_zp
+
+    _, scale = compute_scale_zp(np.array(low, np.float32), np.array(high, np.float32), np.array(INT8_QMIN, np.int8),
+                                np.array(INT8_QMAX, np.int8), symmetric=True)
+    return np.asarray(scale, dtype=np.float32)
 
 
-def _scope(node) -> str | None:
-    for p in node.metadata_props:
-        if p.key == "pkg.torch.onnx.name_scopes":
-            try:
-                scopes = [s.strip(" '\"") for s in p.value.strip("[]").split(",")]
-            except ValueError:
-                return None
-            modules = [s for s in scopes if s and "." in s or s in ("lm_head",)]
-            return modules[-1] if modules else None
-    return None
+def weight_scales(precision: str, w: np.ndarray, axis: int) -> np.ndarray:
+    """int8: one scale per output channel ([N] float32, ``axis`` is the channel axis), as
+    ``quantize_data`` computes it per channel: range made symmetric around 0, scale =
+    2 absmax / 254 in float64, stored as float32 (1.0 for an all-zero channel).
 
-
-class _Reader:
-    """onnxruntime CalibrationDataReader over a list of feed dicts (only the model's inputs)."""
-
-    def __init__(self, feeds: list[dict[str, np.ndarray]], input_names: list[str]):
-        self.feeds = [{k: v for k, v in f.items() if k in input_names} for f in feeds]
-        self.i, self.end = 0, len(self.feeds)
-
-    def __len__(self) -> int:
-        return len(self.feeds)
-
-    def set_range(self, start_index: int, end_index: int) -> None:
-        self.i, self.end = start_index, min(end_index, len(self.feeds))
-
-    def get_next(self):
-        if self.i >= self.end:
-            return None
-        self.i += 1
-        return self.feeds[self.i - 1]
-
-    def rewind(self):
-        self.i, self.end = 0, len(self.feeds)
-
-
-FP8_MAX = 448.0  # largest finite float8e4m3fn
-
-
-def fp8_overrides(ranges: list) -> dict[str, list[dict]]:
-    """onnxruntime ``TensorQuantOverrides`` giving every fp8 Q/DQ the max-calibrated scale amax / 448.
-
-    onnxruntime's own float8 scale (``compute_scale_zp_float8``) matches the tensor's standard
-    deviation to the E4M3 grid's, assuming both are Gaussian: it clips at about 4 standard
+    fp8: one scale [] = amax / 448 per tensor. onnxruntime's own float8 scale matches the tensor's
+    standard deviation to the E4M3 grid's, assuming both are Gaussian: it clips at about 4 standard
     deviations, which cuts the outlier channels of SwiGLU down-projections and RMSNorm outputs
-    (activations at 10-45x their RMS on the demo model; its exact match fell 6 points). E4M3 keeps
-    3 mantissa bits over 2^15 of range, so scaling the max into 448 loses nothing at the top and
-    little at the bottom - the max calibration TensorRT's and ModelOpt's fp8 recipes use. Weights
-    get one scale per tensor, the form every fp8 TensorRT GEMM takes.
-    """
-    import ml_dtypes
+    (activations at 10-45x their RMS on the demo model; its exact match fell 6 points). E4M3 keeps 3
+    mantissa bits over 2^15 of range, so scaling the max into 448 loses nothing at the top and little
+    at the bottom - the max calibration TensorRT's and ModelOpt's fp8 recipes use."""
+    if precision == "fp8":
+        amax = float(np.abs(w).max(initial=0.0))
+        return np.array(amax / FP8_MAX if amax > 0 else 1.0, dtype=np.float32)
+    other = 1 - axis
+    lo = np.minimum(w.min(axis=other), np.float32(0))
+    hi = np.maximum(w.max(axis=other), np.float32(0))
+    absmax = np.maximum(np.abs(lo), np.abs(hi)).astype(np.float64)
+    scale = 2.0 * absmax / float(INT8_QMAX - INT8_QMIN)
+    stored = scale.astype(np.float32)
+    return np.where(scale < np.finfo(np.float32).tiny, np.float32(1.0), stored).astype(np.float32)
 
-    zero = np.array(0, dtype=ml_dtypes.float8_e4m3fn)
-    out: dict[str, list[dict]] = {}
-    for r in ranges:
-        for name, amax in ((r.activation, r.abs_max), (r.weight, r.weight_abs_max)):
-            scale = np.array(amax / FP8_MAX if amax > 0 else 1.0, dtype=np.float32)
-            out[name] = [{"scale": scale, "zero_point": zero}]
-    return out
+
+def quantize_weight(precision: str, w: np.ndarray, scale: np.ndarray, axis: int) -> np.ndarray:
+    """The stored weight: int8 round-half-to-even of w / scale (per channel), or E4M3 with saturation."""
+    s = scale if scale.ndim == 0 else np.expand_dims(scale, 1 - axis)
+    q = w.astype(np.float32) / s
+    if precision == "fp8":
+        import ml_dtypes
+
+        return np.clip(q, -FP8_MAX, FP8_MAX).astype(ml_dtypes.float8_e4m3fn)
+    return np.clip(q.round(), -128, 127).astype(np.int8)
 
 
-def place_qdq(src: Path, dst: Path, feeds: list[dict[str, np.ndarray]], precision: str, part: str,
-                  calibrator: str = "percentile", exclude: dict[str, str] | None = None,
-                  external_data: bool = False, ranges: list | None = None, target: str = "trt") -> QuantReport:
-    """Quantize ``src`` into ``dst`` calibrated on ``feeds``; ``exclude`` maps scopes to reasons.
+def quantize_bias(bias: np.ndarray, x_scale: np.ndarray, w_scale: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(int32 bias, its float32 scale) for an int8 Gemm on onnxruntime: scale = x_scale * w_scale."""
+    scale = (x_scale * w_scale).astype(np.float32)
+    q = np.round(np.asarray(bias, np.float64) / np.asarray(scale, np.float64))
+    info = np.iinfo(np.int32)
+    return np.clip(q, info.min, info.max).astype(np.int32), scale.reshape(-1)
 
-    fp8 needs ``ranges`` (``guard.measure``'s per-op activation and weight ``abs_max``): E4M3 scales
-    are set to amax / 448 per tensor, for activations and weights (see ``fp8_overrides``)."""
-    import onnx
-    from onnxruntime.quantization import (
-        CalibrationMethod,
-        QuantFormat,
-        QuantType,
-        quantize_static,
-    )
 
-    if registry.get(precision).kind != registry.CALIBRATED:
-        raise ValueError(f"{precision} is not a calibrated precision")
+def place_qdq(model, ranges: dict[str, tuple[float, float]], precision: str, part: str,
+              calibrator: str = "percentile", exclude: dict[str, str] | None = None,
+              target: str = "trt") -> QuantReport:
+    """Quantize the weighted ops of the onnx-ir ``model`` (a float part, weights lazy or in memory) in
+    place. ``ranges``: activation tensor -> calibrated (low, high); ``exclude``: scope -> why an op
+    stays in float."""
+    if not registry.get(precision).calibrated:
+        raise ValueError(precision)
     if calibrator not in CALIBRATORS:
         raise QvlError(f"Unknown calibrator {calibrator!r}; use one of {', '.join(CALIBRATORS)}.")
-    if not feeds:
-        raise QvlError(f"No calibration data for the {part} part; give documents with --calib-docs.")
-    model = onnx.load(str(src), load_external_data=False)
-    nodes = weighted_nodes(model)
     exclude = exclude or {}
-    report = QuantReport(part, precision, calibrator)
-    chosen = []
-    for n in nodes:
+    report = QuantReport(part, precision, "max" if precision == "fp8" else calibrator)
+    chosen: list[WeightedNode] = []
+    for n in weighted_nodes(model):
         reason = exclude.get(n.scope) or exclude.get(n.name)
         if reason:
             report.kept[n.scope] = reason
         else:
-            chosen.append(n.name)
+            chosen.append(n)
             report.quantized.append(n.scope)
     if not chosen:
         raise QvlError(f"Nothing to quantize in {part}: every weighted op is guarded.")
-    input_names = [i.name for i in model.graph.input]
-    del model
-    overrides = {}
+    missing = sorted({n.activation for n in chosen} - set(ranges))
+    if missing:
+        raise QvlError(f"No calibration range for {missing[0]} in {part}; rebuild without --calib-cache.")
+    writer = _Writer(model, precision, int8_bias=target == "ort" and precision == "int8")
+    nodes = {n.name: n for n in model.graph}
+    for n in chosen:
+        writer.quantize(nodes[n.name], n, ranges[n.activation])
+    writer.drop_unused_weights()
     if precision == "fp8":
-        if not ranges:
-            raise ValueError("fp8 quantization needs the measured ranges (guard.measure)")
-        # onnxruntime insists on its distribution calibrator for float types; every fp8 scale comes
-        # from the overrides, so what it measures is not used
-        qtype, method = QuantType.QFLOAT8E4M3FN, CalibrationMethod.Distribution
-        overrides = fp8_overrides([r for r in ranges if r.node in chosen])
-        report.calibrator = "max"
-    else:
-        qtype = QuantType.QInt8
-        method = {"max": CalibrationMethod.MinMax, "percentile": CalibrationMethod.Percentile,
-                  "entropy": CalibrationMethod.Entropy,
-                  "distribution": CalibrationMethod.Distribution}[calibrator]
-    extra = {
-        "ActivationSymmetric": True,
-        "WeightSymmetric": True,
-        "MatMulConstBOnly": True,
-        # TensorRT takes float biases. onnxruntime fuses a Q/DQ Gemm into QGemm only with an int32
-        # bias (a float one leaves it a float Gemm on dequantized weights): int8 on the ort target
-        "QuantizeBias": target == "ort" and precision == "int8",
-        "OpTypesToExcludeOutputQuantization": ["MatMul", "Gemm"],
-        "QDQOpTypePerChannelSupportToAxis": {"MatMul": 1},
-        "CalibPercentile": 99.999,
-        # feeds have ragged shapes (sequence lengths): collect one feed at a time, the histogram
-        # calibrators stack a chunk's outputs into one array
-        "CalibStridedMinMax": 1,
-    }
-    if overrides:
-        extra["TensorQuantOverrides"] = overrides
-    quantize_static(
-        str(src), str(dst), _Reader(feeds, input_names), quant_format=QuantFormat.QDQ,
-        op_types_to_quantize=["MatMul", "Gemm"], per_channel=precision == "int8", reduce_range=False,
-        activation_type=qtype, weight_type=qtype, nodes_to_quantize=chosen, calibrate_method=method,
-        use_external_data_format=external_data, extra_options=extra,
-    )
+        for opsets in (model.opset_imports, model.graph.opset_imports):
+            opsets[""] = max(opsets.get("", 19), 19)
+    log.info("%s: %d ops quantized (%s), %d kept", part, len(report.quantized), precision, len(report.kept))
     return report
+
+
+def _release(tensor) -> None:
+    """Drop a lazily read tensor's memory map (its pages would otherwise stay counted as resident)."""
+    release = getattr(tensor, "release", None)
+    if release is not None:
+        release()
+
+
+class _Writer:
+    """Builds the Q/DQ nodes and quantized initializers of one model; one activation Q/DQ pair and one
+    weight DQ per tensor, shared by its quantized consumers, as ``quantize_static`` writes them."""
+
+    def __init__(self, model, precision: str, int8_bias: bool):
+        import onnx_ir as ir
+
+        self.ir = ir
+        self.model, self.graph = model, model.graph
+        self.precision = precision
+        self.int8_bias = int8_bias
+        self.qtype = ir.DataType.FLOAT8E4M3FN if precision == "fp8" else ir.DataType.INT8
+        self.activations: dict[str, tuple] = {}  # tensor -> (dequantized value, scale)
+        self.weights: dict[str, tuple] = {}  # weight -> (dequantized value, scale [N] or [])
+        self.replaced: set[str] = set()
+
+    def _init(self, name: str, tensor) -> object:
+        ir = self.ir
+        value = ir.Value(name=name, shape=ir.Shape(tensor.shape), type=ir.TensorType(tensor.dtype),
+                         const_value=tensor)
+        self.graph.register_initializer(value)
+        return value
+
+    def _zero(self, name: str, shape: tuple[int, ...], dtype):
+        ir = self.ir
+        if dtype == ir.DataType.INT8:
+            return self._init(name, ir.tensor(np.zeros(shape, np.int8), name=name))
+        if dtype == ir.DataType.INT32:
+            return self._init(name, ir.tensor(np.zeros(shape, np.int32), name=name))
+        import ml_dtypes
+
+        return self._init(name, ir.tensor(np.zeros(shape, ml_dtypes.float8_e4m3fn), name=name))
+
+    def _node(self, op: str, inputs, output: str, axis: int | None = None, after=None):
+        """A Q or DQ node right after ``after`` (a producer), else at the start of the graph."""
+        ir = self.ir
+        attrs = [ir.AttrInt64("axis", axis)] if axis is not None else []
+        node = ir.Node("", op, inputs, attributes=attrs, name=output.removesuffix("_Output"), num_outputs=1)
+        node.outputs[0].name = output
+        if after is not None:
+            self.graph.insert_after(after, node)
+        else:
+            self.graph.insert_before(next(iter(self.graph)), node)
+        return node
+
+    @staticmethod
+    def _reroute(value, new, keep) -> None:
+        """Every reader of ``value`` but ``keep`` reads ``new`` - as quantize_static rewrites a quantized
+        tensor for all its consumers (the tied token table's Gather reads the dequantized table)."""
+        for user, index in list(value.uses()):
+            if user is not keep:
+                user.replace_input_with(index, new)
+
+    def quantize(self, node, info: WeightedNode, rng: tuple[float, float]) -> None:
+        _, x_scale = self._activation(node, info.activation, rng)
+        _, w_scale = self._weight(node, info.weight, 0 if info.trans_b else 1)
+        if self.int8_bias and info.has_bias:
+            self._bias(node, x_scale, w_scale)
+
+    def _activation(self, node, name: str, rng):
+        if name not in self.activations:
+            x = node.inputs[0]
+            scale = activation_scale(self.precision, *rng)
+            s = self._init(f"{name}_scale", self.ir.tensor(scale, name=f"{name}_scale"))
+            z = self._zero(f"{name}_zero_point", (), self.qtype)
+            q = self._node("QuantizeLinear", [x, s, z], f"{name}_QuantizeLinear_Output", after=x.producer())
+            dq = self._node("DequantizeLinear", [q.outputs[0], s, z], f"{name}_DequantizeLinear_Output", after=q)
+            dq.outputs[0].shape, dq.outputs[0].type = x.shape, x.type
+            self._reroute(x, dq.outputs[0], keep=q)
+            self.activations[name] = (dq.outputs[0], scale)
+        return self.activations[name]
+
+    def _weight(self, node, name: str, axis: int):
+        ir = self.ir
+        if name not in self.weights:
+            w = node.inputs[1]
+            source = w.const_value
+            shape = tuple(source.shape)
+            # the scales are needed now (the bias's int32 scale is built from them); the quantized
+            # values are computed again from the float tensor when the part is written
+            scale = weight_scales(self.precision, source.numpy(), axis)
+            _release(source)
+            precision = self.precision
+
+            def read(source=source, scale=scale, axis=axis, name=name):
+                q = quantize_weight(precision, source.numpy(), scale, axis)
+                _release(source)
+                return ir.tensor(q, name=f"{name}_quantized")
+
+            qname = f"{name}_quantized"
+            qw = self._init(qname, ir.LazyTensor(read, dtype=self.qtype, shape=ir.Shape(shape), name=qname))
+            per_channel = scale.ndim == 1
+            s = self._init(f"{name}_scale", ir.tensor(scale, name=f"{name}_scale"))
+            z = self._zero(f"{name}_zero_point", scale.shape, self.qtype)
+            dq = self._node("DequantizeLinear", [qw, s, z], f"{name}_DequantizeLinear_Output",
+                            axis=axis if per_channel else None)
+            dq.outputs[0].shape, dq.outputs[0].type = w.shape, w.type
+            self._reroute(w, dq.outputs[0], keep=None)
+            self.weights[name] = (dq.outputs[0], scale)
+            self.replaced.add(name)
+        return self.weights[name]
+
+    def _bias(self, node, x_scale, w_scale) -> None:
+        ir = self.ir
+        b = node.inputs[2]
+        q, scale = quantize_bias(b.const_value.numpy(), x_scale, w_scale)
+        qname = f"{b.name}_quantized"
+        qb = self._init(qname, ir.tensor(q, name=qname))
+        s = self._init(f"{qname}_scale", ir.tensor(scale, name=f"{qname}_scale"))
+        z = self._zero(f"{qname}_zero_point", scale.shape, ir.DataType.INT32)
+        dq = self._node("DequantizeLinear", [qb, s, z], f"{b.name}_DequantizeLinear_Output", axis=0)
+        dq.outputs[0].shape, dq.outputs[0].type = b.shape, b.type
+        node.replace_input_with(2, dq.outputs[0])
+        self.replaced.add(b.name)
+
+    def drop_unused_weights(self) -> None:
+        for name in self.replaced:
+            value = self.graph.initializers.get(name)
+            if value is not None and not value.uses() and value not in self.graph.outputs:
+                del self.graph.initializers[name]

@@ -101,29 +101,36 @@ class ArtifactStore:
                   lint: list[dict] | None = None) -> PartInfo:
         """Write (or replace) part ``name`` from an onnx-ir model: ``<name>.onnx`` plus
         ``<name>.onnx.data`` when its weights are large (names unique per part, so parts never
-        overwrite each other's data). ``model`` may hold tensors backed by the part's previous files
-        or by a quantizer's output: they are read before anything is replaced. Updates the
-        manifest's entry (passes and lint findings kept unless given)."""
+        overwrite each other's data). Tensors are written one at a time - lazily bound checkpoint
+        weights and lazily quantized ones are computed as they are written, nothing else is loaded -
+        into a hidden folder first; the new files then replace the part's old ones, so tensors that
+        are still read from the old files (a quantizer's input) stay readable while the new ones are
+        written. Updates the manifest's entry (passes and lint findings kept unless given)."""
         import onnx_ir as ir
 
         size = sum(v.const_value.nbytes for v in model.graph.initializers.values() if v.const_value is not None)
         file = f"{name}.onnx"
         data = f"{name}.onnx.data" if size > EXTERNAL_DATA_THRESHOLD else None
         old = self.part(name)
-        replaced = {self.file(f).resolve() for f in (old.file, old.external_data, file, data) if f} if old else set()
-        if data is None:
-            ir.external_data.load_to_model(model)  # saved inline: no tensor may point at another file
-        else:  # only tensors read from a file about to be replaced come into memory
-            for value in model.graph.initializers.values():
-                t = value.const_value
-                if isinstance(t, ir.ExternalTensor) and Path(t.path).resolve() in replaced:
-                    value.const_value = ir.Tensor(t.numpy(), name=t.name)
-        for path in replaced:
-            path.unlink(missing_ok=True)
-        if data:
-            ir.save(model, self.file(file), external_data=data)
-        else:
-            ir.save(model, self.file(file))
+        staging = self.scratch(f"{name}.saving")
+        shutil.rmtree(staging, ignore_errors=True)
+        staging.mkdir()
+        try:
+            if data:
+                ir.save(model, staging / file, external_data=data)
+            else:  # inline: no tensor may keep pointing at a file of the folder
+                ir.external_data.load_to_model(model)
+                ir.save(model, staging / file)
+            for f in (old.file, old.external_data) if old else ():
+                if f and f not in (file, data):
+                    self.file(f).unlink(missing_ok=True)
+            if not data:
+                self.file(f"{name}.onnx.data").unlink(missing_ok=True)
+            for f in (file, data):
+                if f:
+                    os.replace(staging / f, self.file(f))
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
         keep_passes = old.passes if old else []
         keep_lint = old.lint if old else []
         info = PartInfo(name, file, data, tensor_infos(model.graph.inputs), tensor_infos(model.graph.outputs),

@@ -156,14 +156,15 @@ def test_bad_calibration_fails_the_gate(precision, factor, checkpoint, tmp_path,
     is why it is calibrated by max."""
     from qvl_export.calibration import collect
 
-    real = collect.collect_feeds
+    real = collect.collect_stats
 
     def scaled(*args, **kwargs):
-        feeds = real(*args, **kwargs)
-        return {part: [{k: v * factor if v.dtype.kind == "f" else v for k, v in f.items()} for f in items]
-                for part, items in feeds.items()}
+        stats = real(*args, **kwargs)
+        for st in stats.values():  # every activation statistic and range, as if the activations were scaled
+            st.scale(factor)
+        return stats
 
-    monkeypatch.setattr(collect, "collect_feeds", scaled)
+    monkeypatch.setattr(collect, "collect_stats", scaled)
     out = tmp_path / "bad"
     build(checkpoint("qwen2_5_vl"), out, BuildOptions(precision=precision, calib_limit=4))
     report = run_parity(out, checkpoint("qwen2_5_vl"), cases=CASES[:1], max_new_tokens=8)

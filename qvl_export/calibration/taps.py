@@ -1,0 +1,231 @@
+"""Streaming calibration: activation statistics taken while the float artifacts run, never stored.
+
+Each part to calibrate gets a *tap* graph beside it in the artifacts folder being built: the same
+graph, its weights still in the part's own data file (nothing is copied), with every weighted
+MatMul/Gemm's activation input added as a graph output. The runtime loads the tap graphs in place of
+the parts, so one onnxruntime session per part runs the calibration documents - the weights are
+resident once, as when the artifacts run - and every tapped activation goes straight into
+``ActivationStats``:
+
+- its absolute max and RMS (the precision guard, fp8's max calibration),
+- onnxruntime's own calibration collectors (``MinMax`` / ``HistogramCollector`` for the
+  percentile, entropy and distribution methods: the int8 ranges), fed one run at a time exactly as
+  ``quantize_static`` feeds them with ``CalibStridedMinMax=1``,
+- an evenly spaced sample of rows, bounded in bytes per tensor, for the guard's local error.
+
+So memory is the parts' weights plus the statistics, whatever the number of documents; the decoder's
+KV caches are never copied (they were what made recorded feeds grow with the documents).
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+
+log = logging.getLogger(__name__)
+
+SAMPLE_FEEDS = 8  # runs whose rows are sampled for the local error estimate
+SAMPLE_BYTES = 4 << 20  # at most this much of sampled rows per tensor (float32)
+MAX_ROWS = 4096  # and at most this many rows
+
+
+@dataclass
+class WeightedNode:
+    name: str  # ONNX node name
+    scope: str  # module path from the exporter's metadata, e.g. "layers.3.mlp.down_proj"
+    weight: str  # initializer name of the constant input
+    activation: str  # the activation input
+    op_type: str  # MatMul or Gemm
+    trans_b: bool = False  # Gemm's transB: weight stored [N, K]
+    has_bias: bool = False  # Gemm with a constant bias
+
+
+def weighted_nodes(model) -> list[WeightedNode]:
+    """MatMul/Gemm nodes of an onnx-ir model whose second input is an initializer, in graph order."""
+    out = []
+    for node in model.graph:
+        if node.op_type not in ("MatMul", "Gemm") or node.domain not in ("", "ai.onnx") or len(node.inputs) < 2:
+            continue
+        x, w = node.inputs[0], node.inputs[1]
+        if x is None or w is None or w.const_value is None or not w.is_initializer():
+            continue
+        trans_b = node.op_type == "Gemm" and bool(node.attributes.get_int("transB", 0))
+        bias = len(node.inputs) > 2 and node.inputs[2] is not None and node.inputs[2].const_value is not None
+        out.append(WeightedNode(node.name, _scope(node) or node.name, w.name, x.name, node.op_type, trans_b, bias))
+    return out
+
+
+def _scope(node) -> str | None:
+    value = node.metadata_props.get("pkg.torch.onnx.name_scopes")
+    if not value:
+        return None
+    scopes = [s.strip(" '\"") for s in value.strip("[]").split(",")]
+    modules = [s for s in scopes if s and "." in s or s in ("lm_head",)]
+    return modules[-1] if modules else None
+
+
+def write_tap_graph(part_path: Path, tap_path: Path) -> list[str]:
+    """Write the part's graph with its weighted ops' activation inputs as extra outputs to
+    ``tap_path`` (same folder: the weights stay in the part's data file). Returns the tap names."""
+    import onnx_ir as ir
+
+    model = ir.load(part_path)  # external tensors stay on disk
+    nodes = weighted_nodes(model)
+    existing = {o.name for o in model.graph.outputs}
+    taps: list[str] = []
+    values = {n.name: n for n in model.graph}
+    for n in nodes:
+        x = values[n.name].inputs[0]
+        if x.name not in existing and x.name not in taps:
+            model.graph.outputs.append(x)
+            taps.append(x.name)
+    ir.save(model, tap_path)  # no external_data argument: tensors keep pointing at the part's file
+    return taps
+
+
+@dataclass
+class TensorStats:
+    abs_max: float = 0.0
+    sum_sq: float = 0.0
+    count: int = 0
+    rows: list[np.ndarray] = field(default_factory=list)
+
+    @property
+    def rms(self) -> float:
+        return float(np.sqrt(self.sum_sq / self.count)) if self.count else 0.0
+
+    def sample(self) -> np.ndarray:
+        return np.concatenate(self.rows, axis=0) if self.rows else np.zeros((0, 0), np.float32)
+
+
+class ActivationStats:
+    """Running statistics of a part's tapped activations (see the module docstring)."""
+
+    def __init__(self, names: list[str], method: str):
+        from onnxruntime.quantization.calibrate import HistogramCollector
+
+        self.names = list(names)
+        self.method = method  # max, percentile, entropy, distribution
+        self.tensors = {n: TensorStats() for n in self.names}
+        self.runs = 0
+        self._minmax: dict[str, tuple[float, float]] = {}
+        self._histograms = None
+        self._fixed: dict[str, tuple[float, float]] | None = None
+        if method != "max":
+            self._histograms = HistogramCollector(method=method, symmetric=True, num_bins=2048,
+                                                  num_quantized_bins=128, percentile=99.999, scenario="same")
+
+    def update(self, arrays: dict[str, np.ndarray]) -> None:
+        for name, arr in arrays.items():
+            t = self.tensors[name]
+            a = np.asarray(arr, dtype=np.float32)
+            if a.size:
+                t.abs_max = max(t.abs_max, float(np.abs(a).max()))
+                t.sum_sq += float(np.square(a, dtype=np.float64).sum())
+                t.count += a.size
+                lo, hi = self._minmax.get(name, (np.inf, -np.inf))
+                self._minmax[name] = (min(lo, float(a.min())), max(hi, float(a.max())))
+            if self.runs < SAMPLE_FEEDS and a.size:
+                rows = a.reshape(-1, a.shape[-1])
+                cap = max(1, min(MAX_ROWS, SAMPLE_BYTES // (4 * rows.shape[1])) // SAMPLE_FEEDS)
+                if len(rows) > cap:  # even sample: the error estimate needs rows, not all of them
+                    rows = rows[np.linspace(0, len(rows) - 1, cap).astype(int)]
+                t.rows.append(np.array(rows, copy=True))
+        if self._histograms is not None:
+            _quietly(self._histograms.collect, {k: [np.asarray(v)] for k, v in arrays.items()})
+        self.runs += 1
+
+    def ranges(self) -> dict[str, tuple[float, float]]:
+        """tensor -> (low, high) calibration range of the method (onnxruntime's collectors)."""
+        if self._fixed is not None:
+            return dict(self._fixed)
+        if self._histograms is None:
+            return dict(self._minmax)
+        result = _quietly(self._histograms.compute_collection_result)
+        out = {}
+        for name, value in result.items():
+            if hasattr(value, "range_value"):  # TensorData (entropy / distribution)
+                value = value.range_value
+            out[name] = (float(value[0]), float(value[1]))
+        return out
+
+    # -- the --calib-cache form: JSON-able facts + named arrays ---------------------------------
+    def describe(self) -> dict:
+        hist = self._histograms.histogram_dict if self._histograms is not None else {}
+        return {"names": self.names, "method": self.method, "runs": self.runs,
+                "tensors": {n: [t.abs_max, t.sum_sq, t.count, len(t.rows)] for n, t in self.tensors.items()},
+                "minmax": self._minmax, "fixed": self._fixed,
+                "histograms": {n: len(v) for n, v in hist.items()}}
+
+    def to_arrays(self) -> dict[str, np.ndarray]:
+        out = {}
+        for i, (name, t) in enumerate(self.tensors.items()):
+            for j, r in enumerate(t.rows):
+                out[f"rows_{i}_{j}"] = r
+        if self._histograms is not None:
+            for i, name in enumerate(self.names):
+                for j, item in enumerate(self._histograms.histogram_dict.get(name, ())):
+                    out[f"hist_{i}_{j}"] = np.asarray(item)
+        return out
+
+    @classmethod
+    def from_arrays(cls, info: dict, arrays: dict[str, np.ndarray]) -> "ActivationStats":
+        st = cls(info["names"], info["method"])
+        st.runs = int(info["runs"])
+        for i, name in enumerate(st.names):
+            abs_max, sum_sq, count, chunks = info["tensors"][name]
+            st.tensors[name] = TensorStats(float(abs_max), float(sum_sq), int(count),
+                                           [arrays[f"rows_{i}_{j}"] for j in range(int(chunks))])
+            n = info["histograms"].get(name)
+            if n and st._histograms is not None:
+                items = [arrays[f"hist_{i}_{j}"] for j in range(int(n))]
+                st._histograms.histogram_dict[name] = tuple(items[:2]) + tuple(a[()] for a in items[2:])
+        st._minmax = {k: tuple(v) for k, v in info["minmax"].items()}
+        st._fixed = {k: tuple(v) for k, v in info["fixed"].items()} if info.get("fixed") else None
+        return st
+
+    def scale(self, factor: float) -> None:
+        """Multiply every statistic and range by ``factor`` (a test makes calibration wrong with it)."""
+        self._fixed = {k: (lo * factor, hi * factor) for k, (lo, hi) in self.ranges().items()}
+        for t in self.tensors.values():
+            t.abs_max *= factor
+            t.sum_sq *= factor * factor
+            t.rows = [r * factor for r in t.rows]
+
+
+def _quietly(fn, *args):
+    """onnxruntime's collectors print progress lines to stdout; keep stdout for the tool's output."""
+    import contextlib
+    import io
+
+    with contextlib.redirect_stdout(io.StringIO()):
+        return fn(*args)
+
+
+class TappingBackend:
+    """Wraps a runtime backend whose tapped parts run their tap graphs: the part's own outputs go back
+    to the pipeline, the tapped activations into that part's ``ActivationStats`` (only on the runs
+    ``keep`` accepts)."""
+
+    def __init__(self, inner, stats: dict[str, ActivationStats], plain_outputs: dict[str, int],
+                 keep: Callable[[str, dict], bool]):
+        self._inner = inner
+        self._stats = stats
+        self._plain = plain_outputs  # part -> number of its own outputs (taps follow them)
+        self._keep = keep
+
+    def run(self, part: str, feeds: dict[str, np.ndarray]):
+        outs = self._inner.run(part, feeds)
+        if part not in self._stats:
+            return outs
+        n = self._plain[part]
+        if self._keep(part, feeds):
+            self._stats[part].update(dict(zip(self._stats[part].names, outs[n:])))
+        return outs[:n]
+
+    def __getattr__(self, name):
+        return getattr(self._inner, name)
