@@ -227,9 +227,13 @@ def engines(ctx: BuildContext) -> None:
 
 
 def commit(ctx: BuildContext) -> None:
-    """Seal the checksums, write the manifest and the build log, move the folder into place."""
+    """Seal the checksums, write the manifest and the build log, move the folder into place. The
+    build's peak resident memory goes to the build log (not the manifest: two identical builds
+    give byte-identical manifests) and is printed."""
+    peak = peak_rss_bytes()
+    ctx.build_log["peak_rss_bytes"] = peak
     ctx.store.commit(ctx.build_log)
-    ctx.say(f"artifacts written to {ctx.out_dir}")
+    ctx.say(f"artifacts written to {ctx.out_dir} (peak memory {peak / (1 << 30):.2f} GiB)")
     t = ctx.settings.tensorrt
     if t.bundle:
         ctx.say(f"bundle written to {ctx.out_dir}: copy it to the {t.device} and run "
@@ -237,6 +241,14 @@ def commit(ctx: BuildContext) -> None:
 
 
 # -- helpers -------------------------------------------------------------------------------------
+
+def peak_rss_bytes() -> int:
+    """Peak resident set size of this process so far (Linux reports kilobytes, macOS bytes)."""
+    import resource
+    import sys
+
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return int(peak if sys.platform == "darwin" else peak * 1024)
 
 def check_pass_names(target: str, only, skip) -> None:
     """Unknown ``--passes`` / ``--skip-pass`` names: one line listing the known ones."""

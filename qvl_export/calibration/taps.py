@@ -68,23 +68,67 @@ def _scope(node) -> str | None:
     return modules[-1] if modules else None
 
 
+TAP_BYTES = 2 << 20  # rows of an activation a tap returns per run, at most (float32)
+TAP_OUTPUTS = ("max", "min", "sumsq", "count", "rows")  # per tapped activation, in this order
+
+
 def write_tap_graph(part_path: Path, tap_path: Path) -> list[str]:
-    """Write the part's graph with its weighted ops' activation inputs as extra outputs to
-    ``tap_path`` (same folder: the weights stay in the part's data file). Returns the tap names."""
+    """Write the part's graph with taps on its weighted ops' activation inputs to ``tap_path`` (same
+    folder: the weights stay in the part's data file, nothing is copied). Returns the tapped
+    activations; each adds the outputs ``TAP_OUTPUTS``: its exact max, min, sum of squares and
+    element count, reduced in the graph, and every k-th of its rows (k so that at most
+    ``TAP_BYTES`` come back), so a run returns a bounded amount whatever the page size and depth."""
     import onnx_ir as ir
 
     model = ir.load(part_path)  # external tensors stay on disk
-    nodes = weighted_nodes(model)
-    existing = {o.name for o in model.graph.outputs}
-    taps: list[str] = []
     values = {n.name: n for n in model.graph}
-    for n in nodes:
-        x = values[n.name].inputs[0]
-        if x.name not in existing and x.name not in taps:
-            model.graph.outputs.append(x)
-            taps.append(x.name)
+    taps: list[str] = []
+    for n in weighted_nodes(model):
+        if n.activation not in taps:
+            taps.append(n.activation)
+            model.graph.outputs.extend(_tap(model, values[n.name].inputs[0]))
     ir.save(model, tap_path)  # no external_data argument: tensors keep pointing at the part's file
     return taps
+
+
+def _tap(model, x) -> list:
+    import onnx_ir as ir
+
+    graph = model.graph
+    rank = len(x.shape) if x.shape is not None else 2
+    width = x.shape[-1] if x.shape is not None and isinstance(x.shape[-1], int) else 1024
+    cap = max(16, TAP_BYTES // (4 * width))
+
+    def const(name: str, value) -> ir.Value:
+        v = ir.Value(name=f"{x.name}.tap_{name}", const_value=ir.tensor(np.asarray(value), name=f"{x.name}.tap_{name}"))
+        graph.register_initializer(v)
+        return v
+
+    def op(kind: str, inputs, out: str | None = None, **attrs) -> ir.Value:
+        node = ir.Node("", kind, inputs, attributes=[ir.Attr(k, _attr_type(v), v) for k, v in attrs.items()],
+                       name=f"{x.name}.tap_{kind}_{len(graph)}", num_outputs=1)
+        node.outputs[0].name = f"{x.name}.tap_{out}" if out else f"{node.name}_out"
+        graph.append(node)
+        return node.outputs[0]
+
+    outs = [op("ReduceMax", [x], "max", keepdims=0), op("ReduceMin", [x], "min", keepdims=0),
+            op("ReduceSumSquare", [x], "sumsq", keepdims=0), op("Size", [x], "count")]
+    flat = op("Flatten", [x], axis=max(1, rank - 1))  # [rows, width]
+    rows = op("Gather", [op("Shape", [flat]), const("zero", np.array([0], np.int64))])
+    step = op("Max", [op("Div", [op("Add", [rows, const("cap_less_one", np.array([cap - 1], np.int64))]),
+                                 const("cap", np.array([cap], np.int64))]), const("one", np.array([1], np.int64))])
+    outs.append(op("Slice", [flat, const("start", np.array([0], np.int64)), rows, const("zero_axis", np.array([0], np.int64)),
+                             step], "rows"))
+    x_dtype = x.dtype or ir.DataType.FLOAT
+    for v, dtype in zip(outs, (x_dtype, x_dtype, x_dtype, ir.DataType.INT64, x_dtype)):
+        v.type = ir.TensorType(dtype)
+    return outs
+
+
+def _attr_type(value):
+    import onnx_ir as ir
+
+    return ir.AttributeType.INT if isinstance(value, int) else ir.AttributeType.FLOAT
 
 
 @dataclass
@@ -119,24 +163,27 @@ class ActivationStats:
             self._histograms = HistogramCollector(method=method, symmetric=True, num_bins=2048,
                                                   num_quantized_bins=128, percentile=99.999, scenario="same")
 
-    def update(self, arrays: dict[str, np.ndarray]) -> None:
-        for name, arr in arrays.items():
+    def update(self, taps: dict[str, list[np.ndarray]]) -> None:
+        """One run's tap outputs: activation -> [max, min, sum of squares, count, rows] (``TAP_OUTPUTS``)."""
+        rows_by_name = {}
+        for name, (hi, lo, sumsq, count, rows) in taps.items():
             t = self.tensors[name]
-            a = np.asarray(arr, dtype=np.float32)
-            if a.size:
-                t.abs_max = max(t.abs_max, float(np.abs(a).max()))
-                t.sum_sq += float(np.square(a, dtype=np.float64).sum())
-                t.count += a.size
-                lo, hi = self._minmax.get(name, (np.inf, -np.inf))
-                self._minmax[name] = (min(lo, float(a.min())), max(hi, float(a.max())))
-            if self.runs < SAMPLE_FEEDS and a.size:
-                rows = a.reshape(-1, a.shape[-1])
+            rows = np.asarray(rows, dtype=np.float32)
+            rows_by_name[name] = rows
+            if int(count):
+                hi, lo = float(hi), float(lo)
+                t.abs_max = max(t.abs_max, abs(hi), abs(lo))
+                t.sum_sq += float(sumsq)
+                t.count += int(count)
+                old_lo, old_hi = self._minmax.get(name, (np.inf, -np.inf))
+                self._minmax[name] = (min(old_lo, lo), max(old_hi, hi))
+            if self.runs < SAMPLE_FEEDS and rows.size:
                 cap = max(1, min(MAX_ROWS, SAMPLE_BYTES // (4 * rows.shape[1])) // SAMPLE_FEEDS)
                 if len(rows) > cap:  # even sample: the error estimate needs rows, not all of them
                     rows = rows[np.linspace(0, len(rows) - 1, cap).astype(int)]
                 t.rows.append(np.array(rows, copy=True))
         if self._histograms is not None:
-            _quietly(self._histograms.collect, {k: [np.asarray(v)] for k, v in arrays.items()})
+            _quietly(self._histograms.collect, {k: [v] for k, v in rows_by_name.items() if v.size})
         self.runs += 1
 
     def ranges(self) -> dict[str, tuple[float, float]]:
@@ -222,9 +269,10 @@ class TappingBackend:
         outs = self._inner.run(part, feeds)
         if part not in self._stats:
             return outs
-        n = self._plain[part]
+        n, k = self._plain[part], len(TAP_OUTPUTS)
         if self._keep(part, feeds):
-            self._stats[part].update(dict(zip(self._stats[part].names, outs[n:])))
+            names = self._stats[part].names
+            self._stats[part].update({name: outs[n + k * i:n + k * (i + 1)] for i, name in enumerate(names)})
         return outs[:n]
 
     def __getattr__(self, name):

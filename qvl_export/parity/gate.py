@@ -8,6 +8,7 @@ The pass rule is written in ``gates.json`` per precision: every check of every c
 
 from __future__ import annotations
 
+import gc
 import json
 import time
 from dataclasses import dataclass, field
@@ -164,15 +165,21 @@ def _check(stages: dict, gates: dict[str, float]) -> list[dict]:
     return out
 
 
-def compare_case(pipe, ref, case: Case, max_new_tokens: int) -> dict:
-    """Run one case on both sides and return its stages' metrics (no gating)."""
+def reference_case(ref, case: Case, max_new_tokens: int):
+    """Run one case on the PyTorch reference; keeps what the comparison reads (the prefill's last
+    row of logits, not all [T, V] of them). Returns (result, seconds)."""
     from qvl_export.parity.reference import ReferenceCase
 
-    images = case.images()
     t0 = time.perf_counter()
-    r = ref.run(ReferenceCase(case.name, images, case.prompt, max_new_tokens=max_new_tokens, system=case.system))
-    t_ref = time.perf_counter() - t0
+    r = ref.run(ReferenceCase(case.name, case.images(), case.prompt, max_new_tokens=max_new_tokens,
+                              system=case.system))
+    r.prefill_logits = np.array(r.prefill_logits[-1:], copy=True)
+    return r, time.perf_counter() - t0
 
+
+def compare_case(pipe, r, case: Case, max_new_tokens: int, t_ref: float = 0.0) -> dict:
+    """Run one case on the artifacts against the reference's result ``r``; its stages' metrics (no gating)."""
+    images = case.images()
     t1 = time.perf_counter()
     prep = pipe.prepare(images, case.prompt, system=case.system)
     stages: dict[str, dict] = {}
@@ -285,16 +292,27 @@ def run_parity(artifacts: str | Path, reference_dir: str | Path, gates_file: Pat
                        "artifacts were built from.")
     say = progress or (lambda m: None)
     check_reference(manifest, reference_dir)
+    if verify:
+        manifest.verify(artifacts)  # a damaged folder fails before the reference runs
+    # the reference and the artifacts are never resident together: every case runs on the reference
+    # first (its results kept, small), the reference is freed, then the artifacts load
+    chosen = cases or (QUICK_CASES if quick else ALL_CASES)
     say("loading the PyTorch reference (transformers)")
     ref = TorchReference(reference_dir)
-    pipe = Pipeline.load(artifacts, threads=threads, verify=verify)
+    references = []
+    for case in chosen:
+        say(f"reference case {case.name}")
+        references.append(reference_case(ref, case, max_new_tokens))
+    del ref
+    gc.collect()
+    pipe = Pipeline.load(artifacts, threads=threads, verify=False)
     report = Report(precision=manifest.precision, gates=gates,
                     meta={"artifacts": str(artifacts), "reference": str(reference_dir),
                           "max_new_tokens": max_new_tokens, "quick": quick,
                           "source_sha256": manifest.source.sha256})
-    for case in cases or (QUICK_CASES if quick else ALL_CASES):
+    for case, (r, t_ref) in zip(chosen, references):
         say(f"parity case {case.name}")
-        result = compare_case(pipe, ref, case, max_new_tokens)
+        result = compare_case(pipe, r, case, max_new_tokens, t_ref)
         result["checks"] = _check(result["stages"], gates)
         result["passed"] = all(c["passed"] for c in result["checks"])
         report.cases.append(result)

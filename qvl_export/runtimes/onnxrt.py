@@ -20,11 +20,17 @@ from qvl_export.core.manifest import Manifest
 log = logging.getLogger(__name__)
 
 
-def session_options(part, threads: int | None):
-    """(SessionOptions, disabled optimizers) for one part, as every session of ours opens it."""
+def session_options(part, threads: int | None, prepack: bool = True):
+    """(SessionOptions, disabled optimizers) for one part, as every session of ours opens it.
+
+    ``prepack=False`` (calibration): onnxruntime keeps the weights where they are - memory-mapped from
+    the part's data file - instead of packing a private copy of every MatMul weight for its GEMM
+    kernels; runs are slower, the weights are resident once."""
     import onnxruntime as ort
 
     opts = ort.SessionOptions()
+    if not prepack:
+        opts.add_session_config_entry("session.disable_prepacking", "1")
     if threads:
         opts.intra_op_num_threads = threads
         opts.inter_op_num_threads = 1
@@ -45,7 +51,7 @@ class OrtBackend:
     name = "onnxruntime"
 
     def __init__(self, folder: str | Path, manifest: Manifest, threads: int | None = None,
-                 providers: list[str] | None = None):
+                 providers: list[str] | None = None, prepack: bool = True):
         import onnxruntime as ort
 
         self.folder = Path(folder)
@@ -53,7 +59,7 @@ class OrtBackend:
         self.providers = providers or ["CPUExecutionProvider"]
         self.sessions = {}
         for name, part in manifest.parts.items():
-            opts, disabled = session_options(part, threads)
+            opts, disabled = session_options(part, threads, prepack)
             path = self.folder / part.file
             if not path.exists():
                 raise QvlError(f"{path} is missing; the artifacts folder is incomplete: rebuild it.")

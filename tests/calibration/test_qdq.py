@@ -16,7 +16,7 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 from qvl_export.calibration.qdq import place_qdq
-from qvl_export.calibration.taps import ActivationStats, weighted_nodes, write_tap_graph
+from qvl_export.calibration.taps import TAP_OUTPUTS, ActivationStats, weighted_nodes, write_tap_graph
 
 
 def _model(path, rng):
@@ -66,9 +66,10 @@ def _ours(src, tmp_path, feeds, calibrator, target):
     taps = write_tap_graph(src, tmp_path / ".tap.onnx")
     sess = ort.InferenceSession(str(tmp_path / ".tap.onnx"), providers=["CPUExecutionProvider"])
     stats = ActivationStats(taps, calibrator)
+    k = len(TAP_OUTPUTS)
     for f in feeds:
-        outs = sess.run(None, f)
-        stats.update(dict(zip(taps, outs[2:])))
+        outs = sess.run(None, f)[2:]
+        stats.update({name: outs[k * i:k * (i + 1)] for i, name in enumerate(taps)})
     model = ir.load(src)
     report = place_qdq(model, stats.ranges(), "int8", "test", calibrator=calibrator, target=target)
     out = tmp_path / "ours.onnx"
@@ -125,6 +126,10 @@ def test_tap_graph_keeps_weights_in_the_part_file(tmp_path):
     model = ir.load(src)
     ir.save(model, tmp_path / "part.onnx", external_data="part.onnx.data", size_threshold_bytes=0)
     taps = write_tap_graph(tmp_path / "part.onnx", tmp_path / ".tap.onnx")
-    assert (tmp_path / ".tap.onnx").stat().st_size < (tmp_path / "part.onnx.data").stat().st_size
+    tap = onnx.load(str(tmp_path / ".tap.onnx"), load_external_data=False)
+    weights = {i.name: i for i in tap.graph.initializer if i.name in ("w1", "b1", "w2", "w3")}
+    assert len(weights) == 4
+    assert all(i.data_location == TensorProto.EXTERNAL for i in weights.values())  # read from part.onnx.data
     assert taps == ["x", "r1", "h2"]
+    assert [o.name for o in tap.graph.output][2:7] == [f"x.tap_{k}" for k in TAP_OUTPUTS]
     assert [n.activation for n in weighted_nodes(ir.load(tmp_path / "part.onnx"))] == ["x", "r1", "h2"]
