@@ -213,16 +213,24 @@ def build(model_dir, output, run_parity, gates, **options):
 @main.command("passes")
 @click.option("--target", type=click.Choice(["ort", "trt"]), default=None, help="Only this target's passes.")
 def list_passes(target):
-    """List the graph passes in the order they run, with the parts and targets they apply to."""
-    from qvl_export.passes import all_passes
-    from qvl_export.passes.base import PARTS, TARGETS
+    """List the build's stages, then the graph passes in the order they run (the graph_passes stage's list,
+    then the quantized_passes stage's), with the parts and targets they apply to."""
+    from qvl_export.building.plan import describe_stages
+    from qvl_export.core.parts import PARTS, TARGETS
+    from qvl_export.passes import GRAPH_PASSES, QUANTIZED_PASSES
 
-    for p in all_passes():
-        targets = [t for t in TARGETS if t in p.targets]
-        if target and target not in targets:
-            continue
-        parts = [x for x in PARTS if x in p.parts]
-        click.echo(f"{p.name:<28} [{','.join(targets)}] [{','.join(parts)}] {p.description}")
+    click.echo("build stages:")
+    for line in describe_stages():
+        click.echo(f"  {line}")
+    click.echo("")
+    click.echo(f"{'pass':<30} {'stage':<10} {'targets':<9} {'parts':<24} description")
+    for stage, classes in (("graph", GRAPH_PASSES), ("quantized", QUANTIZED_PASSES)):
+        for p in (cls() for cls in classes):
+            targets = [t for t in TARGETS if t in p.targets]
+            if target and target not in targets:
+                continue
+            parts = [x for x in PARTS if x in p.parts]
+            click.echo(f"{p.name:<30} {stage:<10} {','.join(targets):<9} {','.join(parts):<24} {p.description}")
 
 
 @main.command()

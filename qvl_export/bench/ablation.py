@@ -104,7 +104,7 @@ def run_ablation(model: str = "qwen2-vl-2b", layers: int | None = 2, threads: in
     from qvl_export.bench.configs import bench_model
     from qvl_export.building.artifacts import BuildOptions, build
     from qvl_export.core.manifest import Manifest
-    from qvl_export.passes import all_passes
+    from qvl_export.passes import QUANTIZED, all_passes, stage_of
 
     say = progress or (lambda m: None)
     out = Path(out_dir)
@@ -128,7 +128,7 @@ def run_ablation(model: str = "qwen2-vl-2b", layers: int | None = 2, threads: in
             if not changed:
                 entry["skipped"] = "changed nothing on this shape"
                 continue
-            if p.after_quantization:
+            if stage_of(p.name) == QUANTIZED:
                 entry["skipped"] = "runs on quantized builds only"
                 continue
             without = work / f"without-{p.name}"

@@ -20,13 +20,13 @@ from __future__ import annotations
 import math
 from typing import TYPE_CHECKING
 
-from qvl_export.bench.harness import CONTENTION
+from qvl_export.bench.runs import CONTENTION
 from qvl_export.core import precisions
 
 if TYPE_CHECKING:  # pragma: no cover
     from pathlib import Path
 
-    from qvl_export.bench.harness import WorkerRun
+    from qvl_export.bench.runs import WorkerRun
 
 ENGINES = {"torch": "torch-vision", "ort_fused": "ort-vision-fused", "ort_dense": "ort-vision-dense"}
 VARIANT = {"torch": None, "ort_fused": "fused", "ort_dense": "dense"}

@@ -68,7 +68,7 @@ def median_ms(seconds: list[float]) -> float:
 
 def page_patches(spec, px: int):
     """A rendered document page of px x px pixels -> (patches [S, 1176] float32, grid, preprocess s)."""
-    from qvl_export.parity.samples import render_page
+    from qvl_export.documents.render import sample_page as render_page
     from qvl_export.runtimes.preprocess import preprocess_image
 
     image = render_page(px, px, seed=px)

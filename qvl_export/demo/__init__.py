@@ -1,7 +1,8 @@
-"""The built-in demo model: rendered documents, its training script and the trained checkpoint.
+"""The built-in demo model: its task (rendered invoices), accuracy evaluation and the trained checkpoint.
 
 ``checkpoint_dir()`` is what ``qvl-export build`` builds when no model is given: a 1.5M-parameter
-Qwen2.5-VL trained by ``python -m qvl_export.demo.train`` to read the total off a rendered invoice.
+Qwen2.5-VL trained by ``tools/train_demo.py`` (a source-checkout script with torch; not shipped) to read
+the total off a rendered invoice.
 Its ``eval.json`` holds the fp32 exact match of transformers on held-out pages; builds of it report
 their own exact match on the same pages beside it (``qvl_export.demo.accuracy``).
 """
@@ -22,7 +23,7 @@ def checkpoint_dir() -> Path:
     """The shipped demo checkpoint folder (read-only package data)."""
     if not (CHECKPOINT / "model.safetensors").is_file():
         raise QvlError(f"The built-in demo checkpoint is missing from {CHECKPOINT}; reinstall qvl-export or "
-                       "train it with 'python -m qvl_export.demo.train'.")
+                       "train it from a source checkout with 'python tools/train_demo.py --out DIR'.")
     return CHECKPOINT
 
 

@@ -1,35 +1,13 @@
-"""Deterministic sample pages for parity runs: document-like images of several sizes and aspects."""
+"""The parity cases: prompts over document-like pages of several sizes and aspects (drawn by
+``qvl_export.documents.render.sample_page``)."""
 
 from __future__ import annotations
 
-import random
 from dataclasses import dataclass, field
 
-from PIL import Image, ImageDraw
+from PIL import Image
 
-
-def render_page(width: int, height: int, seed: int, title: str = "INVOICE") -> Image.Image:
-    """A page with a title, text lines, a table grid and a few coloured blocks."""
-    rng = random.Random(seed)
-    img = Image.new("RGB", (width, height), (250, 250, 245))
-    draw = ImageDraw.Draw(img)
-    draw.text((max(4, width // 20), max(2, height // 30)), title, fill=(20, 20, 60))
-    y = max(14, height // 8)
-    while y < height - 12:
-        x = max(4, width // 20)
-        words = [f"{rng.choice(['Item', 'Qty', 'Total', 'Date', 'Tax', 'Net'])} {rng.randint(0, 9999)}"
-                 for _ in range(rng.randint(1, 4))]
-        draw.text((x, y), "  ".join(words), fill=(rng.randint(0, 80),) * 3)
-        y += max(10, height // 14)
-    cols = rng.randint(2, 5)
-    for c in range(cols + 1):
-        xx = int(width * (0.1 + 0.8 * c / cols))
-        draw.line([(xx, height // 2), (xx, int(height * 0.9))], fill=(90, 90, 90))
-    for _ in range(3):
-        x0, y0 = rng.randint(0, max(1, width - 20)), rng.randint(0, max(1, height - 20))
-        draw.rectangle([x0, y0, x0 + width // 8 + 2, y0 + height // 10 + 2],
-                       fill=(rng.randint(100, 255), rng.randint(100, 255), rng.randint(100, 255)))
-    return img
+from qvl_export.documents.render import sample_page as render_page  # the name callers know
 
 
 @dataclass

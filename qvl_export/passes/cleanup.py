@@ -1,39 +1,55 @@
-"""Constant folding and dead-node removal (onnxscript's optimizer + onnx-ir common passes).
+"""The cleanup passes the declared lists compose around the rewrites (onnx-ir's common passes, named).
 
-Valid for every target and part: it only evaluates subgraphs whose inputs are all constants and
-removes nodes whose outputs nothing reads. Large initializers are not folded into new large
-constants (size limit), so a Transpose of a weight is left for the runtime to pre-pack.
+Valid for every target and part: none changes what the graph computes.
+
+- ``eliminate_identities``: Identity nodes removed (graph outputs keep their names);
+- ``remove_unused``: nodes and initializers nothing reads (the graph's inputs and outputs are kept);
+- ``cse``: common-subexpression elimination - equal nodes on equal inputs merged into one. The
+  fusions build per-layer copies of shared subgraphs (the decoder's rotary tables, the vision
+  attention's mask columns, one per block) that it merges back. Never after ``unshare_dequantize``:
+  it would merge the Q/DQ copies that pass makes on purpose.
+
+The list entries after the fusions are the same passes under their own names
+(``cse_after_fusions``, ``remove_unused_after_fusions``), so ``--skip-pass`` can leave out either run.
 """
 
 from __future__ import annotations
 
+from typing import ClassVar
+
 import onnx_ir as ir
 import onnx_ir.passes.common as common
 
-from qvl_export.passes.base import GraphPass
+from qvl_export.passes.base import GraphPass, GraphPassResult
 
 
-class FoldConstantsAndCleanup(GraphPass):
-    name = "fold_constants"
-    description = "constant folding, identity elimination, dead-node and unused-initializer removal"
+class _CommonPass(GraphPass):
+    """An onnx-ir common pass under our name."""
 
-    def call(self, model: ir.Model) -> ir.passes.PassResult:
-        from onnxscript.optimizer import fold_constants
+    common_pass: ClassVar[type[ir.passes.PassBase]]
 
-        before = len(model.graph)
-        fold = fold_constants(model, onnx_shape_inference=False, input_size_limit=1 << 16,
-                              output_size_limit=1 << 16)
-        modified = bool(fold.modified)
-        for p in (common.IdentityEliminationPass(), common.RemoveUnusedNodesPass(),
-                  common.CommonSubexpressionEliminationPass(), common.RemoveUnusedNodesPass()):
-            modified |= p(model).modified
-        return ir.passes.PassResult(model, modified or len(model.graph) != before)
+    def call(self, model: ir.Model) -> GraphPassResult:
+        return GraphPassResult(model, bool(self.common_pass()(model).modified))
 
 
-class CleanupAfterFusions(FoldConstantsAndCleanup):
-    """The same cleanup, run last: fusions build per-layer copies of shared subgraphs (the decoder's
-    rotary tables, one per layer) that common-subexpression elimination merges back into one, and
-    leave producers nothing reads any more."""
+class EliminateIdentities(_CommonPass, name="eliminate_identities"):
+    description = "Identity nodes removed"
+    common_pass = common.IdentityEliminationPass
 
-    name = "cleanup_after_fusions"
-    description = "fold_constants again after the fusions: merge their per-layer copies (CSE), drop what they left"
+
+class RemoveUnused(_CommonPass, name="remove_unused"):
+    description = "nodes and initializers nothing reads removed"
+    common_pass = common.RemoveUnusedNodesPass
+
+
+class EliminateCommonSubexpressions(_CommonPass, name="cse"):
+    description = "equal nodes on equal inputs merged (common-subexpression elimination)"
+    common_pass = common.CommonSubexpressionEliminationPass
+
+
+class CseAfterFusions(EliminateCommonSubexpressions, name="cse_after_fusions"):
+    description = "cse again after the fusions: merges the per-layer copies they made"
+
+
+class RemoveUnusedAfterFusions(RemoveUnused, name="remove_unused_after_fusions"):
+    description = "remove_unused again after the fusions: drops what they left unread"

@@ -53,10 +53,10 @@ import re
 
 import numpy as np
 import onnx_ir as ir
-import onnx_ir.passes.common as common
+from onnxscript.rewriter import pattern
 
 from qvl_export.core.errors import QvlError
-from qvl_export.passes.base import GraphPass, match_failure_reasons
+from qvl_export.passes.base import GraphPass, GraphPassResult, const_array, why_not_matched
 
 log = logging.getLogger(__name__)
 
@@ -67,15 +67,10 @@ _PAST = re.compile(r"past_key_values\.(\d+)\.(key|value)$")
 _PRESENT = re.compile(r"present\.(\d+)\.(key|value)$")
 
 
-def _const(value: ir.Value | None) -> np.ndarray | None:
-    if value is None or value.const_value is None:
-        return None
-    return value.const_value.numpy()
-
-
 def _is_const(value: ir.Value | None, expected) -> bool:
-    arr = _const(value)
-    return arr is not None and arr.size == np.size(expected) and bool((arr.reshape(-1) == np.reshape(expected, -1)).all())
+    arr = const_array(value)
+    return (arr is not None and arr.size == np.size(expected)
+            and bool((arr.reshape(-1) == np.reshape(expected, -1)).all()))
 
 
 def _rotary_pattern(op, x, cos, sin, hi_start, hi_end, axes, steps, lo_start, lo_end, lo_axes, lo_steps):
@@ -87,41 +82,38 @@ def _rotary_pattern(op, x, cos, sin, hi_start, hi_end, axes, steps, lo_start, lo
 
 
 def _rotary_vars(prefix: str) -> dict:
-    from onnxscript.rewriter import pattern
-
     names = ("hi_start", "hi_end", "axes", "steps", "lo_start", "lo_end", "lo_axes", "lo_steps")
     return {n: pattern.Var(f"{prefix}_{n}") for n in names}
 
 
-def _causal_mask_patterns():
+class CausalMask(pattern.PatternBase):
     """allowed [G*T, P+T] = Tile(k_pos[None, :] <= q_pos[:, None], [G, 1]) as ``Decoder.forward`` traces it
-    (one pattern with the Tile over query groups, one without it for G = 1)."""
-    from onnxscript.rewriter import pattern
+    (``tiled``: with the Tile over query groups; not: without it, for G = 1)."""
 
-    class CausalMask(pattern.PatternBase):
-        def __init__(self, tiled: bool):
-            super().__init__(f"CausalMask{'Tiled' if tiled else ''}")
-            self.tiled = tiled
+    def __init__(self, tiled: bool):
+        super().__init__(f"CausalMask{'Tiled' if tiled else ''}")
+        self.tiled = tiled
 
-        def pattern(self, op, seq_len, past_len, zero, one, zero2, one2, axes_row, axes_col, expand_shape,
-                    repeats):
-            q_pos = op.Add(op.Range(zero, seq_len, one), past_len)
-            k_pos = op.Range(zero2, op.Add(seq_len, past_len), one2)
-            causal = op.LessOrEqual(op.Unsqueeze(k_pos, axes_row), op.Unsqueeze(q_pos, axes_col))
-            if not self.tiled:
-                return op.Expand(causal, expand_shape)
-            expanded = pattern.OrValue([op.Expand(causal, expand_shape), causal])
-            return op.Tile(expanded, repeats)
+    def pattern(self, op, seq_len, past_len, zero, one, zero2, one2, axes_row, axes_col, expand_shape,
+                repeats):
+        q_pos = op.Add(op.Range(zero, seq_len, one), past_len)
+        k_pos = op.Range(zero2, op.Add(seq_len, past_len), one2)
+        causal = op.LessOrEqual(op.Unsqueeze(k_pos, axes_row), op.Unsqueeze(q_pos, axes_col))
+        if not self.tiled:
+            return op.Expand(causal, expand_shape)
+        expanded = pattern.OrValue([op.Expand(causal, expand_shape), causal])
+        return op.Tile(expanded, repeats)
 
-        def check(self, context, zero, one, zero2, one2, axes_row, axes_col, **_):
-            result = pattern.MatchResult()
-            if not (_is_const(zero, 0) and _is_const(zero2, 0) and _is_const(one, 1) and _is_const(one2, 1)):
-                return result.fail("positions are not Range(0, n, 1)")
-            if not (_is_const(axes_row, [0]) and _is_const(axes_col, [1])):
-                return result.fail("not k_pos[None, :] <= q_pos[:, None]")
-            return result
+    def check(self, context, zero, one, zero2, one2, axes_row, axes_col, **_):
+        result = pattern.MatchResult()
+        if not (_is_const(zero, 0) and _is_const(zero2, 0) and _is_const(one, 1) and _is_const(one2, 1)):
+            return result.fail("positions are not Range(0, n, 1)")
+        if not (_is_const(axes_row, [0]) and _is_const(axes_col, [1])):
+            return result.fail("not k_pos[None, :] <= q_pos[:, None]")
+        return result
 
-    return [CausalMask(True), CausalMask(False)]
+
+CAUSAL_MASKS = (CausalMask(True), CausalMask(False))
 
 
 def _halves_equal(table: ir.Value) -> bool:
@@ -150,158 +142,166 @@ def _past_length_source(value: ir.Value) -> ir.Value | None:
     return node.inputs[0]
 
 
-class _AttentionToGQA:
-    """The rewrite rule (pattern + check + rewrite); built lazily so importing the pass is cheap."""
-
-    @staticmethod
-    def make(seqlens_k: ir.Value, total_len: ir.Value):
-        from onnxscript.rewriter import _ir_utils, pattern
-
-        causal_masks = _causal_mask_patterns()
-
-        class AttentionToGQA(pattern.RewriteRuleClassBase):
-            def pattern(self, op, q_lin, k_lin, v_lin, q_shape, k_shape, v_shape, cos, sin, past_key, past_value,
-                        allowed, scale, min_value, grouped_shape, heads_shape, out_shape):
-                qv, kv = _rotary_vars("q"), _rotary_vars("k")
-                q = op.Transpose(op.Reshape(q_lin, q_shape, _outputs=["q_bsnh"]), perm=[0, 2, 1, 3])
-                k = op.Transpose(op.Reshape(k_lin, k_shape, _outputs=["k_bsnh"]), perm=[0, 2, 1, 3])
-                v = op.Transpose(op.Reshape(v_lin, v_shape), perm=[0, 2, 1, 3])
-                q_rot = _rotary_pattern(op, q, cos, sin, **qv)
-                k_rot = _rotary_pattern(op, k, cos, sin, **kv)
-                present_key = op.Concat(past_key, k_rot, axis=2)
-                present_value = op.Concat(past_value, v, axis=2)
-                q_grouped = op.Reshape(q_rot, grouped_shape, _outputs=["q_grouped"])
-                scores = op.Mul(op.MatMul(q_grouped, op.Transpose(present_key, perm=[0, 1, 3, 2])), scale)
-                probs = op.Softmax(op.Where(allowed, scores, min_value), axis=-1)
-                context = op.MatMul(probs, present_value)
-                heads = op.Transpose(op.Reshape(context, heads_shape), perm=[0, 2, 1, 3])
-                return op.Reshape(heads, out_shape), present_key, present_value
-
-            def check(self, context, q_bsnh, k_bsnh, q_grouped, cos, sin, past_key, past_value, allowed, scale,
-                      min_value, **bindings):
-                result = pattern.MatchResult()
-                graph = context.graph_or_function
-                for past in (past_key, past_value):
-                    if past not in graph.inputs or not _PAST.match(past.name or ""):
-                        return result.fail("past K/V is not a past_key_values.* graph input", past)
-                shapes = {"q": q_bsnh.shape, "k": k_bsnh.shape, "q_grouped": q_grouped.shape, "cos": cos.shape,
-                          "sin": sin.shape}
-                if any(s is None or s.rank() != 4 for s in shapes.values()):
-                    return result.fail(f"rank-4 shapes needed, got {shapes}")
-                heads, head_dim = q_bsnh.shape[2], q_bsnh.shape[3]
-                kv_heads = k_bsnh.shape[2]
-                if not all(isinstance(d, int) for d in (heads, head_dim, kv_heads)) or heads % kv_heads:
-                    return result.fail(f"heads {heads} / kv heads {kv_heads} / head dim {head_dim} not static")
-                if q_grouped.shape[1] != kv_heads or q_grouped.shape[3] != head_dim:
-                    return result.fail("queries are not grouped as [B, kv_heads, groups*T, head_dim]", q_grouped)
-                for name in ("cos", "sin"):
-                    s = shapes[name]
-                    if s[1] != 1 or s[3] != head_dim:
-                        return result.fail(f"{name} is not [B, 1, T, head_dim]", cos if name == "cos" else sin)
-                if q_bsnh.dtype != ir.DataType.FLOAT or cos.dtype != ir.DataType.FLOAT:
-                    return result.fail("fp32 only: RotaryEmbedding would run the RoPE math in the graph's dtype")
-                for table in (cos, sin):
-                    if not _halves_equal(table):
-                        return result.fail("cos/sin are not cat(freqs, freqs): a [.., Dh/2] table cannot hold them",
-                                           table)
-                half = head_dim // 2
-                for prefix in ("q", "k"):
-                    b = {n: bindings[f"{prefix}_{n}"] for n in ("hi_start", "hi_end", "axes", "steps", "lo_start",
-                                                                "lo_end", "lo_axes", "lo_steps")}
-                    last = (lambda v: _is_const(v, [-1]) or _is_const(v, [3]))
-                    if not (_is_const(b["hi_start"], [half]) and _const(b["hi_end"]) is not None
-                            and int(_const(b["hi_end"]).reshape(-1)[0]) >= head_dim
-                            and _is_const(b["lo_start"], [0]) and _is_const(b["lo_end"], [half])
-                            and last(b["axes"]) and last(b["lo_axes"])
-                            and _is_const(b["steps"], [1]) and _is_const(b["lo_steps"], [1])):
-                        return result.fail(f"{prefix}: not rotate_half on the last axis at head_dim/2 = {half}")
-                scale_value = _ir_utils.get_singleton_value(scale)
-                if not isinstance(scale_value, float):
-                    return result.fail("attention scale is not a constant scalar", scale)
-                floor = _ir_utils.get_singleton_value(min_value)
-                if not isinstance(floor, float) or floor > -1e30:
-                    return result.fail("masked scores are not set to a large negative constant", min_value)
-                mask_node = allowed.producer()
-                match = None
-                for causal_mask in causal_masks if mask_node is not None else ():
-                    match = match or causal_mask.match(context.model, graph, mask_node,
-                                                       check_nodes_are_removable=False)
-                if not match:
-                    return result.fail("the mask is not the decoder's causal mask", allowed)
-                if _past_length_source(match.bindings["past_len"]) is None:
-                    return result.fail("the causal mask's past length is not the past K/V length (axis 2)")
-                self.heads, self.kv_heads, self.head_dim = heads, kv_heads, head_dim
-                self.scale = float(scale_value)
-                return result
-
-            def rewrite(self, op, q_lin, k_lin, v_lin, cos, sin, past_key, past_value, **_):
-                # per-token rotary table [B*T, Dh/2] (the first half of cos/sin: the halves are equal) and each
-                # token's row in it; computed once for all layers (CSE merges the copies)
-                half = self.head_dim // 2
-                first_half = [op.Constant(value_ints=[v]) for v in (0, half, 3)]
-                rows = op.Constant(value_ints=[-1, half])
-                cos_table, sin_table = (op.Reshape(op.Slice(c, *first_half), rows) for c in (cos, sin))
-                batch_seq = op.Shape(q_lin, start=0, end=2)
-                count = op.ReduceProd(batch_seq, keepdims=0)
-                row_of_token = op.Reshape(op.Range(op.Constant(value_int=0), count, op.Constant(value_int=1)),
-                                          batch_seq)  # [B, T]
-                q = op.RotaryEmbedding(q_lin, row_of_token, cos_table, sin_table, num_heads=self.heads,
-                                       rotary_embedding_dim=self.head_dim, interleaved=0, _domain="com.microsoft")
-                k = op.RotaryEmbedding(k_lin, row_of_token, cos_table, sin_table, num_heads=self.kv_heads,
-                                       rotary_embedding_dim=self.head_dim, interleaved=0, _domain="com.microsoft")
-                return op.GroupQueryAttention(
-                    q, k, v_lin, past_key, past_value, seqlens_k, total_len,
-                    num_heads=self.heads, kv_num_heads=self.kv_heads, scale=self.scale, do_rotary=0,
-                    _domain="com.microsoft", _outputs=3)
-
-        return AttentionToGQA.rule(name="AttentionToGQA")
+def _scalar(value: ir.Value | None) -> float | None:
+    """A constant one-element float (attention scale, mask fill), else None."""
+    arr = const_array(value)
+    if arr is None or arr.size != 1 or arr.dtype.kind != "f":
+        return None
+    return float(arr.reshape(-1)[0])
 
 
-class FuseDecoderAttention(GraphPass):
-    name = "fuse_decoder_attention"
+class AttentionToGQA(pattern.RewriteRuleClassBase):
+    """One decoder layer's attention -> RotaryEmbedding x 2 + GroupQueryAttention over the graph inputs
+    ``seqlens_k`` / ``total_sequence_length`` (``add_cache_inputs`` adds them first); the check says why a
+    candidate is left."""
+
+    def pattern(self, op, q_lin, k_lin, v_lin, q_shape, k_shape, v_shape, cos, sin, past_key, past_value,
+                allowed, scale, min_value, grouped_shape, heads_shape, out_shape):
+        qv, kv = _rotary_vars("q"), _rotary_vars("k")
+        q = op.Transpose(op.Reshape(q_lin, q_shape, _outputs=["q_bsnh"]), perm=[0, 2, 1, 3])
+        k = op.Transpose(op.Reshape(k_lin, k_shape, _outputs=["k_bsnh"]), perm=[0, 2, 1, 3])
+        v = op.Transpose(op.Reshape(v_lin, v_shape), perm=[0, 2, 1, 3])
+        q_rot = _rotary_pattern(op, q, cos, sin, **qv)
+        k_rot = _rotary_pattern(op, k, cos, sin, **kv)
+        present_key = op.Concat(past_key, k_rot, axis=2)
+        present_value = op.Concat(past_value, v, axis=2)
+        q_grouped = op.Reshape(q_rot, grouped_shape, _outputs=["q_grouped"])
+        scores = op.Mul(op.MatMul(q_grouped, op.Transpose(present_key, perm=[0, 1, 3, 2])), scale)
+        probs = op.Softmax(op.Where(allowed, scores, min_value), axis=-1)
+        context = op.MatMul(probs, present_value)
+        heads = op.Transpose(op.Reshape(context, heads_shape), perm=[0, 2, 1, 3])
+        return op.Reshape(heads, out_shape), present_key, present_value
+
+    def check(self, context, q_bsnh, k_bsnh, q_grouped, cos, sin, past_key, past_value, allowed, scale,
+              min_value, **bindings):
+        result = pattern.MatchResult()
+        graph = context.graph_or_function
+        inputs = {v.name: v for v in graph.inputs}
+        if SEQLENS_K not in inputs or TOTAL_SEQUENCE_LENGTH not in inputs:
+            return result.fail(f"no {SEQLENS_K} / {TOTAL_SEQUENCE_LENGTH} graph inputs (add_cache_inputs adds them)")
+        for past in (past_key, past_value):
+            if past not in graph.inputs or not _PAST.match(past.name or ""):
+                return result.fail("past K/V is not a past_key_values.* graph input", past)
+        shapes = {"q": q_bsnh.shape, "k": k_bsnh.shape, "q_grouped": q_grouped.shape, "cos": cos.shape,
+                  "sin": sin.shape}
+        if any(s is None or s.rank() != 4 for s in shapes.values()):
+            return result.fail(f"rank-4 shapes needed, got {shapes}")
+        heads, head_dim = q_bsnh.shape[2], q_bsnh.shape[3]
+        kv_heads = k_bsnh.shape[2]
+        if not all(isinstance(d, int) for d in (heads, head_dim, kv_heads)) or heads % kv_heads:
+            return result.fail(f"heads {heads} / kv heads {kv_heads} / head dim {head_dim} not static")
+        if q_grouped.shape[1] != kv_heads or q_grouped.shape[3] != head_dim:
+            return result.fail("queries are not grouped as [B, kv_heads, groups*T, head_dim]", q_grouped)
+        for name in ("cos", "sin"):
+            s = shapes[name]
+            if s[1] != 1 or s[3] != head_dim:
+                return result.fail(f"{name} is not [B, 1, T, head_dim]", cos if name == "cos" else sin)
+        if q_bsnh.dtype != ir.DataType.FLOAT or cos.dtype != ir.DataType.FLOAT:
+            return result.fail("fp32 only: RotaryEmbedding would run the RoPE math in the graph's dtype")
+        for table in (cos, sin):
+            if not _halves_equal(table):
+                return result.fail("cos/sin are not cat(freqs, freqs): a [.., Dh/2] table cannot hold them",
+                                   table)
+        half = head_dim // 2
+        for prefix in ("q", "k"):
+            b = {n: bindings[f"{prefix}_{n}"] for n in ("hi_start", "hi_end", "axes", "steps", "lo_start",
+                                                        "lo_end", "lo_axes", "lo_steps")}
+            last = (lambda v: _is_const(v, [-1]) or _is_const(v, [3]))
+            if not (_is_const(b["hi_start"], [half]) and const_array(b["hi_end"]) is not None
+                    and int(const_array(b["hi_end"]).reshape(-1)[0]) >= head_dim
+                    and _is_const(b["lo_start"], [0]) and _is_const(b["lo_end"], [half])
+                    and last(b["axes"]) and last(b["lo_axes"])
+                    and _is_const(b["steps"], [1]) and _is_const(b["lo_steps"], [1])):
+                return result.fail(f"{prefix}: not rotate_half on the last axis at head_dim/2 = {half}")
+        scale_value = _scalar(scale)
+        if not isinstance(scale_value, float):
+            return result.fail("attention scale is not a constant scalar", scale)
+        floor = _scalar(min_value)
+        if not isinstance(floor, float) or floor > -1e30:
+            return result.fail("masked scores are not set to a large negative constant", min_value)
+        mask_node = allowed.producer()
+        match = None
+        for causal_mask in CAUSAL_MASKS if mask_node is not None else ():
+            match = match or causal_mask.match(context.model, graph, mask_node,
+                                               check_nodes_are_removable=False)
+        if not match:
+            return result.fail("the mask is not the decoder's causal mask", allowed)
+        if _past_length_source(match.bindings["past_len"]) is None:
+            return result.fail("the causal mask's past length is not the past K/V length (axis 2)")
+        self.heads, self.kv_heads, self.head_dim = heads, kv_heads, head_dim
+        self.seqlens_k, self.total_len = inputs[SEQLENS_K], inputs[TOTAL_SEQUENCE_LENGTH]
+        self.scale = float(scale_value)
+        return result
+
+    def rewrite(self, op, q_lin, k_lin, v_lin, cos, sin, past_key, past_value, **_):
+        # per-token rotary table [B*T, Dh/2] (the first half of cos/sin: the halves are equal) and each
+        # token's row in it; built per layer here, shared by cse_after_fusions
+        half = self.head_dim // 2
+        first_half = [op.Constant(value_ints=[v]) for v in (0, half, 3)]
+        rows = op.Constant(value_ints=[-1, half])
+        cos_table, sin_table = (op.Reshape(op.Slice(c, *first_half), rows) for c in (cos, sin))
+        batch_seq = op.Shape(q_lin, start=0, end=2)
+        count = op.ReduceProd(batch_seq, keepdims=0)
+        row_of_token = op.Reshape(op.Range(op.Constant(value_int=0), count, op.Constant(value_int=1)),
+                                  batch_seq)  # [B, T]
+        q = op.RotaryEmbedding(q_lin, row_of_token, cos_table, sin_table, num_heads=self.heads,
+                               rotary_embedding_dim=self.head_dim, interleaved=0, _domain="com.microsoft")
+        k = op.RotaryEmbedding(k_lin, row_of_token, cos_table, sin_table, num_heads=self.kv_heads,
+                               rotary_embedding_dim=self.head_dim, interleaved=0, _domain="com.microsoft")
+        return op.GroupQueryAttention(
+            q, k, v_lin, past_key, past_value, self.seqlens_k, self.total_len,
+            num_heads=self.heads, kv_num_heads=self.kv_heads, scale=self.scale, do_rotary=0,
+            _domain="com.microsoft", _outputs=3)
+
+
+# the rule alone (a test can apply it to a graph of its own, after add_cache_inputs)
+ATTENTION_TO_GQA = AttentionToGQA.rule(name="AttentionToGQA")
+
+
+def add_cache_inputs(graph: ir.Graph) -> tuple[ir.Value, ir.Value]:
+    """Add the inputs GQA reads, ``seqlens_k [B] int32`` and ``total_sequence_length [] int32``, after the
+    last input that is not a past K/V (the batch dim of ``input_ids``)."""
+    batch = next(v for v in graph.inputs if v.name == "input_ids").shape[0]
+    seqlens_k = ir.Value(name=SEQLENS_K, type=ir.TensorType(ir.DataType.INT32), shape=ir.Shape([batch]))
+    total_len = ir.Value(name=TOTAL_SEQUENCE_LENGTH, type=ir.TensorType(ir.DataType.INT32), shape=ir.Shape([]))
+    at = max(i for i, v in enumerate(graph.inputs) if not _PAST.match(v.name or "")) + 1
+    graph.inputs.insert(at, total_len)
+    graph.inputs.insert(at, seqlens_k)
+    return seqlens_k, total_len
+
+
+class FuseDecoderAttention(GraphPass, name="fuse_decoder_attention", targets=("ort",), parts=("decoder",)):
     description = ("decoder attention -> com.microsoft.GroupQueryAttention; past/present K/V become in-place "
                    "buffers (+ seqlens_k, total_sequence_length inputs)")
-    targets = ("ort",)
-    parts = ("decoder",)
 
-    def call(self, model: ir.Model) -> ir.passes.PassResult:
-        from onnxscript.rewriter import pattern
-
+    def call(self, model: ir.Model) -> GraphPassResult:
         graph = model.graph
         past = {v.name: v for v in graph.inputs if _PAST.match(v.name or "")}
         if not past or any(v.name in (SEQLENS_K, TOTAL_SEQUENCE_LENGTH) for v in graph.inputs):
-            self.last_details = {"skipped": "no past_key_values inputs" if not past else "already fused"}
-            return ir.passes.PassResult(model, False)
+            return GraphPassResult(model, False, {"skipped": "no past_key_values inputs" if not past else
+                                                  "already fused"})
         layers = len(past) // 2
-        batch = next(v for v in graph.inputs if v.name == "input_ids").shape[0]
-        seqlens_k = ir.Value(name=SEQLENS_K, type=ir.TensorType(ir.DataType.INT32), shape=ir.Shape([batch]))
-        total_len = ir.Value(name=TOTAL_SEQUENCE_LENGTH, type=ir.TensorType(ir.DataType.INT32), shape=ir.Shape([]))
-        at = max(i for i, v in enumerate(graph.inputs) if not _PAST.match(v.name or "")) + 1
-        graph.inputs.insert(at, total_len)
-        graph.inputs.insert(at, seqlens_k)
-
-        rules = pattern.RewriteRuleSet([_AttentionToGQA.make(seqlens_k, total_len)])
-        count = rules.apply_to_model(model)
+        seqlens_k, total_len = add_cache_inputs(graph)
+        count = ATTENTION_TO_GQA.apply_to_model(model)
         if count == 0:
+            details = {"fused": 0, "why_not": why_not_matched(model, ATTENTION_TO_GQA)}
             graph.inputs.remove(seqlens_k)
             graph.inputs.remove(total_len)
-            tracer = pattern.MatchingTracer()
-            rules.apply_to_model(model, tracer=tracer)
-            self.last_details = {"fused": 0, "why_not": match_failure_reasons(tracer)}
-            log.warning("fuse_decoder_attention matched no layer: %s", self.last_details["why_not"])
-            return ir.passes.PassResult(model, False)
+            log.warning("fuse_decoder_attention matched no layer: %s", details["why_not"])
+            return GraphPassResult(model, False, details)
         if count != layers:
             raise QvlError(f"fuse_decoder_attention fused {count} of {layers} decoder layers; a partial fusion would "
                            "mix two KV cache layouts. Skip the pass (--skip-pass fuse_decoder_attention) and report "
                            "the decoder structure that did not match.")
-        common.RemoveUnusedNodesPass()(model)
         self._capacity_axes(graph)
-        self.last_details = {"fused": count, "new_inputs": [SEQLENS_K, TOTAL_SEQUENCE_LENGTH]}
-        return ir.passes.PassResult(model, True)
+        return GraphPassResult(model, True, {"fused": count, "new_inputs": [SEQLENS_K, TOTAL_SEQUENCE_LENGTH]})
 
     @staticmethod
     def _capacity_axes(graph: ir.Graph) -> None:
-        """past/present K/V axis 2 is the buffer capacity now; nothing may still read it as the past length."""
+        """past/present K/V axis 2 is the buffer capacity now; nothing may still read it as the past length.
+        Nodes the rewrite left unread (the old causal mask's Shape of the past K/V) are not checked: they
+        compute nothing the graph outputs, and ``remove_unused_after_fusions`` drops them."""
+        live = _live_nodes(graph)
         for value in list(graph.inputs) + list(graph.outputs):
             if _PAST.match(value.name or "") or _PRESENT.match(value.name or ""):
                 dims = list(value.shape)
@@ -310,10 +310,23 @@ class FuseDecoderAttention(GraphPass):
             if _PAST.match(value.name or ""):
                 for use in value.uses():
                     node = use.node
-                    if node.op_type == "GroupQueryAttention":
+                    if node not in live or node.op_type == "GroupQueryAttention":
                         continue
                     if node.op_type == "Shape" and node.attributes.get_int("end", 4) <= 2:
                         continue  # batch / heads only
                     raise QvlError(f"After fuse_decoder_attention, node {node.name!r} ({node.op_type}) still reads "
                                    f"{value.name} as if its axis 2 were the past length; the KV buffer layout would "
                                    "be wrong. Skip the pass and report the decoder structure.")
+
+
+def _live_nodes(graph: ir.Graph) -> set[ir.Node]:
+    """The nodes the graph outputs depend on."""
+    live: set[ir.Node] = set()
+    stack = [v.producer() for v in graph.outputs]
+    while stack:
+        node = stack.pop()
+        if node is None or node in live:
+            continue
+        live.add(node)
+        stack.extend(v.producer() for v in node.inputs if v is not None)
+    return live

@@ -21,26 +21,19 @@ vision + merger run with every vision pass on: x0.98 (IQR 0.95-1.02).
 from __future__ import annotations
 
 import onnx_ir as ir
+from onnxscript.rewriter.ort_fusions.rms_normalization import rms_normalization_ruleset
+from onnxscript.rewriter.ort_fusions.skip_normalization import skip_rms_normalization_ruleset
 
-from qvl_export.passes.base import GraphPass, match_failure_reasons
+from qvl_export.passes.base import GraphPass, GraphPassResult, why_not_matched
 
 
-class FuseRmsNorm(GraphPass):
-    name = "fuse_rms_norm"
+class FuseRmsNorm(GraphPass, name="fuse_rms_norm", targets=("ort",), parts=("vision", "merger", "decoder")):
     description = "RMSNorm -> SimplifiedLayerNormalization, residual Add + RMSNorm -> SkipSimplifiedLayerNormalization"
-    targets = ("ort",)
-    parts = ("vision", "merger", "decoder")
 
-    def call(self, model: ir.Model) -> ir.passes.PassResult:
-        from onnxscript.rewriter import pattern
-        from onnxscript.rewriter.ort_fusions.rms_normalization import rms_normalization_ruleset
-        from onnxscript.rewriter.ort_fusions.skip_normalization import skip_rms_normalization_ruleset
-
+    def call(self, model: ir.Model) -> GraphPassResult:
         norms = rms_normalization_ruleset.apply_to_model(model)
         skips = skip_rms_normalization_ruleset.apply_to_model(model) if norms else 0
-        self.last_details = {"rms_norm": norms, "with_residual_add": skips}
+        details = {"rms_norm": norms, "with_residual_add": skips}
         if not norms:
-            tracer = pattern.MatchingTracer()
-            rms_normalization_ruleset.apply_to_model(model, tracer=tracer)
-            self.last_details["why_not"] = match_failure_reasons(tracer)
-        return ir.passes.PassResult(model, bool(norms))
+            details["why_not"] = why_not_matched(model, rms_normalization_ruleset)
+        return GraphPassResult(model, bool(norms), details)

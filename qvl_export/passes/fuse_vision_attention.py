@@ -39,19 +39,12 @@ issue report (Qwen2-VL: every block is full attention, the largest gain).
 
 from __future__ import annotations
 
-import numpy as np
 import onnx_ir as ir
-import onnx_ir.passes.common as common
+from onnxscript.rewriter import pattern
 
-from qvl_export.passes.base import GraphPass, match_failure_reasons, use_contrib_domain
+from qvl_export.passes.base import GraphPass, GraphPassResult, const_array, use_contrib_domain, why_not_matched
 
 MASKED = -1e30  # k_x of a masked key; times q_x = 1 it sends the score to ~-1e29 after scaling: exp() == 0
-
-
-def _const(value: ir.Value | None) -> np.ndarray | None:
-    from onnxscript.rewriter._ir_utils import get_numpy_value  # initializers and Constant nodes alike
-
-    return get_numpy_value(value)
 
 
 def _producer(value: ir.Value | None, op_type: str) -> ir.Node | None:
@@ -64,7 +57,7 @@ def _unsqueezed(value: ir.Value, axis: int) -> ir.Value | None:
     node = _producer(value, "Unsqueeze")
     if node is None:
         return None
-    axes = _const(node.inputs[1])
+    axes = const_array(node.inputs[1])
     rank = value.shape.rank() if value.shape is not None else None
     if axes is None or axes.size != 1 or rank is None:
         return None
@@ -78,7 +71,7 @@ def _key_valid_of(value: ir.Value | None) -> ir.Value | None:
     node = _producer(value, "GreaterOrEqual")
     if node is None:
         return None
-    zero = _const(node.inputs[1])
+    zero = const_array(node.inputs[1])
     if zero is None or zero.size != 1 or zero.reshape(-1)[0] != 0:
         return None
     return node.inputs[0]
@@ -90,7 +83,7 @@ def classify_mask(mask: ir.Value, window: int | None) -> tuple[str, ir.Value] | 
         node = _producer(mask, "Reshape")
         if node is None:
             return "window mask is not a Reshape of a per-slot flag"
-        shape = _const(node.inputs[1])
+        shape = const_array(node.inputs[1])
         if shape is None or shape.tolist()[1:] != [1, 1, window]:
             return f"window mask is not reshaped to [W, 1, 1, {window}]"
         valid = node.inputs[0]
@@ -122,117 +115,116 @@ def classify_mask(mask: ir.Value, window: int | None) -> tuple[str, ir.Value] | 
     return "image", ids
 
 
-def _rule(windowed: bool):
-    from onnxscript.rewriter import pattern
-
-    perm_q, perm_k, perm_out = ((0, 2, 1, 3), (0, 2, 3, 1), (0, 2, 1, 3)) if windowed else \
-        ((1, 0, 2), (1, 2, 0), (1, 0, 2))
-
-    class VisionAttentionToMHA(pattern.RewriteRuleClassBase):
-        def pattern(self, op, q, k, v, q_shape, k_shape, v_shape, scale, mask, fill, out_shape):
-            if windowed:  # [S, N, hd] -> [W, L, N, hd]
-                q, k, v = op.Reshape(q, q_shape), op.Reshape(k, k_shape), op.Reshape(v, v_shape)
-            scores = op.MatMul(op.Transpose(q, perm=perm_q), op.Transpose(k, perm=perm_k))
-            masked = op.Where(mask, op.Mul(scores, scale), fill)
-            ctx = op.MatMul(op.Softmax(masked, axis=-1), op.Transpose(v, perm=perm_q))
-            return op.Reshape(op.Transpose(ctx, perm=perm_out), out_shape)
-
-        def check(self, context, q, k, v, q_shape, k_shape, v_shape, scale, mask, fill, out_shape, **_):
-            result = pattern.MatchResult()
-            shapes = [x.shape for x in (q, k, v)]
-            if any(s is None or s.rank() != 3 for s in shapes):
-                return result.fail("q/k/v are not [S, N, hd]", q)
-            heads, head_dim = shapes[0][1], shapes[0][2]
-            if not (isinstance(heads, int) and isinstance(head_dim, int)):
-                return result.fail("heads / head dim are not static", q)
-            if any(s[1] != heads or s[2] != head_dim for s in shapes):
-                return result.fail("q, k and v differ in heads or head dim", k)
-            if q.dtype != ir.DataType.FLOAT:
-                return result.fail(f"scores are {q.dtype}, not float32: the -1e30 key bias needs float32", q)
-            s = _const(scale)
-            if s is None or s.size != 1:
-                return result.fail("attention scale is not a constant scalar", scale)
-            f = _const(fill)
-            if f is None or f.size != 1 or f.reshape(-1)[0] > -1e30:
-                return result.fail("masked scores are not set to a large negative constant", fill)
-            window = None
-            if windowed:
-                shape_consts = [_const(x) for x in (q_shape, k_shape, v_shape)]
-                if any(c is None or c.size != 4 for c in shape_consts):
-                    return result.fail("window reshapes are not constant [-1, L, N, hd]", q_shape)
-                window = int(shape_consts[0][1])
-                if any(c.tolist() != [-1, window, heads, head_dim] for c in shape_consts):
-                    return result.fail("window reshapes are not [-1, L, N, hd] with one L", q_shape)
-            out = _const(out_shape)
-            if out is None or out.size != 2 or out[1] != heads * head_dim:
-                return result.fail("attention output is not reshaped to [S, N*hd]", out_shape)
-            kind = classify_mask(mask, window)
-            if isinstance(kind, str):
-                return result.fail(kind, mask)
-            self._kind, self._source = kind
-            self._heads, self._head_dim, self._window = heads, head_dim, window
-            self._scale = float(s.reshape(-1)[0])
-            return result
-
-        def rewrite(self, op, q, k, v, **_):
-            n, hd = self._heads, self._head_dim
-            f32 = ir.DataType.FLOAT
-            if self._kind == "key":  # e = 1: q_x = 1 (Pad), k_x = 0 / -1e30 per key
-                q_aug = op.Pad(q, op.Constant(value_ints=[0, 0, 0, 0, 0, 1]), op.Constant(value_float=1.0))
-                k_x = op.Where(self._source, op.Constant(value_float=0.0), op.Constant(value_float=MASKED))
-            else:  # e = number of images: one-hot of the image id
-                ids = self._source
-                count = op.Add(op.ReduceMax(ids, keepdims=0), op.CastLike(op.Constant(value_int=1), ids))
-                images = op.Range(op.CastLike(op.Constant(value_int=0), ids), count,
-                                  op.CastLike(op.Constant(value_int=1), ids))  # [n]
-                onehot = op.Equal(op.Unsqueeze(ids, op.Constant(value_ints=[1])), images)  # [S, n]
-                q_x = op.Expand(op.Unsqueeze(op.Cast(onehot, to=f32), op.Constant(value_ints=[1])),
-                                op.Constant(value_ints=[1, n, 1]))  # [S, N, n]
-                q_aug = op.Concat(q, q_x, axis=-1)
-                k_x = op.Where(onehot, op.Constant(value_float=0.0), op.Constant(value_float=MASKED))  # [S, n]
-            k_x = op.Expand(op.Unsqueeze(k_x, op.Constant(value_ints=[1] if self._kind == "image" else [1, 2])),
-                            op.Constant(value_ints=[1, n, 1]))  # [S, N, e]
-            k_aug = op.Concat(k, k_x, axis=-1)
-            if self._kind == "key":  # [W, L, N*(hd+1)]: batch = windows
-                rows = op.Constant(value_ints=[-1, self._window, n * (hd + 1)])
-                q_in, k_in = op.Reshape(q_aug, rows), op.Reshape(k_aug, rows)
-                v_in = op.Reshape(v, op.Constant(value_ints=[-1, self._window, n * hd]))
-            else:  # [1, S, N*(hd+n)]: one batch row
-                flat, batch = op.Constant(value_ints=[0, -1]), op.Constant(value_ints=[0])
-                q_in = op.Unsqueeze(op.Reshape(q_aug, flat), batch)
-                k_in = op.Unsqueeze(op.Reshape(k_aug, flat), batch)
-                v_in = op.Unsqueeze(op.Reshape(v, flat), batch)
-            ctx = op.MultiHeadAttention(q_in, k_in, v_in, num_heads=n, scale=self._scale, _domain="com.microsoft")
-            return op.Reshape(ctx, op.Constant(value_ints=[-1, n * hd]))
-
-    return VisionAttentionToMHA.rule(name="window_attention" if windowed else "full_attention")
+# (q, k^T, output) permutations: window blocks work on [W, L, N, hd], full blocks on [S, N, hd]
+PERMS = {True: ((0, 2, 1, 3), (0, 2, 3, 1), (0, 2, 1, 3)), False: ((1, 0, 2), (1, 2, 0), (1, 0, 2))}
 
 
-class FuseVisionAttention(GraphPass):
-    name = "fuse_vision_attention"
+class VisionAttentionToMHA(pattern.RewriteRuleClassBase):
+    """One attention block (window blocks: ``windowed``; full blocks: not) -> MultiHeadAttention with the
+    mask folded into extra q/k columns; the check says why a candidate is left."""
+
+    def __init__(self, windowed: bool):
+        super().__init__(name="window_attention" if windowed else "full_attention")
+        self.windowed = windowed
+
+    def pattern(self, op, q, k, v, q_shape, k_shape, v_shape, scale, mask, fill, out_shape):
+        perm_q, perm_k, perm_out = PERMS[self.windowed]
+        if self.windowed:  # [S, N, hd] -> [W, L, N, hd]
+            q, k, v = op.Reshape(q, q_shape), op.Reshape(k, k_shape), op.Reshape(v, v_shape)
+        scores = op.MatMul(op.Transpose(q, perm=perm_q), op.Transpose(k, perm=perm_k))
+        masked = op.Where(mask, op.Mul(scores, scale), fill)
+        ctx = op.MatMul(op.Softmax(masked, axis=-1), op.Transpose(v, perm=perm_q))
+        return op.Reshape(op.Transpose(ctx, perm=perm_out), out_shape)
+
+    def check(self, context, q, k, v, q_shape, k_shape, v_shape, scale, mask, fill, out_shape, **_):
+        result = pattern.MatchResult()
+        shapes = [x.shape for x in (q, k, v)]
+        if any(s is None or s.rank() != 3 for s in shapes):
+            return result.fail("q/k/v are not [S, N, hd]", q)
+        heads, head_dim = shapes[0][1], shapes[0][2]
+        if not (isinstance(heads, int) and isinstance(head_dim, int)):
+            return result.fail("heads / head dim are not static", q)
+        if any(s[1] != heads or s[2] != head_dim for s in shapes):
+            return result.fail("q, k and v differ in heads or head dim", k)
+        if q.dtype != ir.DataType.FLOAT:
+            return result.fail(f"scores are {q.dtype}, not float32: the -1e30 key bias needs float32", q)
+        s = const_array(scale)
+        if s is None or s.size != 1:
+            return result.fail("attention scale is not a constant scalar", scale)
+        f = const_array(fill)
+        if f is None or f.size != 1 or f.reshape(-1)[0] > -1e30:
+            return result.fail("masked scores are not set to a large negative constant", fill)
+        window = None
+        if self.windowed:
+            shape_consts = [const_array(x) for x in (q_shape, k_shape, v_shape)]
+            if any(c is None or c.size != 4 for c in shape_consts):
+                return result.fail("window reshapes are not constant [-1, L, N, hd]", q_shape)
+            window = int(shape_consts[0][1])
+            if any(c.tolist() != [-1, window, heads, head_dim] for c in shape_consts):
+                return result.fail("window reshapes are not [-1, L, N, hd] with one L", q_shape)
+        out = const_array(out_shape)
+        if out is None or out.size != 2 or out[1] != heads * head_dim:
+            return result.fail("attention output is not reshaped to [S, N*hd]", out_shape)
+        kind = classify_mask(mask, window)
+        if isinstance(kind, str):
+            return result.fail(kind, mask)
+        self._kind, self._source = kind
+        self._heads, self._head_dim, self._window = heads, head_dim, window
+        self._scale = float(s.reshape(-1)[0])
+        return result
+
+    def rewrite(self, op, q, k, v, **_):
+        n, hd = self._heads, self._head_dim
+        f32 = ir.DataType.FLOAT
+        if self._kind == "key":  # e = 1: q_x = 1 (Pad), k_x = 0 / -1e30 per key
+            q_aug = op.Pad(q, op.Constant(value_ints=[0, 0, 0, 0, 0, 1]), op.Constant(value_float=1.0))
+            k_x = op.Where(self._source, op.Constant(value_float=0.0), op.Constant(value_float=MASKED))
+        else:  # e = number of images: one-hot of the image id
+            ids = self._source
+            count = op.Add(op.ReduceMax(ids, keepdims=0), op.CastLike(op.Constant(value_int=1), ids))
+            images = op.Range(op.CastLike(op.Constant(value_int=0), ids), count,
+                              op.CastLike(op.Constant(value_int=1), ids))  # [n]
+            onehot = op.Equal(op.Unsqueeze(ids, op.Constant(value_ints=[1])), images)  # [S, n]
+            q_x = op.Expand(op.Unsqueeze(op.Cast(onehot, to=f32), op.Constant(value_ints=[1])),
+                            op.Constant(value_ints=[1, n, 1]))  # [S, N, n]
+            q_aug = op.Concat(q, q_x, axis=-1)
+            k_x = op.Where(onehot, op.Constant(value_float=0.0), op.Constant(value_float=MASKED))  # [S, n]
+        k_x = op.Expand(op.Unsqueeze(k_x, op.Constant(value_ints=[1] if self._kind == "image" else [1, 2])),
+                        op.Constant(value_ints=[1, n, 1]))  # [S, N, e]
+        k_aug = op.Concat(k, k_x, axis=-1)
+        if self._kind == "key":  # [W, L, N*(hd+1)]: batch = windows
+            rows = op.Constant(value_ints=[-1, self._window, n * (hd + 1)])
+            q_in, k_in = op.Reshape(q_aug, rows), op.Reshape(k_aug, rows)
+            v_in = op.Reshape(v, op.Constant(value_ints=[-1, self._window, n * hd]))
+        else:  # [1, S, N*(hd+n)]: one batch row
+            flat, batch = op.Constant(value_ints=[0, -1]), op.Constant(value_ints=[0])
+            q_in = op.Unsqueeze(op.Reshape(q_aug, flat), batch)
+            k_in = op.Unsqueeze(op.Reshape(k_aug, flat), batch)
+            v_in = op.Unsqueeze(op.Reshape(v, flat), batch)
+        ctx = op.MultiHeadAttention(q_in, k_in, v_in, num_heads=n, scale=self._scale, _domain="com.microsoft")
+        return op.Reshape(ctx, op.Constant(value_ints=[-1, n * hd]))
+
+
+# the rules alone (a test can apply either to a graph of its own)
+WINDOW_ATTENTION = VisionAttentionToMHA.rule(True)
+FULL_ATTENTION = VisionAttentionToMHA.rule(False)
+RULES = pattern.RewriteRuleSet([WINDOW_ATTENTION, FULL_ATTENTION])
+
+
+class FuseVisionAttention(GraphPass, name="fuse_vision_attention", targets=("ort",), parts=("vision",)):
     description = ("vision attention -> com.microsoft.MultiHeadAttention (flash path: window / image mask "
                    "folded into extra q.k columns)")
-    targets = ("ort",)
-    parts = ("vision",)
 
-    def call(self, model: ir.Model) -> ir.passes.PassResult:
-        from onnxscript.rewriter import pattern
-
-        windowed, full = _rule(True), _rule(False)
-        counts = {"window": windowed.apply_to_model(model), "full": full.apply_to_model(model)}
-        self.last_details = dict(counts)
+    def call(self, model: ir.Model) -> GraphPassResult:
+        details = {"window": WINDOW_ATTENTION.apply_to_model(model), "full": FULL_ATTENTION.apply_to_model(model)}
         leftover = [n for n in model.graph if n.op_type == "Softmax"]
         if leftover:  # say why the remaining attention blocks stayed as traced
-            tracer = pattern.MatchingTracer()
-            pattern.RewriteRuleSet([windowed, full]).apply_to_model(model, tracer=tracer)
-            self.last_details["not_fused"] = len(leftover)
-            self.last_details["why_not"] = match_failure_reasons(tracer)
-        modified = any(counts.values())
-        if modified:  # the per-layer q_x / k_x columns are identical: share them; drop the dead mask ops
-            common.CommonSubexpressionEliminationPass()(model)
-            common.RemoveUnusedNodesPass()(model)
+            details["not_fused"] = len(leftover)
+            details["why_not"] = why_not_matched(model, RULES)
+        modified = bool(details["window"] or details["full"])
+        if modified:  # every block builds its own q_x / k_x columns: cse_after_fusions shares them
             use_contrib_domain(model)
-        return ir.passes.PassResult(model, modified)
+        return GraphPassResult(model, modified, details)
 
 
-__all__ = ["FuseVisionAttention", "classify_mask", "MASKED"]
+__all__ = ["FULL_ATTENTION", "MASKED", "WINDOW_ATTENTION", "FuseVisionAttention", "classify_mask"]

@@ -10,21 +10,16 @@ ORT_ENABLE_ALL). onnxscript's rule set matches it as it is (onnxscript/rewriter/
 from __future__ import annotations
 
 import onnx_ir as ir
+from onnxscript.rewriter.ort_fusions.erfgelu import rules as ERF_GELU
 
-from qvl_export.passes.base import GraphPass, use_contrib_domain
+from qvl_export.passes.base import GraphPass, GraphPassResult, use_contrib_domain
 
 
-class FuseVisionGelu(GraphPass):
-    name = "fuse_vision_gelu"
+class FuseVisionGelu(GraphPass, name="fuse_vision_gelu", targets=("ort",), parts=("merger",)):
     description = "merger erf GELU -> com.microsoft.Gelu (onnxscript erfgelu rules)"
-    targets = ("ort",)
-    parts = ("merger",)
 
-    def call(self, model: ir.Model) -> ir.passes.PassResult:
-        from onnxscript.rewriter.ort_fusions.erfgelu import rules
-
-        count = rules.apply_to_model(model)
-        self.last_details = {"gelu": count}
+    def call(self, model: ir.Model) -> GraphPassResult:
+        count = ERF_GELU.apply_to_model(model)
         if count:
             use_contrib_domain(model)
-        return ir.passes.PassResult(model, bool(count))
+        return GraphPassResult(model, bool(count), {"gelu": count})

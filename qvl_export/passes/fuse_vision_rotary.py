@@ -24,22 +24,16 @@ plain ops.
 
 from __future__ import annotations
 
-import numpy as np
 import onnx_ir as ir
+from onnxscript.rewriter import pattern
 
-from qvl_export.passes.base import GraphPass, match_failure_reasons, use_contrib_domain
+from qvl_export.passes.base import GraphPass, GraphPassResult, const_array, use_contrib_domain, why_not_matched
 
 TABLES = ("rope_cos", "rope_sin")
 
 
-def _const(value: ir.Value | None) -> np.ndarray | None:
-    from onnxscript.rewriter._ir_utils import get_numpy_value  # initializers and Constant nodes alike
-
-    return get_numpy_value(value)
-
-
 def _scalar(value: ir.Value | None) -> int | None:
-    c = _const(value)
+    c = const_array(value)
     return int(c.reshape(-1)[0]) if c is not None and c.size == 1 else None
 
 
@@ -48,7 +42,7 @@ def table_input(value: ir.Value, head_dim: int) -> ir.Value | str:
     node = value.producer()
     if node is None or node.op_type != "Unsqueeze":
         return f"{value.name} is not an Unsqueeze of a rotary table input"
-    axes = _const(node.inputs[1])
+    axes = const_array(node.inputs[1])
     if axes is None or axes.reshape(-1).tolist() != [1]:
         return f"{value.name} is not broadcast over heads (Unsqueeze axis 1)"
     table = node.inputs[0]
@@ -61,71 +55,60 @@ def table_input(value: ir.Value, head_dim: int) -> ir.Value | str:
     return table
 
 
-def _rule():
-    from onnxscript.rewriter import pattern
+class VisionRotaryToRotaryEmbedding(pattern.RewriteRuleClassBase):
+    """x * cos + rotate_half(x) * sin on [S, N, hd] with cos/sin = Unsqueeze(rope_cos/rope_sin, 1)
+    -> Reshape + RotaryEmbedding + Reshape; the check says why a candidate is left."""
 
-    class VisionRotaryToRotaryEmbedding(pattern.RewriteRuleClassBase):
-        def pattern(self, op, x, cos, sin, hi_start, hi_end, lo_start, lo_end, axes, steps):
-            hi = op.Slice(x, hi_start, hi_end, axes, steps)
-            lo = op.Slice(x, lo_start, lo_end, axes, steps)
-            return op.Add(op.Mul(x, cos), op.Mul(op.Concat(op.Neg(hi), lo, axis=-1), sin))
+    def pattern(self, op, x, cos, sin, hi_start, hi_end, lo_start, lo_end, axes, steps):
+        hi = op.Slice(x, hi_start, hi_end, axes, steps)
+        lo = op.Slice(x, lo_start, lo_end, axes, steps)
+        return op.Add(op.Mul(x, cos), op.Mul(op.Concat(op.Neg(hi), lo, axis=-1), sin))
 
-        def check(self, context, x, cos, sin, hi_start, hi_end, lo_start, lo_end, axes, steps, **_):
-            result = pattern.MatchResult()
-            if x.shape is None or x.shape.rank() != 3:
-                return result.fail("x is not [S, N, hd]", x)
-            heads, head_dim = x.shape[1], x.shape[2]
-            if not (isinstance(heads, int) and isinstance(head_dim, int)) or head_dim % 2:
-                return result.fail("heads / head dim are not static (even head dim)", x)
-            if x.dtype != ir.DataType.FLOAT:
-                return result.fail(f"x is {x.dtype}, not float32", x)
-            half = head_dim // 2
-            if _scalar(axes) not in (2, -1) or _scalar(steps) != 1:
-                return result.fail("halves are not sliced on the last axis with step 1", axes)
-            hi_end_v, lo_end_v = _scalar(hi_end), _scalar(lo_end)
-            if (_scalar(hi_start), _scalar(lo_start), lo_end_v) != (half, 0, half) or hi_end_v is None \
-                    or hi_end_v < head_dim:
-                return result.fail(f"not rotate_half at hd/2 = {half}", hi_start)
-            tables = [table_input(t, head_dim) for t in (cos, sin)]
-            for t in tables:
-                if isinstance(t, str):
-                    return result.fail(t, cos)
-            if [t.name for t in tables] != list(TABLES):
-                return result.fail("cos and sin are not rope_cos and rope_sin, in that order", cos)
-            self._tables, self._heads, self._head_dim = tables, heads, head_dim
-            return result
+    def check(self, context, x, cos, sin, hi_start, hi_end, lo_start, lo_end, axes, steps, **_):
+        result = pattern.MatchResult()
+        if x.shape is None or x.shape.rank() != 3:
+            return result.fail("x is not [S, N, hd]", x)
+        heads, head_dim = x.shape[1], x.shape[2]
+        if not (isinstance(heads, int) and isinstance(head_dim, int)) or head_dim % 2:
+            return result.fail("heads / head dim are not static (even head dim)", x)
+        if x.dtype != ir.DataType.FLOAT:
+            return result.fail(f"x is {x.dtype}, not float32", x)
+        half = head_dim // 2
+        if _scalar(axes) not in (2, -1) or _scalar(steps) != 1:
+            return result.fail("halves are not sliced on the last axis with step 1", axes)
+        hi_end_v, lo_end_v = _scalar(hi_end), _scalar(lo_end)
+        if (_scalar(hi_start), _scalar(lo_start), lo_end_v) != (half, 0, half) or hi_end_v is None \
+                or hi_end_v < head_dim:
+            return result.fail(f"not rotate_half at hd/2 = {half}", hi_start)
+        tables = [table_input(t, head_dim) for t in (cos, sin)]
+        for t in tables:
+            if isinstance(t, str):
+                return result.fail(t, cos)
+        if [t.name for t in tables] != list(TABLES):
+            return result.fail("cos and sin are not rope_cos and rope_sin, in that order", cos)
+        self._tables, self._heads, self._head_dim = tables, heads, head_dim
+        return result
 
-        def rewrite(self, op, x, **_):
-            n, hd = self._heads, self._head_dim
-            zero, half, last = (op.Constant(value_ints=[v]) for v in (0, hd // 2, 1))
-            cos_cache, sin_cache = (op.Slice(t, zero, half, last) for t in self._tables)  # [S, hd/2]
-            rows = op.Reshape(x, op.Constant(value_ints=[1, -1, n * hd]))
-            out = op.RotaryEmbedding(rows, zero, cos_cache, sin_cache, num_heads=n, interleaved=0,
-                                     _domain="com.microsoft")
-            return op.Reshape(out, op.Constant(value_ints=[-1, n, hd]))
-
-    return VisionRotaryToRotaryEmbedding.rule(name="vision_rotary")
+    def rewrite(self, op, x, **_):
+        n, hd = self._heads, self._head_dim
+        zero, half, last = (op.Constant(value_ints=[v]) for v in (0, hd // 2, 1))
+        cos_cache, sin_cache = (op.Slice(t, zero, half, last) for t in self._tables)  # [S, hd/2]
+        rows = op.Reshape(x, op.Constant(value_ints=[1, -1, n * hd]))
+        out = op.RotaryEmbedding(rows, zero, cos_cache, sin_cache, num_heads=n, interleaved=0,
+                                 _domain="com.microsoft")
+        return op.Reshape(out, op.Constant(value_ints=[-1, n, hd]))
 
 
-class FuseVisionRotary(GraphPass):
-    name = "fuse_vision_rotary"
+# the rule alone (a test can apply it to a graph of its own)
+VISION_ROTARY = VisionRotaryToRotaryEmbedding.rule(name="vision_rotary")
+
+
+class FuseVisionRotary(GraphPass, name="fuse_vision_rotary", targets=("ort",), parts=("vision",)):
     description = "vision q/k rotate-half rotary -> com.microsoft.RotaryEmbedding (cache = first half of rope_cos/sin)"
-    targets = ("ort",)
-    parts = ("vision",)
 
-    def call(self, model: ir.Model) -> ir.passes.PassResult:
-        import onnx_ir.passes.common as common
-        from onnxscript.rewriter import pattern
-
-        rule = _rule()
-        count = rule.apply_to_model(model)
-        self.last_details = {"rotary": count}
+    def call(self, model: ir.Model) -> GraphPassResult:
+        count = VISION_ROTARY.apply_to_model(model)
         if not count:
-            tracer = pattern.MatchingTracer()
-            rule.apply_to_model(model, tracer=tracer)
-            self.last_details["why_not"] = match_failure_reasons(tracer)
-            return ir.passes.PassResult(model, False)
-        common.CommonSubexpressionEliminationPass()(model)  # one cos/sin cache slice for all blocks
-        common.RemoveUnusedNodesPass()(model)
-        use_contrib_domain(model)
-        return ir.passes.PassResult(model, True)
+            return GraphPassResult(model, False, {"rotary": 0, "why_not": why_not_matched(model, VISION_ROTARY)})
+        use_contrib_domain(model)  # each block gets its own cos/sin cache slices: cse_after_fusions shares them
+        return GraphPassResult(model, True, {"rotary": count})

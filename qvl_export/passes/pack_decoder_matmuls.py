@@ -14,8 +14,8 @@ hidden 2048 / intermediate 11008): one MatMul [2048, 22016] streams the weights 
 step -7..-10% end to end), prefill (M = 300) unchanged. Packing q/k/v ([2048, 2560]) showed no gain
 in decode or prefill, so it is left out; ``PackDecoderMatMuls(("gate_up", "qkv"))`` re-measures it.
 
-The packed weight replaces the members' weights (they are dropped once unused), so the model does not
-grow. Numbers: the same dot products in the same precision, only laid out side by side.
+The packed weight replaces the members' weights, so the model does not grow once
+``remove_unused_after_fusions`` has dropped the members' initializers (this pass leaves them unread). Numbers: the same dot products in the same precision, only laid out side by side.
 """
 
 from __future__ import annotations
@@ -25,8 +25,7 @@ from collections import defaultdict
 import numpy as np
 import onnx_ir as ir
 
-from qvl_export.passes.base import GraphPass
-
+from qvl_export.passes.base import GraphPass, GraphPassResult
 
 KINDS = {3: "qkv", 2: "gate_up"}
 
@@ -53,16 +52,14 @@ def _bias_add(node: ir.Node) -> tuple[ir.Node, ir.Value] | None:
     return add, other
 
 
-class PackDecoderMatMuls(GraphPass):
-    name = "pack_decoder_matmuls"
+class PackDecoderMatMuls(GraphPass, name="pack_decoder_matmuls", parts=("decoder",)):
     description = "gate/up MatMuls on one activation -> one MatMul over concatenated weights + Split"
-    parts = ("decoder",)
 
     def __init__(self, kinds: tuple[str, ...] = ("gate_up",)):
         super().__init__()
         self.kinds = kinds
 
-    def call(self, model: ir.Model) -> ir.passes.PassResult:
+    def call(self, model: ir.Model) -> GraphPassResult:
         graph = model.graph
         groups: dict[ir.Value, list[ir.Node]] = defaultdict(list)
         for node in graph:
@@ -79,12 +76,8 @@ class PackDecoderMatMuls(GraphPass):
                 continue
             self._rewrite(graph, x, members)
             packed[KINDS[len(members)]] += 1
-        self.last_details = {"packed": dict(packed), **({"not_packed": skipped[:5]} if skipped else {})}
-        if packed:
-            import onnx_ir.passes.common as common
-
-            common.RemoveUnusedNodesPass()(model)
-        return ir.passes.PassResult(model, bool(packed))
+        details = {"packed": dict(packed), **({"not_packed": skipped[:5]} if skipped else {})}
+        return GraphPassResult(model, bool(packed), details)
 
     def _check(self, members: list[ir.Node]) -> str:
         """Why ``members`` cannot be packed ('' when they can)."""

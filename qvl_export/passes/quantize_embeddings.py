@@ -25,7 +25,7 @@ from __future__ import annotations
 import numpy as np
 import onnx_ir as ir
 
-from qvl_export.passes.base import GraphPass
+from qvl_export.passes.base import GraphPass, GraphPassResult
 
 
 def _quantize_rows(table: np.ndarray, axis: int) -> tuple[np.ndarray, np.ndarray]:
@@ -66,18 +66,14 @@ def _dequantized_rows(dq: ir.Node, axis: int):
     return [q_table, scale]
 
 
-class QuantizeEmbeddings(GraphPass):
-    name = "quantize_embeddings"
+class QuantizeEmbeddings(GraphPass, name="quantize_embeddings", targets=("ort",), parts=("decoder",)):
     description = "int8 weight-only token table in quantized builds (shares the lm_head's int8 copy when tied)"
-    targets = ("ort",)
-    parts = ("decoder",)
-    after_quantization = True
 
-    def call(self, model: ir.Model) -> ir.passes.PassResult:
+    def call(self, model: ir.Model) -> GraphPassResult:
         graph = model.graph
         nodes = list(graph)
         if not any(n.op_type in ("DequantizeLinear", "MatMulNBits") for n in nodes):
-            return ir.passes.PassResult(model, False)
+            return GraphPassResult(model, False)
         modified = False
         for gather in nodes:
             if gather.op_type != "Gather":
@@ -135,4 +131,4 @@ class QuantizeEmbeddings(GraphPass):
                 else:
                     graph.initializers.pop(table.name, None)
             modified = True
-        return ir.passes.PassResult(model, modified)
+        return GraphPassResult(model, modified)

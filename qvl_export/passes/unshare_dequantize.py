@@ -16,16 +16,13 @@ from __future__ import annotations
 
 import onnx_ir as ir
 
-from qvl_export.passes.base import GraphPass
+from qvl_export.passes.base import GraphPass, GraphPassResult
 
 
-class UnshareDequantize(GraphPass):
-    name = "unshare_dequantize"
+class UnshareDequantize(GraphPass, name="unshare_dequantize", targets=("ort",)):
     description = "one Q/DQ pair per consumer (int8/fp8 builds), so onnxruntime fuses every quantized MatMul"
-    targets = ("ort",)
-    after_quantization = True
 
-    def call(self, model: ir.Model) -> ir.passes.PassResult:
+    def call(self, model: ir.Model) -> GraphPassResult:
         graph = model.graph
         copies = 0
         for dq in list(graph):
@@ -48,5 +45,4 @@ class UnshareDequantize(GraphPass):
                 graph.insert_before(use.node, new)
                 use.node.replace_input_with(use.idx, twin.outputs[0])
                 copies += 1
-        self.last_details = {"copies": copies}
-        return ir.passes.PassResult(model, copies > 0)
+        return GraphPassResult(model, copies > 0, {"copies": copies})

@@ -1,4 +1,4 @@
-"""The shipped demo checkpoint (trained by ``python -m qvl_export.demo.train``) reads its sample invoice.
+"""The shipped demo checkpoint (trained by ``python tools/train_demo.py``) reads its sample invoice.
 
 Nothing is retrained here: the tests load the committed weights, check them with our own config
 parser, run transformers' greedy ``generate`` on the shipped sample page, and build the demo the
@@ -101,10 +101,12 @@ def test_heldout_set_is_seeded_apart_from_training():
 def test_total_digits_sit_one_per_image_token():
     """Training supervises the vision tower where the total's digits are: one digit per 28x28 cell
     (the area of one image token), with ink near each recorded centre."""
+    from qvl_export.documents import render
+
     for seed in range(20):
-        page = documents.render_invoice(seed)
+        page = render.render_invoice(seed)
         assert len(page.total_digits) == len(str(page.total))
-        cells = [(int(x) // documents.CELL, int(y) // documents.CELL) for x, y in page.total_digits]
+        cells = [(int(x) // render.CELL, int(y) // render.CELL) for x, y in page.total_digits]
         assert len(set(cells)) == len(cells)
         assert len({row for _, row in cells}) == 1  # one row, left to right
         assert [c for c, _ in cells] == sorted(c for c, _ in cells)

@@ -13,15 +13,14 @@ import onnxruntime as ort
 import pytest
 
 from qvl_export.loading.config import parse_model_config
-from qvl_export.passes.base import op_counts
+from qvl_export.passes.base import GraphPassResult, op_counts, run_passes
 
 
 @pytest.fixture(scope="session")
 def traced(tmp_path_factory, checkpoint):
-    """traced(family, part) -> a fresh ``onnx_ir.Model`` of the part, plain (only ``fold_constants``)."""
+    """traced(family, part) -> a fresh ``onnx_ir.Model`` of the part, plain (only the cleanup passes)."""
     from qvl_export.export.parts import decoder_part, merger_part, trace_part, vision_part
     from qvl_export.loading.weights import CheckpointWeights
-    from qvl_export.passes.cleanup import FoldConstantsAndCleanup
 
     folder = tmp_path_factory.mktemp("traced")
     saved: dict[tuple[str, str], object] = {}
@@ -32,7 +31,7 @@ def traced(tmp_path_factory, checkpoint):
             spec, weights = parse_model_config(ckpt), CheckpointWeights(ckpt)
             make = {"vision": vision_part, "merger": merger_part, "decoder": decoder_part}[part]
             model = trace_part(make(spec, weights))
-            FoldConstantsAndCleanup()(model)
+            cleanup(model)
             path = folder / f"{family}-{part}.onnx"
             ir.save(model, path)
             saved[(family, part)] = path
@@ -55,6 +54,26 @@ def session(model: ir.Model) -> ort.InferenceSession:
 
 def counts(model: ir.Model) -> dict[str, int]:
     return op_counts(model)
+
+
+def cleanup(model: ir.Model) -> ir.Model:
+    """What the build runs on the traced graph before any rewrite: the graph list's cleanup passes."""
+    from qvl_export.passes.cleanup import EliminateCommonSubexpressions, EliminateIdentities, RemoveUnused
+    from qvl_export.passes.fold_constants import FoldConstants
+
+    return run_passes(model, [FoldConstants(), EliminateIdentities(), RemoveUnused(),
+                              EliminateCommonSubexpressions()])[0]
+
+
+def fuse(model: ir.Model, graph_pass) -> GraphPassResult:
+    """``graph_pass`` on ``model``, then the cleanup the graph list runs after the fusions (a fusion leaves
+    per-block copies and unread nodes to it); returns the pass's own result (``modified``, ``details``)."""
+    from qvl_export.passes.cleanup import CseAfterFusions, RemoveUnusedAfterFusions
+    from qvl_export.passes.fold_constants import FoldConstantsAfterFusions
+
+    result = graph_pass(model)
+    run_passes(model, [CseAfterFusions(), FoldConstantsAfterFusions(), RemoveUnusedAfterFusions()])
+    return result
 
 
 def run_decoder(model: ir.Model, spec, *, batch: int = 1, steps: int = 3, seed: int = 0) -> list[dict]:
@@ -123,6 +142,8 @@ class Harness:
 
     session = staticmethod(session)
     counts = staticmethod(counts)
+    cleanup = staticmethod(cleanup)
+    fuse = staticmethod(fuse)
     run_decoder = staticmethod(run_decoder)
     assert_same_decoding = staticmethod(assert_same_decoding)
     vision_feeds = staticmethod(vision_feeds)

@@ -18,11 +18,11 @@ def test_attention_becomes_gqa(family, traced, spec_of, harness):
     layers = spec.text.num_hidden_layers
     model = traced(family, "decoder")
     before = harness.counts(model)
-    fuse = FuseDecoderAttention()
-    assert fuse(model).modified
+    fuse = harness.fuse(model, FuseDecoderAttention())
+    assert fuse.modified
     after = harness.counts(model)
 
-    assert fuse.last_details["fused"] == layers
+    assert fuse.details["fused"] == layers
     assert after["com.microsoft:GroupQueryAttention"] == layers
     assert after["com.microsoft:RotaryEmbedding"] == 2 * layers  # q and k
     # gone: softmax attention, its causal mask, the K/V concat with the past, rotate_half
@@ -47,7 +47,7 @@ def test_attention_becomes_gqa(family, traced, spec_of, harness):
 def test_same_numbers_prefill_with_image_and_decode(family, batch, traced, spec_of, harness):
     spec = spec_of(family)
     plain, fused = traced(family, "decoder"), traced(family, "decoder")
-    assert FuseDecoderAttention()(fused).modified
+    assert harness.fuse(fused, FuseDecoderAttention()).modified
     before = harness.run_decoder(plain, spec, batch=batch, steps=4)
     after = harness.run_decoder(fused, spec, batch=batch, steps=4)
     harness.assert_same_decoding(before, after)
@@ -57,7 +57,7 @@ def test_cache_stays_in_place(traced, spec_of, harness):
     """Every step writes into the same buffers (the prefill's), only the new rows change."""
     spec = spec_of("qwen2_5_vl")
     model = traced("qwen2_5_vl", "decoder")
-    FuseDecoderAttention()(model)
+    harness.fuse(model, FuseDecoderAttention())
     steps = harness.run_decoder(model, spec, steps=4)
     first = steps[0]["buffers"]
     addresses = [b.ctypes.data for b in first]
@@ -81,14 +81,14 @@ def test_no_match_says_why_and_leaves_graph(traced, harness):
             model.graph.register_initializer(floor)
             node.replace_input_with(2, floor)
     before = harness.counts(model)
-    fuse = FuseDecoderAttention()
-    assert not fuse(model).modified
+    fuse = harness.fuse(model, FuseDecoderAttention())
+    assert not fuse.modified
     assert harness.counts(model) == before
     assert "seqlens_k" not in [v.name for v in model.graph.inputs]
-    assert any("large negative" in r for r in fuse.last_details["why_not"]), fuse.last_details
+    assert any("large negative" in r for r in fuse.details["why_not"]), fuse.details
 
 
-def test_partial_match_raises(traced):
+def test_partial_match_raises(traced, harness):
     """Fusing some layers but not others would mix two cache layouts: the pass refuses."""
     model = traced("qwen2_5_vl", "decoder")
     wheres = [n for n in model.graph if n.op_type == "Where" and n.inputs[2] is not None
@@ -99,10 +99,10 @@ def test_partial_match_raises(traced):
     model.graph.register_initializer(floor)
     node.replace_input_with(2, floor)
     with pytest.raises(QvlError, match="partial fusion"):
-        FuseDecoderAttention()(model)
+        harness.fuse(model, FuseDecoderAttention())
 
 
 def test_decoder_on_onnxruntime_target_only():
-    assert "fuse_decoder_attention" in [p.name for p in select_passes("ort", "decoder")]
-    assert "fuse_decoder_attention" not in [p.name for p in select_passes("trt", "decoder")]
-    assert "fuse_decoder_attention" not in [p.name for p in select_passes("ort", "vision")]
+    assert "fuse_decoder_attention" in [p.name for p in select_passes("ort", "decoder", "graph")]
+    assert "fuse_decoder_attention" not in [p.name for p in select_passes("trt", "decoder", "graph")]
+    assert "fuse_decoder_attention" not in [p.name for p in select_passes("ort", "vision", "graph")]

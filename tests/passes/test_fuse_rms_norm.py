@@ -17,8 +17,7 @@ def test_decoder_norms_fused_same_numbers(family, traced, spec_of, harness):
     layers = spec.text.num_hidden_layers
     plain, fused = traced(family, "decoder"), traced(family, "decoder")
     before = harness.counts(plain)
-    fuse = FuseRmsNorm()
-    result = fuse(fused)
+    result = harness.fuse(fused, FuseRmsNorm())
     after = harness.counts(fused)
 
     assert result.modified
@@ -30,7 +29,7 @@ def test_decoder_norms_fused_same_numbers(family, traced, spec_of, harness):
     assert after["com.microsoft:SkipSimplifiedLayerNormalization"] == 2 * layers - 1
     assert after["SimplifiedLayerNormalization"] == 2
     assert before["Add"] - after["Add"] == norms + (2 * layers - 1)  # eps Adds + residual Adds
-    assert fuse.last_details == {"rms_norm": norms, "with_residual_add": 2 * layers - 1}
+    assert result.details == {"rms_norm": norms, "with_residual_add": 2 * layers - 1}
     harness.assert_same_decoding(harness.run_decoder(plain, spec, batch=2), harness.run_decoder(fused, spec, batch=2))
 
 
@@ -39,7 +38,7 @@ def test_vision_and_merger_norms_qwen2_5(traced, spec_of, harness):
     spec = spec_of("qwen2_5_vl")
     valid, feeds = harness.vision_feeds(spec)
     plain, fused = traced("qwen2_5_vl", "vision"), traced("qwen2_5_vl", "vision")
-    assert FuseRmsNorm()(fused).modified
+    assert harness.fuse(fused, FuseRmsNorm()).modified
     after = harness.counts(fused)
     assert after["SimplifiedLayerNormalization"] == 2 * spec.vision.depth
     assert all(op not in after for op in RMS_OPS)
@@ -48,7 +47,7 @@ def test_vision_and_merger_norms_qwen2_5(traced, spec_of, harness):
     np.testing.assert_allclose(b[valid], a[valid], atol=2e-5, rtol=1e-4)
 
     merger_plain, merger_fused = traced("qwen2_5_vl", "merger"), traced("qwen2_5_vl", "merger")
-    assert FuseRmsNorm()(merger_fused).modified
+    assert harness.fuse(merger_fused, FuseRmsNorm()).modified
     assert harness.counts(merger_fused)["SimplifiedLayerNormalization"] == 1
     hidden = a.astype(np.float32)
     (ma,) = harness.session(merger_plain).run(None, {"vision_hidden": hidden})
@@ -56,15 +55,15 @@ def test_vision_and_merger_norms_qwen2_5(traced, spec_of, harness):
     np.testing.assert_allclose(mb, ma, atol=2e-5, rtol=1e-4)
 
 
-def test_layernorm_vision_untouched_and_says_why(traced):
+def test_layernorm_vision_untouched_and_says_why(traced, harness):
     """Qwen2-VL's vision tower uses LayerNorm: nothing matches, the record says how far matching got."""
     model = traced("qwen2_vl", "vision")
-    p = FuseRmsNorm()
-    assert not p(model).modified
-    assert p.last_details["rms_norm"] == 0 and p.last_details["why_not"]
+    p = harness.fuse(model, FuseRmsNorm())
+    assert not p.modified
+    assert p.details["rms_norm"] == 0 and p.details["why_not"]
 
 
 def test_onnxruntime_target_only():
     for part in ("vision", "merger", "decoder"):
-        assert "fuse_rms_norm" in [p.name for p in select_passes("ort", part)]
-        assert "fuse_rms_norm" not in [p.name for p in select_passes("trt", part)]
+        assert "fuse_rms_norm" in [p.name for p in select_passes("ort", part, "graph")]
+        assert "fuse_rms_norm" not in [p.name for p in select_passes("trt", part, "graph")]

@@ -39,12 +39,12 @@ def test_attention_becomes_mha_same_numbers(family, traced, spec_of, harness):
     full, windowed = _layers(spec)
     plain, fused = traced(family, "vision"), traced(family, "vision")
     before = harness.counts(plain)
-    p = FuseVisionAttention()
-    assert p(fused).modified
+    p = harness.fuse(fused, FuseVisionAttention())
+    assert p.modified
     after = harness.counts(fused)
 
     depth = spec.vision.depth
-    assert p.last_details == {"window": windowed, "full": full}
+    assert p.details == {"window": windowed, "full": full}
     assert before["Softmax"] == depth and before.get(MHA, 0) == 0
     assert after[MHA] == depth
     # the S x S / per-window masking, the score math and the head transposes are gone
@@ -58,10 +58,10 @@ def test_attention_becomes_mha_same_numbers(family, traced, spec_of, harness):
         _assert_same_rows(_run(harness, fused, feeds), _run(harness, plain, feeds), valid)
 
 
-def test_mha_nodes_are_on_the_flash_path(traced):
+def test_mha_nodes_are_on_the_flash_path(traced, harness):
     """No mask and no bias input: onnxruntime's CPU MultiHeadAttention then runs its flash kernel."""
     model = traced("qwen2_5_vl", "vision")
-    FuseVisionAttention()(model)
+    harness.fuse(model, FuseVisionAttention())
     nodes = [n for n in model.graph if n.op_type == "MultiHeadAttention"]
     assert nodes and all(len(n.inputs) == 3 for n in nodes)
     heads = {n.attributes["num_heads"].value for n in nodes}
@@ -74,27 +74,26 @@ def test_dense_window_baseline_keeps_its_window_masks(checkpoint, spec_of, harne
     as traced (the check says why), the full-attention blocks are fused, the numbers agree."""
     from qvl_export.export.parts import trace_part, vision_part
     from qvl_export.loading.weights import CheckpointWeights
-    from qvl_export.passes.cleanup import FoldConstantsAndCleanup
 
     ckpt = checkpoint("qwen2_5_vl")
     spec = spec_of("qwen2_5_vl")
     model = trace_part(vision_part(spec, CheckpointWeights(ckpt), "dense"))
-    FoldConstantsAndCleanup()(model)
+    harness.cleanup(model)
     ir.save(model, tmp_path / "dense.onnx")
     plain, fused = ir.load(tmp_path / "dense.onnx"), ir.load(tmp_path / "dense.onnx")
     full, windowed = _layers(spec)
-    p = FuseVisionAttention()
-    assert p(fused).modified
-    assert p.last_details["full"] == full and p.last_details["window"] == 0
-    assert p.last_details["not_fused"] == windowed
-    assert any("computed in the graph" in r for r in p.last_details["why_not"]), p.last_details
+    p = harness.fuse(fused, FuseVisionAttention())
+    assert p.modified
+    assert p.details["full"] == full and p.details["window"] == 0
+    assert p.details["not_fused"] == windowed
+    assert any("computed in the graph" in r for r in p.details["why_not"]), p.details
     after = harness.counts(fused)
     assert after[MHA] == full and after["Softmax"] == windowed
     valid, feeds = harness.vision_feeds(spec)
     _assert_same_rows(_run(harness, fused, feeds), _run(harness, plain, feeds), valid)
 
 
-def test_unknown_mask_is_left_alone_with_a_reason():
+def test_unknown_mask_is_left_alone_with_a_reason(harness):
     """A graph built from text: attention whose mask is a plain input (not built from image ids)."""
     import onnx
 
@@ -117,13 +116,13 @@ def test_unknown_mask_is_left_alone_with_a_reason():
     }
     """
     model = ir.from_proto(onnx.parser.parse_model(text))
-    p = FuseVisionAttention()
-    assert not p(model).modified
-    assert p.last_details["not_fused"] == 1
-    assert any("not And(same group, valid key)" in r for r in p.last_details["why_not"]), p.last_details
+    p = harness.fuse(model, FuseVisionAttention())
+    assert not p.modified
+    assert p.details["not_fused"] == 1
+    assert any("not And(same group, valid key)" in r for r in p.details["why_not"]), p.details
 
 
 def test_onnxruntime_vision_only():
-    assert "fuse_vision_attention" in [p.name for p in select_passes("ort", "vision")]
+    assert "fuse_vision_attention" in [p.name for p in select_passes("ort", "vision", "graph")]
     for target, part in (("trt", "vision"), ("ort", "merger"), ("ort", "decoder")):
-        assert "fuse_vision_attention" not in [p.name for p in select_passes(target, part)]
+        assert "fuse_vision_attention" not in [p.name for p in select_passes(target, part, "graph")]

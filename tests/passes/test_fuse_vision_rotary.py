@@ -20,11 +20,11 @@ def test_rotary_becomes_rotary_embedding_same_numbers(family, traced, spec_of, h
     depth = spec.vision.depth
     plain, fused = traced(family, "vision"), traced(family, "vision")
     before = harness.counts(plain)
-    p = FuseVisionRotary()
-    assert p(fused).modified
+    p = harness.fuse(fused, FuseVisionRotary())
+    assert p.modified
     after = harness.counts(fused)
 
-    assert p.last_details == {"rotary": 2 * depth}  # q and k of every block
+    assert p.details == {"rotary": 2 * depth}  # q and k of every block
     assert after[ROPE] == 2 * depth
     assert before["Neg"] == 2 * depth and "Neg" not in after
     assert before["Concat"] - after.get("Concat", 0) == 2 * depth
@@ -40,7 +40,7 @@ def test_rotary_becomes_rotary_embedding_same_numbers(family, traced, spec_of, h
 def test_composes_with_the_attention_fusion(traced, spec_of, harness):
     spec = spec_of("qwen2_5_vl")
     plain, fused = traced("qwen2_5_vl", "vision"), traced("qwen2_5_vl", "vision")
-    assert FuseVisionRotary()(fused).modified and FuseVisionAttention()(fused).modified
+    assert harness.fuse(fused, FuseVisionRotary()).modified and harness.fuse(fused, FuseVisionAttention()).modified
     after = harness.counts(fused)
     assert after[ROPE] == 2 * spec.vision.depth and after["com.microsoft:MultiHeadAttention"] == spec.vision.depth
     valid, feeds = harness.vision_feeds(spec)
@@ -60,7 +60,7 @@ def test_host_tables_meet_the_precondition(spec_of):
         assert np.array_equal(cos[:, :half], cos[:, half:]) and np.array_equal(sin[:, :half], sin[:, half:])
 
 
-def test_tables_that_are_not_the_inputs_are_left_alone():
+def test_tables_that_are_not_the_inputs_are_left_alone(harness):
     """A graph built from text: rotate-half whose cos/sin are computed, not the rope_cos/rope_sin inputs."""
     text = """
     <ir_version: 9, opset_import: ["" : 19]>
@@ -85,12 +85,12 @@ def test_tables_that_are_not_the_inputs_are_left_alone():
     }
     """
     model = ir.from_proto(onnx.parser.parse_model(text))
-    p = FuseVisionRotary()
-    assert not p(model).modified
-    assert any("not one of the graph inputs" in r for r in p.last_details["why_not"]), p.last_details
+    p = harness.fuse(model, FuseVisionRotary())
+    assert not p.modified
+    assert any("not one of the graph inputs" in r for r in p.details["why_not"]), p.details
 
 
 def test_onnxruntime_vision_only():
-    assert "fuse_vision_rotary" in [p.name for p in select_passes("ort", "vision")]
+    assert "fuse_vision_rotary" in [p.name for p in select_passes("ort", "vision", "graph")]
     for target, part in (("trt", "vision"), ("ort", "merger"), ("ort", "decoder")):
-        assert "fuse_vision_rotary" not in [p.name for p in select_passes(target, part)]
+        assert "fuse_vision_rotary" not in [p.name for p in select_passes(target, part, "graph")]

@@ -22,16 +22,16 @@ def test_gate_up_packed_by_default(family, traced, spec_of, harness):
     layers = spec.text.num_hidden_layers
     plain, packed = traced(family, "decoder"), traced(family, "decoder")
     before, size = harness.counts(plain), weight_bytes(plain)
-    pack = PackDecoderMatMuls()
-    assert pack(packed).modified
+    pack = harness.fuse(packed, PackDecoderMatMuls())
+    assert pack.modified
     after = harness.counts(packed)
 
-    assert pack.last_details["packed"] == {"gate_up": layers}
+    assert pack.details["packed"] == {"gate_up": layers}
     assert before["MatMul"] - after["MatMul"] == layers  # gate + up -> one per layer
     assert before["Add"] == after["Add"]  # no bias on the MLP
     assert after.get("Split", 0) - before.get("Split", 0) == layers
     assert abs(weight_bytes(packed) - size) <= 64 * layers  # only the split-size constants are new
-    assert all("gate_up groups only" in r for r in pack.last_details["not_packed"])  # q/k/v left, and why
+    assert all("gate_up groups only" in r for r in pack.details["not_packed"])  # q/k/v left, and why
     harness.assert_same_decoding(harness.run_decoder(plain, spec), harness.run_decoder(packed, spec))
 
 
@@ -41,11 +41,11 @@ def test_qkv_and_gate_up_packed_on_request(family, traced, spec_of, harness):
     layers = spec.text.num_hidden_layers
     plain, packed = traced(family, "decoder"), traced(family, "decoder")
     before = harness.counts(plain)
-    pack = PackDecoderMatMuls(kinds=("gate_up", "qkv"))
-    assert pack(packed).modified
+    pack = harness.fuse(packed, PackDecoderMatMuls(kinds=("gate_up", "qkv")))
+    assert pack.modified
     after = harness.counts(packed)
 
-    assert pack.last_details["packed"] == {"qkv": layers, "gate_up": layers}
+    assert pack.details["packed"] == {"qkv": layers, "gate_up": layers}
     assert before["MatMul"] - after["MatMul"] == 2 * layers + layers  # 3 -> 1 and 2 -> 1 per layer
     assert before["Add"] - after["Add"] == 2 * layers  # q/k/v bias Adds -> one
     assert after.get("Split", 0) - before.get("Split", 0) == 2 * layers
@@ -56,24 +56,24 @@ def test_packs_after_attention_fusion(traced, spec_of, harness):
     """In the pipeline's order (after fuse_decoder_attention) the Split feeds RotaryEmbedding / GQA."""
     spec = spec_of("qwen2_5_vl")
     plain, fused = traced("qwen2_5_vl", "decoder"), traced("qwen2_5_vl", "decoder")
-    FuseDecoderAttention()(fused)
-    pack = PackDecoderMatMuls(kinds=("gate_up", "qkv"))
-    assert pack(fused).modified
-    assert pack.last_details["packed"] == {"qkv": spec.text.num_hidden_layers, "gate_up": spec.text.num_hidden_layers}
+    harness.fuse(fused, FuseDecoderAttention())
+    pack = harness.fuse(fused, PackDecoderMatMuls(kinds=("gate_up", "qkv")))
+    assert pack.modified
+    assert pack.details["packed"] == {"qkv": spec.text.num_hidden_layers, "gate_up": spec.text.num_hidden_layers}
     harness.assert_same_decoding(harness.run_decoder(plain, spec, batch=2), harness.run_decoder(fused, spec, batch=2))
 
 
 def test_kinds_select_and_say_why(traced, harness):
     model = traced("qwen2_vl", "decoder")
-    pack = PackDecoderMatMuls(kinds=("qkv",))
-    assert pack(model).modified
-    assert pack.last_details["packed"] == {"qkv": 2}
-    assert all("qkv groups only" in r for r in pack.last_details["not_packed"])
+    pack = harness.fuse(model, PackDecoderMatMuls(kinds=("qkv",)))
+    assert pack.modified
+    assert pack.details["packed"] == {"qkv": 2}
+    assert all("qkv groups only" in r for r in pack.details["not_packed"])
 
 
 def test_plain_onnx_for_both_targets(traced):
     for target in ("ort", "trt"):
-        assert "pack_decoder_matmuls" in [p.name for p in select_passes(target, "decoder")]
+        assert "pack_decoder_matmuls" in [p.name for p in select_passes(target, "decoder", "graph")]
     model = traced("qwen2_vl", "decoder")
     PackDecoderMatMuls(kinds=("gate_up", "qkv"))(model)
     assert {n.domain for n in model.graph} <= {"", "ai.onnx"}

@@ -14,7 +14,7 @@ CONTRIB = ("com.microsoft:MultiHeadAttention", "com.microsoft:RotaryEmbedding")
 @pytest.mark.parametrize("family", ["qwen2_vl", "qwen2_5_vl"])
 def test_trt_vision_and_merger_stay_standard_onnx(family, traced):
     for part in ("vision", "merger"):
-        model, _ = run_passes(traced(family, part), select_passes("trt", part))
+        model, _ = run_passes(traced(family, part), select_passes("trt", part, "graph"))
         domains = {n.domain for n in model.graph}
         assert domains <= {""}, (part, domains)
 
@@ -23,7 +23,7 @@ def test_trt_vision_and_merger_stay_standard_onnx(family, traced):
 def test_ort_vision_all_passes_same_numbers(family, traced, spec_of, harness):
     spec = spec_of(family)
     plain = traced(family, "vision")
-    fused, records = run_passes(traced(family, "vision"), select_passes("ort", "vision"))
+    fused, records = run_passes(traced(family, "vision"), select_passes("ort", "vision", "graph"))
     changed = {r["pass"] for r in records if r["modified"]}
     assert {"fuse_vision_rotary", "fuse_vision_attention"} <= changed
     counts = harness.counts(fused)

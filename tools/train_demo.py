@@ -1,6 +1,6 @@
 """Train the built-in demo checkpoint: a tiny Qwen2.5-VL that reads the total off rendered invoices.
 
-    python -m qvl_export.demo.train --out DIR [--minutes 18] [--threads 2] [--samples DIR]
+    python tools/train_demo.py --out DIR [--minutes 18] [--threads 2] [--samples DIR]
 
 Random weights cannot tell whether a quantized build still reads documents; this model can. It is
 a real ``Qwen2_5_VLForConditionalGeneration`` (windowed + full-attention ViT, merger, Qwen2
@@ -48,7 +48,7 @@ from qvl_export.demo.documents import (HELDOUT_SEED_OFFSET, MAX_ANSWER_DIGITS, P
                                        render_invoice)
 from qvl_export.loading.synthetic import CheckpointDims, build_model_config, train_tokenizer, write_processing_files
 
-log = logging.getLogger("qvl_export.demo.train")
+log = logging.getLogger("train_demo")
 
 # Architecture of the demo model: ~1.5 M parameters, ~6 MB of fp32 safetensors.
 DEMO_TRAINED_DIMS = CheckpointDims(

@@ -1,0 +1,367 @@
+"""Every synthetic page the package draws, in one place: Pillow, seeded, deterministic.
+
+- ``render_invoice(seed)``: the demo model's task page (``demo.documents`` asks for its total);
+- ``sample_page(width, height, seed)``: the parity runs' document-like pages of any size
+  (``parity.samples`` picks the sizes);
+- ``KINDS``: the built-in calibration documents - invoices, forms, tables, bar and line charts,
+  receipts, dense small print, a screenshot-like UI, mixed Chinese/English text, extreme aspect
+  ratios (``calibration.documents`` picks them in rotation).
+
+Each is a pure function of its arguments (and of Pillow's version: its built-in FreeType font keeps
+pages identical on every machine with the same Pillow). The demo model was trained on
+``render_invoice`` pages and the parity figures were measured on these pages: a change to any
+drawing call here changes those numbers. Chinese glyphs need a CJK font (Debian
+``fonts-wqy-microhei`` or ``fonts-noto-cjk``); without one they render as boxes and the page keeps its
+layout.
+"""
+
+from __future__ import annotations
+
+import functools
+import random
+from dataclasses import dataclass
+from pathlib import Path
+
+from PIL import Image, ImageDraw, ImageFont
+
+CJK_FONTS = (
+    "/usr/share/fonts/truetype/wqy/wqy-microhei.ttc",
+    "/usr/share/fonts/truetype/wqy/wqy-zenhei.ttc",
+    "/usr/share/fonts/opentype/noto/NotoSansCJK-Regular.ttc",
+)
+
+
+@functools.lru_cache(maxsize=None)
+def font(size: int, cjk: bool = False) -> ImageFont.ImageFont:
+    """Pillow's default font at ``size`` px (FreeType), or its bitmap default on Pillow < 10.1; with ``cjk``
+    the first CJK font of ``CJK_FONTS`` found on this machine."""
+    if cjk:
+        for path in CJK_FONTS:
+            if Path(path).exists():
+                return ImageFont.truetype(path, size)
+    try:
+        return ImageFont.load_default(size=size)
+    except TypeError:  # pragma: no cover - Pillow < 10.1 has no sized default font
+        return ImageFont.load_default()
+
+
+@dataclass
+class Document:
+    """A rendered page and the question asked about it."""
+
+    name: str
+    image: Image.Image
+    prompt: str
+
+
+# -- the demo task's invoice ---------------------------------------------------------------------
+
+PAGE_SIZE = (224, 252)  # (width, height) px -> 16 x 18 patches = 72 image tokens after the 2x2 merge
+MAX_ANSWER_DIGITS = 4
+BIG_MIN, BIG_MAX = 15, 19  # px: the TOTAL label is set large and bold
+# The total is written in digit boxes ("comb" fields, as on forms and cheques), one box per
+# CELL x CELL square of the page: the 2x2-patch area one image token covers. A ViT this small
+# cannot learn to read digits straddling patches at arbitrary offsets in CPU minutes (measured:
+# ~20-30% per digit after 100+ steps); one centred digit per token it reads in a few dozen steps.
+CELL = 28
+DIGIT_MIN, DIGIT_MAX = 16, 20
+_ITEMS = ("Widget", "Cable", "Paper", "Ink", "Labour", "Parts", "Service", "Bolts", "Paint", "Lamp",
+          "Filter", "Tape", "Glue", "Valve", "Hose")
+_SELLERS = ("ACME Ltd", "Nordic Supply", "Blue Fox Co", "Kite & Sons", "Orbit GmbH", "Delta Parts")
+_INK = ((20, 20, 20), (30, 30, 70), (50, 20, 20), (10, 40, 30), (60, 60, 60))
+_PAPER = ((255, 255, 255), (250, 250, 245), (245, 245, 250), (252, 248, 238), (240, 244, 240))
+
+
+def _amounts(rng: random.Random) -> tuple[list[tuple[str, int, int]], int, int, int]:
+    """Items (name, qty, line amount), subtotal, tax, total with 100 <= total <= 9999."""
+    while True:
+        n = rng.randint(2, 5)
+        scale = rng.choice((30, 150, 600, 1500))
+        items = []
+        for _ in range(n):
+            qty = rng.randint(1, 9)
+            price = rng.randint(max(1, scale // 10), scale)
+            items.append((rng.choice(_ITEMS), qty, qty * price))
+        subtotal = sum(a for _, _, a in items)
+        tax = subtotal * rng.choice((0, 5, 7, 10, 16, 20, 25)) // 100
+        total = subtotal + tax
+        if 100 <= total <= 9999:
+            return items, subtotal, tax, total
+
+
+@dataclass
+class Page:
+    """A rendered invoice and where its total's digits are (pixel centres, for training supervision)."""
+
+    image: Image.Image
+    total: int
+    total_digits: list[tuple[float, float]]  # centre (x, y) of each digit of the total, left to right
+
+
+def render_invoice(seed: int) -> Page:
+    """The invoice page of ``seed``: layout, sizes, colours and numbers all follow the seed."""
+    rng = random.Random(seed)
+    width, height = PAGE_SIZE
+    ink = rng.choice(_INK)
+    img = Image.new("RGB", PAGE_SIZE, rng.choice(_PAPER))
+    draw = ImageDraw.Draw(img)
+    items, subtotal, tax, total = _amounts(rng)
+
+    body = font(rng.randint(11, 13))
+    title = font(rng.randint(15, 18))
+    big = font(rng.randint(BIG_MIN, BIG_MAX))
+    line = rng.randint(14, 17)
+    left = rng.randint(6, 30)
+    right = width - rng.randint(6, 30)  # amounts are right-aligned at this x
+    seller = rng.choice(_SELLERS) if rng.random() < 0.6 else None
+    gaps = (rng.randint(0, 6), rng.randint(0, 8))
+    footer = rng.choice(("Thank you!", "Paid by card", "Due in 30 days", None))
+    rows = 4 + (seller is not None) + len(items) + (footer is not None)
+    used = rows * line + 4 + sum(gaps) + 8 + 2 * CELL
+    y = rng.randint(4, max(4, height - used - 4))  # the block sits anywhere on the page
+
+    def text(x: float, value: str, f: ImageFont.ImageFont, bold: bool = False) -> None:
+        draw.text((x, y), value, fill=ink, font=f)
+        if bold:  # faux bold: a second pass 1 px to the right keeps the letters legible
+            draw.text((x + 1, y), value, fill=ink, font=f)
+
+    def row(label: str, value: str | None = None) -> None:
+        """One line: label on the left, ``value`` right-aligned."""
+        nonlocal y
+        text(left, label, body)
+        if value is not None:
+            text(right - draw.textlength(value, font=body), value, body)
+        y += line
+
+    def comb_row(value: str, f: ImageFont.ImageFont) -> list[tuple[float, float]]:
+        """``TOTAL`` and ``value`` in a row of digit boxes, one box per CELL x CELL cell of the page."""
+        nonlocal y
+        y = -(-y // CELL) * CELL  # the boxes start on a cell row
+        ltop, lbottom = f.getbbox("TOTAL")[1::2]
+        y_row = y
+        y = y_row + (CELL - ltop - lbottom) // 2  # the label sits in the middle of the row
+        text(left, "TOTAL", f, bold=True)
+        y = y_row
+        first = -(-(left + int(draw.textlength("TOTAL", font=f)) + 6) // CELL)
+        c0 = rng.randint(min(first, width // CELL - len(value)), width // CELL - len(value))
+        size = rng.randint(DIGIT_MIN, DIGIT_MAX)
+        digit_font = font(size)
+        top, bottom = digit_font.getbbox("0")[1::2]
+        centres = []
+        for k, ch in enumerate(value):
+            x0 = (c0 + k) * CELL
+            draw.rectangle([x0 + 1, y + 1, x0 + CELL - 2, y + CELL - 2], outline=ink)
+            dx, dy = rng.randint(-2, 2), rng.randint(-2, 2)
+            w = draw.textlength(ch, font=digit_font)
+            draw.text((x0 + (CELL - w) / 2 + dx, y + (CELL - top - bottom) / 2 + dy), ch, fill=ink, font=digit_font)
+            draw.text((x0 + (CELL - w) / 2 + dx + 1, y + (CELL - top - bottom) / 2 + dy), ch, fill=ink,
+                      font=digit_font)
+            centres.append((x0 + CELL / 2 + dx + 0.5, y + CELL / 2 + dy))
+        y += CELL + 3
+        return centres
+
+    def rule() -> None:
+        nonlocal y
+        draw.line([(left, y + 1), (right, y + 1)], fill=ink, width=1)
+        y += 4
+
+    number = f"No {rng.randint(1000, 99999)}"
+    text(left, "INVOICE", title)
+    y += 3
+    text(right - draw.textlength(number, font=body), number, body)
+    y += line + 1
+    if seller:
+        row(seller)
+    row(f"Date {rng.randint(1, 28):02d}/{rng.randint(1, 12):02d}/{rng.randint(2015, 2025)}")
+    y += gaps[0]
+    rule()
+    for name, qty, amount in items:
+        row(f"{name} x{qty}", str(amount))
+    rule()
+    row("Subtotal", str(subtotal))
+    row(rng.choice(("Tax", "VAT")), str(tax))
+    y += gaps[1]
+    total_digits = comb_row(str(total), big)
+    if footer:
+        row(footer)
+    return Page(img, total, total_digits)
+
+
+# -- parity sample pages -------------------------------------------------------------------------
+
+def sample_page(width: int, height: int, seed: int, title: str = "INVOICE") -> Image.Image:
+    """A page with a title, text lines, a table grid and a few coloured blocks."""
+    rng = random.Random(seed)
+    img = Image.new("RGB", (width, height), (250, 250, 245))
+    draw = ImageDraw.Draw(img)
+    draw.text((max(4, width // 20), max(2, height // 30)), title, fill=(20, 20, 60))
+    y = max(14, height // 8)
+    while y < height - 12:
+        x = max(4, width // 20)
+        words = [f"{rng.choice(['Item', 'Qty', 'Total', 'Date', 'Tax', 'Net'])} {rng.randint(0, 9999)}"
+                 for _ in range(rng.randint(1, 4))]
+        draw.text((x, y), "  ".join(words), fill=(rng.randint(0, 80),) * 3)
+        y += max(10, height // 14)
+    cols = rng.randint(2, 5)
+    for c in range(cols + 1):
+        xx = int(width * (0.1 + 0.8 * c / cols))
+        draw.line([(xx, height // 2), (xx, int(height * 0.9))], fill=(90, 90, 90))
+    for _ in range(3):
+        x0, y0 = rng.randint(0, max(1, width - 20)), rng.randint(0, max(1, height - 20))
+        draw.rectangle([x0, y0, x0 + width // 8 + 2, y0 + height // 10 + 2],
+                       fill=(rng.randint(100, 255), rng.randint(100, 255), rng.randint(100, 255)))
+    return img
+
+
+# -- calibration documents -----------------------------------------------------------------------
+
+def _words(rng: random.Random, n: int) -> str:
+    vocab = ("invoice total amount due date customer address item quantity price tax subtotal shipping "
+             "balance order reference account payment terms signature approved department project").split()
+    return " ".join(rng.choice(vocab) for _ in range(n))
+
+
+def invoice(rng: random.Random, w=827, h=1169) -> Document:
+    img = Image.new("RGB", (w, h), "white")
+    d = ImageDraw.Draw(img)
+    d.text((40, 30), "INVOICE", font=font(40), fill=(20, 30, 90))
+    d.text((w - 260, 40), f"No. {rng.randint(10000, 99999)}\nDate: 2026-{rng.randint(1, 12):02d}-{rng.randint(1, 28):02d}",
+           font=font(18), fill="black")
+    y, total = 180, 0
+    d.rectangle([40, y - 10, w - 40, y + 20], fill=(230, 235, 245))
+    d.text((50, y - 6), "Item                     Qty      Price      Amount", font=font(18), fill="black")
+    for _ in range(rng.randint(4, 9)):
+        y += 40
+        qty, price = rng.randint(1, 20), rng.randint(2, 400)
+        total += qty * price
+        d.text((50, y), f"{_words(rng, 2):<24} {qty:>4} {price:>9} {qty * price:>10}", font=font(18), fill="black")
+    d.line([40, y + 40, w - 40, y + 40], fill="black", width=2)
+    d.text((w - 330, y + 60), f"TOTAL: {total}", font=font(30), fill=(150, 0, 0))
+    return Document("invoice", img, "What is the total amount of this invoice?")
+
+
+def form(rng: random.Random, w=850, h=1100) -> Document:
+    img = Image.new("RGB", (w, h), (252, 252, 248))
+    d = ImageDraw.Draw(img)
+    d.text((60, 40), "APPLICATION FORM", font=font(34), fill="black")
+    fields = ["Name", "Date of birth", "Address", "City", "Phone", "Email", "Signature", "Date"]
+    for i, f in enumerate(fields):
+        y = 140 + i * 100
+        d.text((60, y), f + ":", font=font(20), fill="black")
+        d.rectangle([260, y - 5, w - 60, y + 35], outline=(120, 120, 120))
+        d.text((270, y), _words(rng, 3) if "Date" not in f else f"{rng.randint(1, 28):02d}/{rng.randint(1, 12):02d}/19{rng.randint(50, 99)}",
+               font=font(20), fill=(0, 0, 160))
+    return Document("form", img, "What is the date of birth on this form?")
+
+
+def table(rng: random.Random, w=1100, h=700) -> Document:
+    img = Image.new("RGB", (w, h), "white")
+    d = ImageDraw.Draw(img)
+    rows, cols = rng.randint(8, 14), rng.randint(4, 7)
+    cw, rh = (w - 80) // cols, (h - 80) // rows
+    for r in range(rows):
+        for c in range(cols):
+            x0, y0 = 40 + c * cw, 40 + r * rh
+            d.rectangle([x0, y0, x0 + cw, y0 + rh], outline="black", fill=(235, 240, 250) if r == 0 else None)
+            text = f"Col {c + 1}" if r == 0 else f"{rng.uniform(0, 1000):.2f}"
+            d.text((x0 + 6, y0 + 6), text, font=font(16), fill="black")
+    return Document("table", img, "What is the largest value in the third column?")
+
+
+def bar_chart(rng: random.Random, w=900, h=600) -> Document:
+    img = Image.new("RGB", (w, h), "white")
+    d = ImageDraw.Draw(img)
+    n = rng.randint(4, 8)
+    values = [rng.randint(5, 100) for _ in range(n)]
+    d.line([80, 40, 80, h - 60, w - 40, h - 60], fill="black", width=2)
+    bw = (w - 160) // n
+    for i, v in enumerate(values):
+        x0 = 100 + i * bw
+        top = h - 60 - int(v / 100 * (h - 120))
+        d.rectangle([x0, top, x0 + bw - 20, h - 60], fill=(60 + 20 * i % 200, 120, 200))
+        d.text((x0, top - 22), str(v), font=font(16), fill="black")
+        d.text((x0, h - 50), f"Q{i + 1}", font=font(16), fill="black")
+    d.text((w // 2 - 120, 8), "Quarterly revenue", font=font(22), fill="black")
+    return Document("bar_chart", img, "Which quarter has the highest revenue?")
+
+
+def line_chart(rng: random.Random, w=1000, h=560) -> Document:
+    img = Image.new("RGB", (w, h), (250, 250, 255))
+    d = ImageDraw.Draw(img)
+    d.line([70, 30, 70, h - 50, w - 30, h - 50], fill="black", width=2)
+    pts = [(70 + i * (w - 110) // 11, h - 50 - rng.randint(20, h - 120)) for i in range(12)]
+    d.line(pts, fill=(200, 40, 40), width=3)
+    for i, (x, y) in enumerate(pts):
+        d.ellipse([x - 4, y - 4, x + 4, y + 4], fill=(200, 40, 40))
+        d.text((x - 10, h - 42), ["J", "F", "M", "A", "M", "J", "J", "A", "S", "O", "N", "D"][i], font=font(14),
+               fill="black")
+    return Document("line_chart", img, "In which month is the line at its lowest point?")
+
+
+def receipt(rng: random.Random, w=380, h=1100) -> Document:
+    img = Image.new("RGB", (w, h), (255, 255, 250))
+    d = ImageDraw.Draw(img)
+    d.text((90, 20), "CORNER STORE", font=font(26), fill="black")
+    y, total = 90, 0.0
+    for _ in range(rng.randint(8, 18)):
+        price = rng.uniform(0.5, 30)
+        total += price
+        d.text((20, y), f"{_words(rng, 1)[:14]:<16}{price:>8.2f}", font=font(16), fill="black")
+        y += 28
+    d.text((20, y + 20), f"TOTAL {total:>16.2f}", font=font(22), fill="black")
+    d.text((20, y + 60), "CARD **** 4821  THANK YOU", font=font(14), fill="black")
+    return Document("receipt", img, "What is the total on this receipt?")
+
+
+def small_print(rng: random.Random, w=1240, h=1754) -> Document:
+    img = Image.new("RGB", (w, h), "white")
+    d = ImageDraw.Draw(img)
+    small = font(11)
+    for i in range(150):
+        d.text((40, 30 + i * 11), f"{i + 1:>3}. " + _words(rng, rng.randint(12, 22)), font=small, fill=(30, 30, 30))
+    return Document("small_print", img, "What does clause 12 say?")
+
+
+def ui_screenshot(rng: random.Random, w=1280, h=800) -> Document:
+    img = Image.new("RGB", (w, h), (240, 242, 245))
+    d = ImageDraw.Draw(img)
+    d.rectangle([0, 0, w, 50], fill=(40, 60, 120))
+    d.text((20, 12), "Settings  -  Account", font=font(22), fill="white")
+    d.rectangle([0, 50, 240, h], fill=(225, 228, 235))
+    for i, item in enumerate(["General", "Privacy", "Billing", "Notifications", "Security", "Help"]):
+        d.text((24, 80 + i * 44), item, font=font(18), fill="black")
+    for i in range(5):
+        y = 90 + i * 110
+        d.rounded_rectangle([280, y, w - 40, y + 90], radius=10, fill="white", outline=(200, 200, 210))
+        d.text((300, y + 14), _words(rng, 3).title(), font=font(20), fill="black")
+        d.rounded_rectangle([w - 200, y + 25, w - 70, y + 65], radius=8, fill=(50, 120, 220))
+        d.text((w - 180, y + 35), "Enable" if rng.random() < 0.5 else "Disable", font=font(16), fill="white")
+    return Document("ui_screenshot", img, "Which menu item is selected and what buttons are shown?")
+
+
+def mixed_zh_en(rng: random.Random, w=900, h=900) -> Document:
+    img = Image.new("RGB", (w, h), "white")
+    d = ImageDraw.Draw(img)
+    zh = ["发票", "总计", "金额", "日期", "客户", "地址", "数量", "单价", "税额", "备注"]
+    d.text((40, 30), "发票 INVOICE", font=font(36, cjk=True), fill="black")
+    for i in range(14):
+        line = f"{rng.choice(zh)} {_words(rng, 2)} {rng.randint(1, 999)} {rng.choice(zh)}"
+        d.text((40, 110 + i * 50), line, font=font(22, cjk=True), fill="black")
+    return Document("mixed_zh_en", img, "总计金额是多少? What is the total?")
+
+
+def extreme_aspect(rng: random.Random, w=2000, h=300) -> Document:
+    img = Image.new("RGB", (w, h), "white")
+    d = ImageDraw.Draw(img)
+    for i in range(6):
+        d.text((30, 20 + i * 44), _words(rng, 24), font=font(20), fill="black")
+    return Document("banner_wide", img, "Read the first line.")
+
+
+def tall_strip(rng: random.Random, w=280, h=1680) -> Document:
+    doc = receipt(rng, w, h)
+    return Document("tall_strip", doc.image, doc.prompt)
+
+
+KINDS = (invoice, form, table, bar_chart, line_chart, receipt, small_print, ui_screenshot, mixed_zh_en,
+         extreme_aspect, tall_strip)
