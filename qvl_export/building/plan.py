@@ -73,6 +73,7 @@ def run_build(model_dir: str | Path, out_dir: str | Path, settings: Settings,
               reporter: Reporter | None = None, stages: tuple[Stage, ...] = STAGES) -> Manifest:
     """Run ``stages`` in order; on any failure (or interrupt) nothing is left half-written."""
     ctx = BuildContext(Path(model_dir), Path(out_dir), settings, reporter or Reporter())
+    memory = ctx.build_log.setdefault("memory", [])  # resident memory after each stage (build_log.json)
     try:
         for group in _groups(stages):
             if group[0].per_part:
@@ -80,13 +81,31 @@ def run_build(model_dir: str | Path, out_dir: str | Path, settings: Settings,
                     for st in group:
                         if st.when(ctx, part):
                             st.run(ctx, part)
+                            memory.append(_memory(f"{st.name}:{part}"))
             elif group[0].when(ctx):
                 group[0].run(ctx)
+                memory.append(_memory(group[0].name))
     except BaseException:
         if ctx.store is not None:
             ctx.store.abort()
         raise
     return ctx.manifest
+
+
+def _memory(stage: str) -> dict:
+    """Resident memory now and at its peak so far (MiB; Linux's /proc, else the peak alone). ``anon``
+    is what the process holds itself; the rest of ``rss`` are file pages it maps (weights onnxruntime
+    reads in place), which the kernel can drop."""
+    from qvl_export.building.stages import peak_rss_bytes
+
+    out = {"stage": stage, "peak_mib": peak_rss_bytes() >> 20}
+    try:
+        fields = dict(line.split(":", 1) for line in Path("/proc/self/status").read_text().splitlines() if ":" in line)
+        out["rss_mib"] = int(fields["VmRSS"].split()[0]) >> 10
+        out["anon_mib"] = int(fields["RssAnon"].split()[0]) >> 10
+    except (OSError, KeyError, ValueError):
+        pass
+    return out
 
 
 def _groups(stages: tuple[Stage, ...]) -> list[list[Stage]]:

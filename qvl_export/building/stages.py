@@ -254,27 +254,16 @@ def check_pass_names(target: str, only, skip) -> None:
     """Unknown ``--passes`` / ``--skip-pass`` names: one line listing the known ones."""
     from qvl_export import passes
 
-    if hasattr(passes, "check_pass_names"):
-        passes.check_pass_names(_list(only), _list(skip))
-    else:  # TODO(H3): remove once passes.check_pass_names has landed
-        passes.select_passes(target, "decoder", _list(only), _list(skip))
+    passes.check_pass_names(_list(only), _list(skip))
 
 
 def pass_list(ctx: BuildContext, name: str, stage: str) -> list:
     """The passes of ``stage`` (GRAPH: on the traced float graph; QUANTIZED: after Q/DQ placement or
     weight packing) for part ``name``, as ``--passes`` / ``--skip-pass`` filter them."""
-    import inspect
-
     from qvl_export.passes import select_passes
 
     s = ctx.settings
-    if "stage" in inspect.signature(select_passes).parameters:
-        return select_passes(s.target, name, stage, only=_list(s.passes), skip=_list(s.skip_passes))
-    # TODO(H3): remove once select_passes(target, part, stage, only, skip) has landed; until then the
-    # passes flagged after_quantization form the quantized list of builds that quantize
-    chosen = select_passes(s.target, name, _list(s.passes), _list(s.skip_passes))
-    late = [p for p in chosen if ctx.quantizes and p.after_quantization]
-    return late if stage == QUANTIZED else [p for p in chosen if p not in late]
+    return select_passes(s.target, name, stage, only=_list(s.passes), skip=_list(s.skip_passes))
 
 
 def _list(names) -> list[str] | None:

@@ -38,7 +38,7 @@ class PartSpec:
     weights: CheckpointWeights | None = None
     prefix: str = ""  # checkpoint name prefix of the module's parameters
     # module -> (aliases: parameter -> checkpoint name, transposed: parameter -> checkpoint name)
-    names: Callable[["torch.nn.Module"], tuple[dict[str, str], dict[str, str]]] = \
+    names: Callable[["torch.nn.Module"], tuple[dict[str, str], dict[str, str]]] = \  # noqa: F821
         lambda m: (getattr(m, "weight_aliases", dict)(), getattr(m, "transposed_weights", dict)())  # noqa: E731
 
     def build(self):

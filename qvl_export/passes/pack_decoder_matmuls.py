@@ -97,9 +97,13 @@ class PackDecoderMatMuls(GraphPass, name="pack_decoder_matmuls", parts=("decoder
         sizes = [w.shape[1] for w in weights]
         biases = [_bias_add(m) for m in members]
         stem = members[0].name or weights[0].name
-        w = ir.Value(name=f"{stem}.packed_weight", const_value=ir.tensor(
-            np.concatenate([v.const_value.numpy() for v in weights], axis=1), name=f"{stem}.packed_weight"))
-        w.shape, w.type = ir.Shape(list(w.const_value.shape)), ir.TensorType(weights[0].dtype)
+        # the packed weight is computed when the part is written (its members may be lazily bound
+        # checkpoint tensors: concatenating them here would hold every packed layer in memory)
+        shape = ir.Shape([weights[0].shape[0], sum(sizes)])
+        w = ir.Value(name=f"{stem}.packed_weight", const_value=ir.LazyTensor(
+            _concat([v.const_value for v in weights], f"{stem}.packed_weight"), dtype=weights[0].dtype,
+            shape=shape, name=f"{stem}.packed_weight"))
+        w.shape, w.type = shape, ir.TensorType(weights[0].dtype)
         graph.register_initializer(w)
         nodes = [ir.node("MatMul", [x, w], name=f"{stem}_packed")]
         y = nodes[-1].outputs[0]
@@ -127,3 +131,10 @@ class PackDecoderMatMuls(GraphPass, name="pack_decoder_matmuls", parts=("decoder
             graph.remove(m, safe=True)
         for name, new in zip(names, nodes[-1].outputs):
             new.name = name  # the projections keep their traced names (readable profiles)
+
+
+def _concat(tensors: list, name: str):
+    """A function giving the concatenation of ``tensors`` along axis 1 (read when called)."""
+    def read():
+        return ir.tensor(np.concatenate([t.numpy() for t in tensors], axis=1), name=name)
+    return read
