@@ -14,10 +14,13 @@ import gc
 import logging
 import warnings
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
 from qvl_export.core.spec import ModelSpec
 from qvl_export.loading.weights import CheckpointWeights
+
+if TYPE_CHECKING:
+    import torch
 
 log = logging.getLogger(__name__)
 
@@ -38,7 +41,7 @@ class PartSpec:
     weights: CheckpointWeights | None = None
     prefix: str = ""  # checkpoint name prefix of the module's parameters
     # module -> (aliases: parameter -> checkpoint name, transposed: parameter -> checkpoint name)
-    names: Callable[["torch.nn.Module"], tuple[dict[str, str], dict[str, str]]] = \  # noqa: F821
+    names: Callable[["torch.nn.Module"], tuple[dict[str, str], dict[str, str]]] = \
         lambda m: (getattr(m, "weight_aliases", dict)(), getattr(m, "transposed_weights", dict)())  # noqa: E731
 
     def build(self):
