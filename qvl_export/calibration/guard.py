@@ -18,13 +18,11 @@ from dataclasses import dataclass
 import numpy as np
 
 from qvl_export.calibration.taps import weighted_nodes
+from qvl_export.core import precisions as registry
 
 log = logging.getLogger(__name__)
 
 FP16_MAX = 65504.0
-# relative local error above which an op is kept in float (measured: random-weight and trained
-# demo models sit at 0.5-2% for int8 and 2-4% for fp8 on well-behaved ops)
-ERROR_BUDGET = {"int8": 0.06, "fp8": 0.10}
 FP16_HEADROOM = 4.0  # keep an op when an activation comes within 4x of the fp16 maximum
 
 
@@ -96,7 +94,7 @@ def _release(tensor) -> None:
 def guard(sens: list[OpSensitivity], precision: str, fp16: bool = False) -> dict[str, str]:
     """scope -> reason, for every op that stays in higher precision."""
     keep = {}
-    budget = ERROR_BUDGET.get(precision)
+    budget = registry.get(precision).guard_budget  # relative local error above which an op stays float
     for s in sens:
         if budget is not None and s.rel_error > budget:
             keep[s.scope] = (f"{precision} local error {s.rel_error:.3f} > {budget} (activation |max| "

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
+from qvl_export.core import precisions as registry
 from qvl_export.core.errors import QvlError
 from qvl_export.core.manifest import Manifest
 
@@ -35,13 +36,14 @@ def session_options(part, threads: int | None, prepack: bool = True):
         opts.intra_op_num_threads = threads
         opts.inter_op_num_threads = 1
     opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    if part.precision == "fp8":
-        # the CPU provider has no float8 kernels: run the Q/DQ pairs as written (fake quant)
-        # instead of letting the QDQ optimizers move float8 tensors into ops that lack them
+    prec = registry.get(part.precision)
+    if prec.cpu_fake_quant:
+        # the CPU provider has no kernels for the type (float8): run the Q/DQ pairs as written
+        # instead of letting the QDQ optimizers move the quantized tensors into ops that lack them
         opts.add_session_config_entry("session.disable_quant_qdq", "1")
-    # int8: keep the one-Q/DQ-pair-per-MatMul layout of the unshare_dequantize pass (common-
+    # integer kernels: keep the one-Q/DQ-pair-per-MatMul layout of the unshare_dequantize pass (common-
     # subexpression elimination would merge the copies back and the MatMuls would not fuse)
-    disabled = ["CommonSubexpressionElimination"] if part.precision == "int8" else None
+    disabled = ["CommonSubexpressionElimination"] if prec.integer_kernels else None
     return opts, disabled
 
 
