@@ -21,17 +21,21 @@ from qvl_export.core.manifest import Manifest
 log = logging.getLogger(__name__)
 
 
-def session_options(part, threads: int | None, prepack: bool = True):
+def session_options(part, threads: int | None, lean: bool = False):
     """(SessionOptions, disabled optimizers) for one part, as every session of ours opens it.
 
-    ``prepack=False`` (calibration): onnxruntime keeps the weights where they are - memory-mapped from
-    the part's data file - instead of packing a private copy of every MatMul weight for its GEMM
-    kernels; runs are slower, the weights are resident once."""
+    ``lean`` (calibration's tap graphs): onnxruntime keeps the weights where they are - memory-mapped
+    from the part's data file - instead of packing a private copy of every MatMul weight for its GEMM
+    kernels (runs are slower, the weights are resident once), and runs nodes in priority order, which
+    reduces each tapped activation as soon as it exists: in the default order the reductions wait for
+    the end of the graph and every tapped activation stays alive until then (measured on the 32-layer
+    Qwen2-VL-2B vision tower, 4932 patches: 6.0 GB of activations instead of 0.7)."""
     import onnxruntime as ort
 
     opts = ort.SessionOptions()
-    if not prepack:
+    if lean:
         opts.add_session_config_entry("session.disable_prepacking", "1")
+        opts.execution_order = ort.ExecutionOrder.PRIORITY_BASED
     if threads:
         opts.intra_op_num_threads = threads
         opts.inter_op_num_threads = 1
@@ -53,7 +57,7 @@ class OrtBackend:
     name = "onnxruntime"
 
     def __init__(self, folder: str | Path, manifest: Manifest, threads: int | None = None,
-                 providers: list[str] | None = None, prepack: bool = True):
+                 providers: list[str] | None = None, lean: bool = False):
         import onnxruntime as ort
 
         self.folder = Path(folder)
@@ -61,7 +65,7 @@ class OrtBackend:
         self.providers = providers or ["CPUExecutionProvider"]
         self.sessions = {}
         for name, part in manifest.parts.items():
-            opts, disabled = session_options(part, threads, prepack)
+            opts, disabled = session_options(part, threads, lean)
             path = self.folder / part.file
             if not path.exists():
                 raise QvlError(f"{path} is missing; the artifacts folder is incomplete: rebuild it.")
