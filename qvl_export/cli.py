@@ -237,7 +237,14 @@ def list_passes(target):
 @click.argument("artifacts", type=click.Path(path_type=Path))
 @click.option("--image", "images", multiple=True, type=click.Path(path_type=Path),
               help="Image file (PNG/JPEG/WebP/...); repeat for several images.")
-@click.option("--prompt", default=None, help="The user's question (one user turn after the images).")
+@click.option("--video", "videos", multiple=True, type=click.Path(path_type=Path),
+              help="Video file (mp4/webm/mkv/mov/gif, sampled at --fps) or a folder of frame images (sorted by "
+                   "name, taken as sampled at --fps); repeat for several. Videos come after the images.")
+@click.option("--fps", default=None, type=click.FloatRange(0.0, min_open=True),
+              help="Video frames sampled per second [default: 2.0].")
+@click.option("--max-frames", default=None, type=click.IntRange(1),
+              help="Most frames kept per video (evenly spaced) [default: 768, fewer when the context needs it].")
+@click.option("--prompt", default=None, help="The user's question (one user turn after the images and videos).")
 @click.option("--system", default=None,
               help="A system turn before the question (default: whatever the model's chat template writes).")
 @click.option("--messages", "messages_file", type=click.Path(path_type=Path, dir_okay=False), default=None,
@@ -261,28 +268,32 @@ def list_passes(target):
               help="Run a trt folder's ONNX parts on onnxruntime (debugging), or force TensorRT.")
 @click.option("--skip-verify", is_flag=True, help="Do not check the artifacts' files against the manifest's sha256.")
 @click.option("--json", "as_json", is_flag=True, help="Print text, token ids and timings as JSON.")
-def run(artifacts, images, prompt, system, messages_file, max_new_tokens, temperature, top_p, top_k,
-        repetition_penalty, greedy, seed, min_pixels, max_pixels, threads, backend, skip_verify, as_json):
-    """Generate text for PROMPT about the images (or for a --messages chat) with the thin runtime."""
+def run(artifacts, images, videos, fps, max_frames, prompt, system, messages_file, max_new_tokens, temperature,
+        top_p, top_k, repetition_penalty, greedy, seed, min_pixels, max_pixels, threads, backend, skip_verify,
+        as_json):
+    """Generate text for PROMPT about the images and videos (or for a --messages chat) with the thin runtime."""
     from qvl_export.runtimes.pipeline import Pipeline
 
     messages = None
     if messages_file is not None:
-        if images or prompt is not None or system is not None:
-            raise QvlError("--messages holds the whole chat: give it without --image, --prompt or --system.")
+        if images or videos or prompt is not None or system is not None:
+            raise QvlError("--messages holds the whole chat: give it without --image, --video, --prompt or --system.")
         messages = _read_messages(messages_file)
     elif prompt is None:
-        raise QvlError("Give --prompt TEXT (with --image files), or --messages FILE.json.")
+        raise QvlError("Give --prompt TEXT (with --image / --video files), or --messages FILE.json.")
     pipe = Pipeline.load(artifacts, threads=threads, backend=backend, verify=not skip_verify)
     kwargs = dict(max_new_tokens=max_new_tokens, temperature=0.0 if greedy else temperature, top_p=top_p,
                   top_k=top_k, repetition_penalty=repetition_penalty, seed=seed, min_pixels=min_pixels,
-                  max_pixels=max_pixels, messages=messages, system=system)
+                  max_pixels=max_pixels, messages=messages, system=system, videos=[str(v) for v in videos], fps=fps,
+                  max_frames=max_frames)
     prompt = prompt or ""
     if as_json:
         result = pipe.generate(list(images), prompt, **kwargs)
-        click.echo(json.dumps({"text": result.text, "token_ids": result.token_ids,
-                               "prompt_tokens": result.prompt_tokens, "finish_reason": result.finish_reason,
-                               "timings": result.timings}))
+        out = {"text": result.text, "token_ids": result.token_ids, "prompt_tokens": result.prompt_tokens,
+               "finish_reason": result.finish_reason, "timings": result.timings}
+        if result.videos:  # per video: frames used, their timestamps (s), grid, tokens, notes
+            out["videos"] = result.videos
+        click.echo(json.dumps(out))
         return
     for piece in pipe.stream(list(images), prompt, **kwargs):
         click.echo(piece, nl=False)
@@ -302,9 +313,11 @@ def _read_messages(path: Path) -> list:
     base = path.parent  # relative image paths are relative to the messages file
     for m in messages:
         for item in m["content"] if isinstance(m.get("content"), list) else []:
-            if isinstance(item, dict) and isinstance(item.get("image"), str) and not item["image"].startswith("data:"):
-                if not Path(item["image"]).is_absolute():
-                    item["image"] = str(base / item["image"])
+            for key in ("image", "video"):
+                value = item.get(key) if isinstance(item, dict) else None
+                if isinstance(value, str) and not value.startswith(("data:", "file://", "http://", "https://")) \
+                        and not Path(value).is_absolute():
+                    item[key] = str(base / value)
     return messages
 
 

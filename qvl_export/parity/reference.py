@@ -9,9 +9,17 @@ It is assembled by hand rather than with ``AutoProcessor`` because on our CPU ma
 processor also loads a video processor that needs torchvision, which does not import beside the
 CPU torch build (see FIELD_NOTES.md). The hand-built pipeline follows ``Qwen2VLProcessor``:
 chat template -> expand each ``<|image_pad|>`` to ``t*h*w/4`` copies -> tokenize ->
-``mm_token_type_ids`` (0 text, 1 image). Without ``mm_token_type_ids`` transformers 5.x does not
+``mm_token_type_ids`` (0 text, 1 image, 2 video). Without ``mm_token_type_ids`` transformers 5.x does not
 apply M-RoPE to image tokens (``generate`` silently falls back to 1-D positions), and a reference
 built that way - and any runtime that matches it - is wrong.
+
+Videos: transformers' video processor needs torchvision too, so ``pixel_values_videos`` are built
+on the host by ``qvl_export.runtimes.video`` (frame sampling, smart-resize, temporal patches; its
+layout is checked against transformers' own ``Qwen2VLVideoProcessor.patchify`` code and against the
+image processor for a clip of two identical frames in tests/runtimes/test_video.py). The model
+then gets ``pixel_values_videos``, ``video_grid_thw``, ``second_per_grid_ts`` (Qwen2.5-VL:
+temporal_patch_size / sampling fps) and ``mm_token_type_ids`` 2 on video tokens, as
+``Qwen2VLProcessor`` / ``Qwen2_5_VLProcessor`` would hand them over.
 
 Choices, measured on the tiny synthetic checkpoints (CPU, transformers 5.23, 3 images, T=245):
 - attention: ``eager``. In float32 eager and ``sdpa`` agree within 1.8e-6 on the logits and are
@@ -33,7 +41,7 @@ from __future__ import annotations
 import contextlib
 import logging
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -52,8 +60,9 @@ log = logging.getLogger(__name__)
 ATTN_IMPLEMENTATION = "eager"
 DTYPES = ("float32", "float64", "bfloat16", "float16")
 IMAGE_PAD = "<|image_pad|>"
+VIDEO_PAD = "<|video_pad|>"
 # Modality ids of transformers' ``mm_token_type_ids``.
-MM_TEXT, MM_IMAGE = 0, 1
+MM_TEXT, MM_IMAGE, MM_VIDEO = 0, 1, 2
 
 
 @dataclass
@@ -68,6 +77,11 @@ class ReferenceCase:
     max_pixels: int | None = None
     system: str | None = None  # a system turn (None: whatever the template writes without one)
     messages: list[dict] | None = None  # a whole chat instead of prompt/system (images: its image items, in order)
+    videos: list[Any] = field(default_factory=list)  # after the images: files, frame folders, arrays, frame lists
+    fps: float = 2.0  # video sampling (runtimes.video); per-frame pixel range below (None: Qwen's video defaults)
+    max_frames: int | None = None
+    video_min_pixels: int | None = None
+    video_max_pixels: int | None = None
 
 
 @dataclass
@@ -83,6 +97,11 @@ class ReferenceResult:
     position_ids: np.ndarray  # int64 [3, T] M-RoPE positions of the prefill
     rope_delta: int  # decode position = cache_length + rope_delta
     step0_prefill_max_abs: float = 0.0  # max |step_logits[0] - prefill_logits[-1]| (self-check)
+    pixel_values_videos: np.ndarray | None = None  # float32 [S_v, patch_dim] all videos, host-built
+    video_grid_thw: np.ndarray | None = None  # int64 [n_videos, 3]
+    second_per_grid_ts: np.ndarray | None = None  # float32 [n_videos]
+    video_merger_out: np.ndarray | None = None  # float32 [S_v/4, D] merger output of the videos, natural order
+    mm_token_type_ids: np.ndarray | None = None  # int64 [T] 0 text, 1 image, 2 video
 
 
 @dataclass
@@ -95,10 +114,17 @@ class PreparedInputs:
     mm_token_type_ids: "torch.Tensor"  # int64 [1, T] 0 text, 1 image
     pixel_values: "torch.Tensor | None" = None  # float32 [S, patch_dim]
     image_grid_thw: "torch.Tensor | None" = None  # int64 [n_images, 3]
+    pixel_values_videos: "torch.Tensor | None" = None  # float32 [S_v, patch_dim]
+    video_grid_thw: "torch.Tensor | None" = None  # int64 [n_videos, 3]
+    second_per_grid_ts: "torch.Tensor | None" = None  # float32 [n_videos] (Qwen2.5-VL only)
 
     @property
     def has_images(self) -> bool:
         return self.pixel_values is not None
+
+    @property
+    def has_videos(self) -> bool:
+        return self.pixel_values_videos is not None
 
     def model_kwargs(self, with_mm_token_type_ids: bool = True) -> dict[str, Any]:
         """Keyword arguments for ``model(...)`` / ``model.generate(...)``.
@@ -110,6 +136,11 @@ class PreparedInputs:
         if self.has_images:
             kwargs["pixel_values"] = self.pixel_values
             kwargs["image_grid_thw"] = self.image_grid_thw
+        if self.has_videos:
+            kwargs["pixel_values_videos"] = self.pixel_values_videos
+            kwargs["video_grid_thw"] = self.video_grid_thw
+            if self.second_per_grid_ts is not None:
+                kwargs["second_per_grid_ts"] = self.second_per_grid_ts
         if with_mm_token_type_ids:
             kwargs["mm_token_type_ids"] = self.mm_token_type_ids
         return kwargs
@@ -196,6 +227,7 @@ class TorchReference:
         self.tokenizer = PreTrainedTokenizerFast(
             tokenizer_file=str(tok_path), chat_template=self.chat_template, **specials)
         self.image_token_id = int(model.config.image_token_id)
+        self.video_token_id = int(model.config.video_token_id)
         if self.tokenizer.convert_tokens_to_ids(IMAGE_PAD) != self.image_token_id:
             raise QvlError(f"tokenizer id of {IMAGE_PAD} ({self.tokenizer.convert_tokens_to_ids(IMAGE_PAD)}) "
                            f"differs from config.json image_token_id ({self.image_token_id}).")
@@ -260,7 +292,8 @@ class TorchReference:
         the text, unless the case gives its own messages), rendered by transformers."""
         from qvl_export.runtimes.chat import user_messages
 
-        messages = case.messages or user_messages(case.prompt, len(case.images), system=case.system)
+        messages = case.messages or user_messages(case.prompt, len(case.images), system=case.system,
+                                                  videos=[None] * len(case.videos))
         return self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
 
     def prepare(self, case: ReferenceCase) -> PreparedInputs:
@@ -289,17 +322,60 @@ class TorchReference:
             parts = text.split(IMAGE_PAD)
             counts = [int(np.prod(g)) // self.merge_unit for g in grid_thw.tolist()]
             text = parts[0] + "".join(IMAGE_PAD * n + rest for n, rest in zip(counts, parts[1:]))
+        videos = self.prepare_videos(case, prompt) if case.videos else None
+        if videos is not None:
+            parts = text.split(VIDEO_PAD)
+            counts = [int(np.prod(g)) // self.merge_unit for g in videos[1].tolist()]
+            text = parts[0] + "".join(VIDEO_PAD * n + rest for n, rest in zip(counts, parts[1:]))
         # The chat template already holds every special token.
         ids = self.tokenizer(text, add_special_tokens=False)["input_ids"]
         input_ids = torch.tensor([ids], dtype=torch.long)  # [1, T]
         mm_types = torch.where(input_ids == self.image_token_id, MM_IMAGE, MM_TEXT).long()  # [1, T]
+        mm_types = torch.where(input_ids == self.video_token_id, MM_VIDEO, mm_types)
+        if videos is not None:
+            n_video = int((mm_types == MM_VIDEO).sum())
+            if n_video != int(np.prod(videos[1], axis=-1).sum()) // self.merge_unit:
+                raise QvlError(f"case {case.name!r}: {n_video} video tokens after tokenizing do not match the "
+                               f"video grids {videos[1].tolist()}.")
         if pixel_values is not None:
             expected = int(grid_thw.prod(-1).sum()) // self.merge_unit
-            if int(mm_types.sum()) != expected:
+            if int((mm_types == MM_IMAGE).sum()) != expected:
                 raise QvlError(f"case {case.name!r}: {int(mm_types.sum())} image tokens after tokenizing, "
                                f"expected {expected}; does the tokenizer keep {IMAGE_PAD} as one token?")
-        return PreparedInputs(prompt=prompt, input_ids=input_ids, attention_mask=torch.ones_like(input_ids),
-                              mm_token_type_ids=mm_types, pixel_values=pixel_values, image_grid_thw=grid_thw)
+        inputs = PreparedInputs(prompt=prompt, input_ids=input_ids, attention_mask=torch.ones_like(input_ids),
+                                mm_token_type_ids=mm_types, pixel_values=pixel_values, image_grid_thw=grid_thw)
+        if videos is not None:
+            inputs.pixel_values_videos = torch.from_numpy(videos[0])
+            inputs.video_grid_thw = torch.from_numpy(videos[1])
+            if self.family == "qwen2_5_vl":  # Qwen2-VL's forward takes no second_per_grid_ts
+                inputs.second_per_grid_ts = torch.from_numpy(videos[2])
+        return inputs
+
+    def prepare_videos(self, case: ReferenceCase, prompt: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Host-built video inputs: (pixel_values_videos float32 [S_v, patch_dim], video_grid_thw int64
+        [n, 3], second_per_grid_ts float32 [n]) - the same frames, sizes and patches the runtime makes."""
+        from qvl_export.core.spec import PreprocessSpec
+        from qvl_export.loading.config import parse_model_config
+        from qvl_export.runtimes import video
+
+        if prompt.count(VIDEO_PAD) != len(case.videos):
+            raise QvlError(f"case {case.name!r}: the chat template produced {prompt.count(VIDEO_PAD)} {VIDEO_PAD} "
+                           f"markers for {len(case.videos)} videos.")
+        spec = parse_model_config(self.model_dir)
+        proc = self.image_processor
+        pp = PreprocessSpec(image_mean=tuple(proc.image_mean), image_std=tuple(proc.image_std),
+                            rescale_factor=float(proc.rescale_factor))
+        patches, grids, seconds = [], [], []
+        for source in case.videos:
+            reader = video.open_video(source)
+            plan = video.plan_video(reader, spec.vision, fps=case.fps, max_frames=case.max_frames,
+                                    min_pixels=case.video_min_pixels, max_pixels=case.video_max_pixels,
+                                    context=spec.text.max_position_embeddings)
+            patches.append(video.video_patches(reader, plan, spec.vision, pp))
+            grids.append(plan.grid)
+            seconds.append(plan.second_per_grid)
+        return (np.concatenate(patches, axis=0), np.asarray(grids, dtype=np.int64),
+                np.asarray(seconds, dtype=np.float32))
 
     # ------------------------------------------------------------------ stages
 
@@ -323,9 +399,11 @@ class TorchReference:
         import torch
 
         with torch.inference_mode():
+            extra = {} if inputs.second_per_grid_ts is None else {"second_per_grid_ts": inputs.second_per_grid_ts}
             position_ids, deltas = self.model.model.get_rope_index(
                 inputs.input_ids, mm_token_type_ids=inputs.mm_token_type_ids,
-                image_grid_thw=inputs.image_grid_thw, attention_mask=inputs.attention_mask)
+                image_grid_thw=inputs.image_grid_thw, video_grid_thw=inputs.video_grid_thw,
+                attention_mask=inputs.attention_mask, **extra)
         return position_ids[:, 0, :], int(deltas.reshape(-1)[0])  # [3, 1, T] -> [3, T]
 
     def prefill_logits(self, inputs: PreparedInputs, with_mm_token_type_ids: bool = True) -> "torch.Tensor":
@@ -353,14 +431,22 @@ class TorchReference:
 
     def run(self, case: ReferenceCase) -> ReferenceResult:
         """All reference stages for one case."""
+        import torch
+
         inputs = self.prepare(case)
         vision_hidden = merger_out = None
         if inputs.has_images:
             vision_hidden, merger_out = self.vision(inputs)  # [S, C], [S/4, D]
-            n_image_tokens = int(inputs.mm_token_type_ids.sum())
+            n_image_tokens = int((inputs.mm_token_type_ids == MM_IMAGE).sum())
             if merger_out.shape[0] != n_image_tokens:
                 raise QvlError(f"case {case.name!r}: merger gave {merger_out.shape[0]} rows for "
                                f"{n_image_tokens} image tokens.")
+        video_merger_out = None
+        if inputs.has_videos:
+            visual = self.model.model.visual
+            with self._threads(), torch.inference_mode():
+                out = visual(inputs.pixel_values_videos.to(visual.dtype), grid_thw=inputs.video_grid_thw)
+            video_merger_out = out.pooler_output  # [S_v/4, D] natural order
         position_ids, rope_delta = self.rope_index(inputs)  # [3, T]
         logits = self.prefill_logits(inputs)  # [T, V]
         new_ids, step_logits = self.generate(inputs, case.max_new_tokens)  # [N], [N, V]
@@ -390,4 +476,11 @@ class TorchReference:
             position_ids=_to_numpy(position_ids, np.int64),
             rope_delta=rope_delta,
             step0_prefill_max_abs=step0_diff,
+            pixel_values_videos=None if inputs.pixel_values_videos is None
+            else _to_numpy(inputs.pixel_values_videos, np.float32),
+            video_grid_thw=None if inputs.video_grid_thw is None else _to_numpy(inputs.video_grid_thw, np.int64),
+            second_per_grid_ts=None if inputs.second_per_grid_ts is None
+            else _to_numpy(inputs.second_per_grid_ts, np.float32),
+            video_merger_out=None if video_merger_out is None else _to_numpy(video_merger_out, np.float32),
+            mm_token_type_ids=_to_numpy(inputs.mm_token_type_ids[0], np.int64),
         )

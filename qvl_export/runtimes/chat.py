@@ -19,7 +19,11 @@ Messages use the structured form of transformers and OpenAI clients::
      {"role": "user", "content": "And the date?"}]
 
 Image items are ``{"type": "image", "image": PATH}`` (also ``"path"``/``"url"``), or OpenAI's
-``{"type": "image_url", "image_url": {"url": PATH_OR_DATA_URL}}``.
+``{"type": "image_url", "image_url": {"url": PATH_OR_DATA_URL}}``. Video items are
+``{"type": "video", "video": SOURCE}`` (SOURCE a video file, a folder of frames, a list of frames
+or an array [T, H, W, 3] uint8) with optional ``fps``, ``max_frames``, ``min_pixels``,
+``max_pixels`` and ``total_pixels`` as in qwen_vl_utils; the template renders each as
+``<|vision_start|><|video_pad|><|vision_end|>``.
 """
 
 from __future__ import annotations
@@ -192,8 +196,8 @@ class ChatTemplate:
 # ---- messages ------------------------------------------------------------------------------------
 
 def user_messages(prompt: str, num_images: int = 0, system: str | None = None,
-                  images: Sequence[Any] | None = None) -> list[dict]:
-    """One user turn (images first, then the text), after a system turn when ``system`` is given.
+                  images: Sequence[Any] | None = None, videos: Sequence[Any] = ()) -> list[dict]:
+    """One user turn (images first, then videos, then the text), after a system turn when ``system`` is given.
 
     Without ``system`` the template decides: Qwen2-VL's writes a default system turn of its own,
     Qwen3-VL's writes none."""
@@ -203,6 +207,8 @@ def user_messages(prompt: str, num_images: int = 0, system: str | None = None,
         if images is not None and isinstance(images[i], (str, Path)):
             item["image"] = str(images[i])
         items.append(item)
+    for source in videos:
+        items.append({"type": "video", "video": str(source)} if isinstance(source, (str, Path)) else {"type": "video"})
     items.append({"type": "text", "text": prompt})
     head = [] if system is None else [{"role": "system", "content": system}]
     return head + [{"role": "user", "content": items}]
@@ -229,12 +235,52 @@ def check_messages(messages: Any) -> list[dict]:
             if kind == "text" and not isinstance(item.get("text"), str):
                 raise QvlError(f"message {i} item {j}: a text item needs a string 'text'.")
             if kind not in ("text",) + IMAGE_TYPES + VIDEO_TYPES:
-                raise QvlError(f"message {i} item {j} has type {kind!r}; use text, image or image_url.")
+                raise QvlError(f"message {i} item {j} has type {kind!r}; use text, image, image_url or video.")
     return list(messages)
 
 
 def _kind(item: dict) -> str | None:
-    return item.get("type") or next((k for k in ("image_url", "image", "video", "text") if k in item), None)
+    return item.get("type") or next((k for k in ("image_url", "image", "video_url", "video", "text") if k in item),
+                                    None)
+
+
+def item_kind(item: dict) -> str | None:
+    """An item's type: its ``type``, else the first of image_url / image / video_url / video / text it holds."""
+    return _kind(item)
+
+
+VIDEO_OPTIONS = ("fps", "max_frames", "min_pixels", "max_pixels", "total_pixels")
+
+
+def video_source(item: dict) -> Any:
+    """The video file, frame folder, frame list or array a video item points to."""
+    if _kind(item) == "video_url":
+        url = item.get("video_url")
+        url = url.get("url") if isinstance(url, dict) else url
+    else:
+        url = next((item[k] for k in ("video", "path", "url") if item.get(k) is not None), None)
+    if url is None:
+        raise QvlError("a video item has no video: give {\"type\": \"video\", \"video\": PATH} (a video file or a "
+                       "folder of frames), a list of frames or an array [T, H, W, 3] uint8.")
+    if isinstance(url, str) and url.startswith("file://"):
+        url = url[len("file://"):]
+    if isinstance(url, str) and url.startswith(("http://", "https://", "data:")):
+        raise QvlError("video URLs are not fetched; download the video and pass its path.")
+    return url
+
+
+def video_options(item: dict) -> dict[str, Any]:
+    """A video item's sampling options (``fps``, ``max_frames``, ``min_pixels``, ``max_pixels``,
+    ``total_pixels``), checked to be positive numbers."""
+    out = {}
+    for key in VIDEO_OPTIONS:
+        value = item.get(key)
+        if value is None:
+            continue
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0:
+            raise QvlError(f"a video item's {key!r} must be a positive number, got {value!r}.")
+        out[key] = value
+    return out
 
 
 def media_items(messages: Iterable[dict], kinds: Sequence[str] = IMAGE_TYPES) -> list[dict]:

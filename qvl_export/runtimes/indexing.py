@@ -14,7 +14,8 @@ tests compare against transformers itself:
   ``vision.window_tokens`` slots so the graph can run windowed attention as a reshape to
   ``[num_windows, L]`` plus a key mask instead of data-dependent ``cu_seqlens`` loops.
 - :func:`rope_index` - ``Qwen2VLModel.get_rope_index`` / ``Qwen2_5_VLModel.get_rope_index`` for
-  prompts with images (``mm_token_type_ids`` = 1 on image tokens).
+  prompts with images and videos (``mm_token_type_ids`` 1 on image tokens, 2 on video tokens).
+- :func:`frame_grids` - a video's (t, h, w) as t one-frame grids: how the vision graph sees it.
 - :func:`decode_positions` - positions of generated tokens (plain 1-D RoPE shifted by the delta).
 """
 
@@ -236,13 +237,23 @@ def rope_index(
     image_grid_thws: GridsLike,
     tokens: TokenSpec,
     spatial_merge_size: int,
+    video_grid_thws: GridsLike | None = None,
+    second_per_grid_ts: Sequence[float] | None = None,
+    tokens_per_second: float | None = None,
 ) -> tuple[np.ndarray, int]:
     """3-D M-RoPE positions of a prompt: ``(positions [3, T] int64, rope_delta)``.
 
-    Same as transformers 5.x ``get_rope_index`` with ``mm_token_type_ids`` = 1 on image tokens:
-    text tokens get t = h = w = running position; each run of image tokens (one image, grids
-    consumed in order) gets (start, start + row, start + col) over its merged grid, and the running
-    position then advances by max(h, w) / merge. ``rope_delta = positions.max() + 1 - T``.
+    Same as transformers 5.x ``get_rope_index`` with ``mm_token_type_ids`` = 1 on image tokens and
+    2 on video tokens: text tokens get t = h = w = running position; each run of vision tokens (one
+    image or video, grids consumed in order per modality) gets (start + temporal id, start + row,
+    start + col) over its merged grid, and the running position then advances by max(h, w) / merge
+    - not by the largest temporal id, so text after a long video reuses positions its temporal axis
+    reached (transformers 5.24's rule; older code used max over all three axes + 1).
+    ``rope_delta = positions.max() + 1 - T``.
+
+    Temporal ids: plain k (Qwen2-VL: ``tokens_per_second`` None). Qwen2.5-VL videos:
+    ``int(k * tokens_per_second * second_per_grid_t)``, computed in float32 as torch does
+    (``second_per_grid_ts`` float32, as the processor returns it); its images keep k.
     """
     ids = np.asarray(input_ids)
     if ids.ndim == 2 and ids.shape[0] == 1:
@@ -250,43 +261,67 @@ def rope_index(
     if ids.ndim != 1 or ids.shape[0] == 0:
         raise QvlError(f"input_ids must be a non-empty 1-D token sequence, got shape {list(ids.shape)}.")
     ids = ids.astype(np.int64)
-    if tokens.video_token_id >= 0 and np.any(ids == tokens.video_token_id):
-        raise QvlError("the prompt contains video tokens; videos are not supported, pass still images.")
     m = spatial_merge_size
-    arr = np.asarray(image_grid_thws if image_grid_thws is not None else [], dtype=np.int64).reshape(-1, 3)
-    grids = _grids(arr, m) if len(arr) else []
 
-    is_image = ids == tokens.image_token_id
-    # Runs of equal token type: boundaries where the type changes.
-    edges = np.flatnonzero(np.diff(is_image.astype(np.int8))) + 1
+    def as_grids(g):
+        arr = np.asarray(g if g is not None else [], dtype=np.int64).reshape(-1, 3)
+        return _grids(arr, m) if len(arr) else []
+
+    grids = {1: as_grids(image_grid_thws), 2: as_grids(video_grid_thws)}
+    kinds = np.zeros(len(ids), dtype=np.int8)  # mm_token_type_ids: 0 text, 1 image, 2 video
+    kinds[ids == tokens.image_token_id] = 1
+    if tokens.video_token_id >= 0:
+        kinds[ids == tokens.video_token_id] = 2
+    edges = np.flatnonzero(np.diff(kinds)) + 1  # runs of one token type
     starts = np.concatenate([[0], edges])
     ends = np.concatenate([edges, [len(ids)]])
-    n_runs = int(is_image[starts].sum())
-    if n_runs != len(grids):
-        raise QvlError(f"the prompt has {n_runs} image(s) (runs of image tokens) but {len(grids)} image grid(s) "
-                       "were given; pass one grid per image, in prompt order.")
+    for kind, name in ((1, "image"), (2, "video")):
+        n_runs = int((kinds[starts] == kind).sum())
+        if n_runs != len(grids[kind]):
+            raise QvlError(f"the prompt has {n_runs} {name}(s) (runs of {name} tokens) but {len(grids[kind])} "
+                           f"{name} grid(s) were given; pass one grid per {name}, in prompt order.")
+    seconds = [1.0] * len(grids[2]) if second_per_grid_ts is None else [float(s) for s in second_per_grid_ts]
+    if len(seconds) != len(grids[2]):
+        raise QvlError(f"{len(seconds)} second_per_grid_ts for {len(grids[2])} video(s); give one per video.")
 
     parts = []
     pos = 0
-    image = 0
+    seen = {1: 0, 2: 0}
     for start, end in zip(starts.tolist(), ends.tolist()):
         length = end - start
-        if not is_image[start]:
+        kind = int(kinds[start])
+        if kind == 0:
             parts.append(np.broadcast_to(np.arange(length, dtype=np.int64) + pos, (3, length)))
             pos += length
             continue
-        t, h, w = grids[image]
+        t, h, w = grids[kind][seen[kind]]
         lh, lw = h // m, w // m
+        name = "image" if kind == 1 else "video"
         if length != t * lh * lw:
-            raise QvlError(f"image {image + 1} has {length} image tokens in the prompt but its grid {[t, h, w]} "
-                           f"needs {t * lh * lw}; expand each image placeholder to t*h*w/{m * m} tokens.")
-        tt, hh, ww = np.meshgrid(np.arange(t, dtype=np.int64), np.arange(lh, dtype=np.int64) + pos,
+            raise QvlError(f"{name} {seen[kind] + 1} has {length} {name} tokens in the prompt but its grid "
+                           f"{[t, h, w]} needs {t * lh * lw}; expand each {name} placeholder to t*h*w/{m * m} tokens.")
+        temporal = np.arange(t, dtype=np.int64)
+        if kind == 2 and tokens_per_second is not None:
+            interval = np.float32(tokens_per_second) * np.float32(seconds[seen[kind]])  # float32, as torch
+            temporal = (np.arange(t, dtype=np.float32) * interval).astype(np.int64)  # truncation, as .long()
+        tt, hh, ww = np.meshgrid(temporal, np.arange(lh, dtype=np.int64) + pos,
                                  np.arange(lw, dtype=np.int64) + pos, indexing="ij")
         parts.append(np.stack([tt.reshape(-1) + pos, hh.reshape(-1), ww.reshape(-1)]))
         pos += max(h, w) // m
-        image += 1
+        seen[kind] += 1
     positions = np.ascontiguousarray(np.concatenate(parts, axis=1), dtype=np.int64)  # [3, T]
     return positions, int(positions.max()) + 1 - len(ids)
+
+
+def frame_grids(grids: GridsLike, merge: int = 2) -> list[tuple[int, int, int]]:
+    """Each ``(t, h, w)`` split into t grids ``(1, h, w)``: the vision graph's attention units.
+
+    transformers' vision towers attend within each temporal patch (``cu_seqlens`` repeats h*w per t),
+    repeat the rotary (row, col) ids per temporal patch and cut Qwen2.5-VL windows per temporal
+    patch; the natural token order of (t, h, w) is that of its t frames concatenated. So a video runs
+    through :func:`vision_rotary` / :func:`vision_layout` as t one-frame grids - no graph change.
+    """
+    return [(1, h, w) for t, h, w in _grids(grids, merge) for _ in range(t)]
 
 
 def decode_positions(cache_len: int, rope_delta: int, n: int = 1) -> np.ndarray:

@@ -10,6 +10,19 @@ the rope delta, the chat prompt (the checkpoint's own template), the KV cache lo
     result = pipe.generate(messages=[{"role": "user", "content": [{"type": "image", "image": "a.png"},
                                                                   {"type": "text", "text": "Total?"}]}])
     for piece in pipe.stream(["invoice.png"], "What is the total?"): print(piece, end="")
+    result = pipe.generate(videos=["clip.mp4"], prompt="What happens?", fps=2.0)  # result.videos: frames, timestamps
+
+Video (``runtimes/video.py``): each video becomes temporal patches (two frames per patch) run
+through the same vision and merger graphs as images - the vision graph sees a video of grid
+(t, h, w) as t one-frame grids (``indexing.frame_grids``), which is exactly transformers'
+per-temporal-patch attention, rotary ids and windows. The decoder graph is unchanged: it writes
+``image_embeds`` rows into the rows whose id is ``image_token_id``, in order; for the prefill the
+host hands it the prompt with every ``<|video_pad|>`` id replaced by ``<|image_pad|>`` and the
+image and video embeddings concatenated in prompt order. Both pad tokens' own embeddings are
+overwritten, so this is the same computation as transformers' two masked scatters, without a
+second graph input; M-RoPE positions (video tokens: ``mm_token_type_ids`` 2, temporal ids per
+family) come from the true ids. Generated tokens are never remapped (a sampled ``<|video_pad|>``
+is embedded as text, as transformers does).
 """
 
 from __future__ import annotations
@@ -24,8 +37,9 @@ import numpy as np
 
 from qvl_export.core.errors import QvlError
 from qvl_export.core.manifest import Manifest
-from qvl_export.runtimes import indexing, preprocess
-from qvl_export.runtimes.chat import VIDEO_TYPES, ChatTemplate, image_source, media_items, user_messages
+from qvl_export.runtimes import indexing, preprocess, video
+from qvl_export.runtimes.chat import (IMAGE_TYPES, VIDEO_TYPES, ChatTemplate, image_source, item_kind, media_items,
+                                      user_messages, video_options, video_source)
 from qvl_export.runtimes.sampling import SamplingParams, choose_token
 from qvl_export.runtimes.text import StreamDecoder, TextCodec
 
@@ -42,11 +56,14 @@ class VisionOutput:
 
 @dataclass
 class Prepared:
-    input_ids: np.ndarray  # [T] int64, image pads expanded
+    input_ids: np.ndarray  # [T] int64, image and video pads expanded
     position_ids: np.ndarray  # [3, T] int64 M-RoPE positions
     rope_delta: int
-    patches: list[np.ndarray]  # per image [t*h*w, patch_dim] float32
+    patches: list[np.ndarray]  # per image / video, prompt order: [t*h*w, patch_dim] float32
     grids: list[tuple[int, int, int]]
+    kinds: list[str] = field(default_factory=list)  # "image" / "video" per grid ([] = all images)
+    videos: list[video.VideoPlan] = field(default_factory=list)  # per video: frames, timestamps, notes
+    decoder_ids: np.ndarray | None = None  # [T] int64: input_ids with video pads as image pads (None: same)
 
 
 @dataclass
@@ -57,6 +74,7 @@ class Generation:
     finish_reason: str  # "stop" (end token) or "length"
     timings: dict[str, float] = field(default_factory=dict)  # seconds
     step_logits: list[np.ndarray] = field(default_factory=list)  # [V] float32 each, if asked for
+    videos: list[dict] = field(default_factory=list)  # per video: VideoPlan.summary() (frames, timestamps, notes)
 
 
 KV_CONCAT = "concat"  # plain decoder graph: present = Concat(past, new), a new array every step
@@ -180,39 +198,98 @@ class Pipeline:
 
     # ---- host-side preparation -------------------------------------------------------------
     def prepare(self, images: Sequence = (), prompt: str = "", *, messages: Sequence[dict] | None = None,
-                system: str | None = None, min_pixels: int | None = None,
-                max_pixels: int | None = None) -> Prepared:
-        """Prompt ids, M-RoPE positions and image patches for ``messages`` - or for one user turn of
-        ``images`` then ``prompt`` (after a ``system`` turn when given) - in the checkpoint's chat format."""
+                system: str | None = None, min_pixels: int | None = None, max_pixels: int | None = None,
+                videos: Sequence = (), fps: float | None = None, max_frames: int | None = None,
+                video_min_pixels: int | None = None, video_max_pixels: int | None = None) -> Prepared:
+        """Prompt ids, M-RoPE positions and patches for ``messages`` - or for one user turn of ``images``,
+        then ``videos``, then ``prompt`` (after a ``system`` turn when given) - in the checkpoint's chat
+        format. ``fps`` / ``max_frames`` / ``video_min_pixels`` / ``video_max_pixels`` apply to every
+        video unless its item says otherwise (item keys ``fps``, ``max_frames``, ``min_pixels``,
+        ``max_pixels``, ``total_pixels`` as in qwen_vl_utils). Videos are planned from their headers and
+        refused in one line when they cannot fit the context, before any frame is decoded."""
+        defaults = {"fps": fps, "max_frames": max_frames, "min_pixels": video_min_pixels,
+                    "max_pixels": video_max_pixels}
         if messages is None:
-            messages = user_messages(prompt, images=list(images), system=system)
-            sources = list(images)
+            messages = user_messages(prompt, images=list(images), system=system, videos=list(videos))
+            media = [("image", s, {}) for s in images] + [("video", v, {}) for v in videos]
         else:
-            if images or prompt or system is not None:
-                raise QvlError("Give either messages or images/prompt/system, not both.")
-            if media_items(messages, VIDEO_TYPES):
-                raise QvlError("Video items are not supported by this runtime yet; pass frames as images.")
-            sources = [image_source(item) for item in media_items(messages)]
-        self._check_ranges_images(len(sources))
-        patches, grids = [], []
-        for source in sources:
+            if images or prompt or system is not None or videos:
+                raise QvlError("Give either messages or images/videos/prompt/system, not both.")
+            media = [("video", video_source(item), video_options(item)) if item_kind(item) in VIDEO_TYPES
+                     else ("image", image_source(item), {})
+                     for item in media_items(messages, IMAGE_TYPES + VIDEO_TYPES)]
+        vision, merge = self.spec.vision, self.spec.vision.merge_unit
+        # plan every video from its header first: nothing is decoded before the prompt is known to fit
+        readers, plans = {}, {}
+        for i, (kind, source, options) in enumerate(media):
+            if kind == "video":
+                opts = {k: v for k, v in defaults.items() if v is not None} | options
+                readers[i] = video.open_video(source)
+                plans[i] = video.plan_video(readers[i], vision, fps=float(opts.get("fps") or video.DEFAULT_FPS),
+                                            max_frames=opts.get("max_frames"), min_pixels=opts.get("min_pixels"),
+                                            max_pixels=opts.get("max_pixels"), total_pixels=opts.get("total_pixels"),
+                                            context=self.max_context)
+                for note in plans[i].notes:
+                    log.warning("note: %s", note)
+        video_tokens = sum(p.tokens for p in plans.values())
+        if video_tokens >= self.max_context:
+            worst = max(plans.values(), key=lambda p: p.tokens)
+            raise QvlError(f"{worst.describe} needs {worst.tokens} tokens ({len(worst.indices)} frames of "
+                           f"{worst.size[1]}x{worst.size[0]}); the videos of this prompt need {video_tokens}, over "
+                           f"the model's context of {self.max_context}: pass a smaller --max-frames or --fps "
+                           "(or max_frames / fps in the video item).")
+        grids: list[tuple[int, int, int]] = []
+        kinds = [kind for kind, _, _ in media]
+        self._check_ranges_images(sum(plans[i].grid[0] if k == "video" else 1 for i, (k, _, _) in enumerate(media)))
+        patches = []
+        for i, (kind, source, _) in enumerate(media):
+            if kind == "video":
+                patches.append(video.video_patches(readers[i], plans[i], vision, self.spec.preprocess))
+                grids.append(plans[i].grid)
+                continue
             image = preprocess.load_image(source)
-            p, grid = preprocess.preprocess_image(image, self.spec.vision, self.spec.preprocess,
+            p, grid = preprocess.preprocess_image(image, vision, self.spec.preprocess,
                                                   min_pixels=min_pixels, max_pixels=max_pixels)
             patches.append(p)
             grids.append(tuple(int(g) for g in grid))
         self._check_ranges_pixels(grids)
-        merge = self.spec.vision.merge_unit
         counts = [t * h * w // merge for t, h, w in grids]
-        ids = self.codec.encode_prompt(self.template.render(messages), counts)
-        positions, delta = indexing.rope_index(ids, grids, self.spec.tokens, self.spec.vision.spatial_merge_size)
-        return Prepared(ids, positions, int(delta), patches, grids)
+        tokens = self.spec.tokens
+        ids = self.codec.encode_prompt(self.template.render(messages), [c for c, k in zip(counts, kinds)
+                                                                        if k == "image"],
+                                       video_token_counts=[c for c, k in zip(counts, kinds) if k == "video"])
+        image_grids = [g for g, k in zip(grids, kinds) if k == "image"]
+        video_grids = [g for g, k in zip(grids, kinds) if k == "video"]
+        video_plans = [plans[i] for i in sorted(plans)]
+        positions, delta = indexing.rope_index(
+            ids, image_grids, tokens, vision.spatial_merge_size, video_grid_thws=video_grids,
+            second_per_grid_ts=[p.second_per_grid for p in video_plans], tokens_per_second=self.tokens_per_second)
+        decoder_ids = np.where(ids == tokens.video_token_id, tokens.image_token_id, ids) if video_grids else None
+        return Prepared(ids, positions, int(delta), patches, grids, kinds, video_plans, decoder_ids)
+
+    @property
+    def tokens_per_second(self) -> float | None:
+        """Qwen2.5-VL's ``vision_config.tokens_per_second`` (from the artifacts' config.json; transformers'
+        default 4 when absent); None for Qwen2-VL, whose video temporal ids are plain k."""
+        if not self.spec.vision.windowed:
+            return None
+        if not hasattr(self, "_tokens_per_second"):
+            value = 4
+            path = self.folder / "config.json"
+            if path.exists():
+                from qvl_export.core.spec import read_json
+
+                config = read_json(path, "the model config")
+                vision_config = config.get("vision_config") or {}
+                value = vision_config.get("tokens_per_second", config.get("tokens_per_second", value))
+            self._tokens_per_second = float(value)
+        return self._tokens_per_second
 
     def _check_ranges_images(self, n: int) -> None:
         if self.ranges and n > int(self.ranges.get("max_images", n)):
-            raise QvlError(f"{n} images in one prompt; these artifacts were built for at most "
-                           f"{self.ranges['max_images']} (--max-images at build time): rebuild with a larger "
-                           "--max-images or send fewer images.")
+            raise QvlError(f"{n} images (each temporal patch of a video counts one) in one prompt; these artifacts "
+                           f"were built for at most {self.ranges['max_images']} (--max-images at build time): "
+                           "rebuild with a larger --max-images or send fewer images or frames.")
 
     def _check_ranges_pixels(self, grids: list[tuple[int, int, int]]) -> None:
         if not self.ranges:
@@ -228,10 +305,15 @@ class Pipeline:
 
     # ---- parts -----------------------------------------------------------------------------
     def encode_images(self, patches: list[np.ndarray], grids: list[tuple[int, int, int]]) -> VisionOutput:
-        """Vision encoder + merger for all images of a prompt in one run of each part."""
+        """Vision encoder + merger for all images and videos of a prompt in one run of each part.
+
+        A video grid (t, h, w) runs as t one-frame grids (``indexing.frame_grids``): attention, rotary
+        ids and windows per temporal patch, as transformers; ``image_embeds`` come back in the order of
+        ``patches`` (images and videos as given)."""
         vision = self.spec.vision
-        layout = indexing.vision_layout(grids, vision)
-        cos, sin = indexing.vision_rotary(grids, vision)  # [S, hd] natural order
+        units = indexing.frame_grids(grids, vision.spatial_merge_size)
+        layout = indexing.vision_layout(units, vision)
+        cos, sin = indexing.vision_rotary(units, vision)  # [S, hd] natural order
         feeds = {
             "patches": layout.gather(np.concatenate(patches, axis=0), 0.0),
             "rope_cos": layout.gather(cos, 1.0),
@@ -302,7 +384,9 @@ class Pipeline:
                   top_p: float | None = None, top_k: int | None = None, repetition_penalty: float | None = None,
                   do_sample: bool | None = None, seed: int | None = None, min_pixels: int | None = None,
                   max_pixels: int | None = None, on_text: Callable[[str], None] | None = None,
-                  keep_logits: bool = False, prepared: Prepared | None = None):
+                  keep_logits: bool = False, prepared: Prepared | None = None, videos: Sequence = (),
+                  fps: float | None = None, max_frames: int | None = None, video_min_pixels: int | None = None,
+                  video_max_pixels: int | None = None):
         """Sampling settings left None take the checkpoint's generation_config.json (transformers'
         defaults where it says nothing); ``temperature=0`` is greedy."""
         params = self.sampling(temperature=temperature, top_p=top_p, top_k=top_k,
@@ -314,16 +398,18 @@ class Pipeline:
         timings: dict[str, float] = {}
         t0 = time.perf_counter()
         prep = prepared or self.prepare(images, prompt, messages=messages, system=system, min_pixels=min_pixels,
-                                        max_pixels=max_pixels)
+                                        max_pixels=max_pixels, videos=videos, fps=fps, max_frames=max_frames,
+                                        video_min_pixels=video_min_pixels, video_max_pixels=video_max_pixels)
         total = len(prep.input_ids) + max_new_tokens
         if self.ranges and total > int(self.ranges.get("max_seq", total)):
             raise QvlError(f"The prompt is {len(prep.input_ids)} tokens and {max_new_tokens} new tokens were asked "
                            f"for; the engines were built for {self.ranges['max_seq']} (--max-seq at build time). "
                            "Use smaller images, a shorter prompt or fewer new tokens, or rebuild.")
         if total > self.max_context:
-            raise QvlError(f"The prompt is {len(prep.input_ids)} tokens (images included) and {max_new_tokens} new "
-                           f"tokens were asked for; the model's context is {self.max_context}. Use smaller "
-                           "images (--max-pixels), fewer images, a shorter prompt or fewer new tokens.")
+            raise QvlError(f"The prompt is {len(prep.input_ids)} tokens (images and videos included) and "
+                           f"{max_new_tokens} new tokens were asked for; the model's context is {self.max_context}. "
+                           "Use smaller images (--max-pixels), fewer images or video frames (--max-frames), a "
+                           "shorter prompt or fewer new tokens.")
         timings["preprocess_s"] = time.perf_counter() - t0
 
         t1 = time.perf_counter()
@@ -336,7 +422,8 @@ class Pipeline:
         text = self.spec.text
         cache = self.new_cache(capacity=total)
         t2 = time.perf_counter()
-        logits = self.decoder_step(prep.input_ids[None], embeds, prep.position_ids[:, None, :], cache)[0]
+        prompt_ids = prep.input_ids if prep.decoder_ids is None else prep.decoder_ids  # video pads -> image pads
+        logits = self.decoder_step(prompt_ids[None], embeds, prep.position_ids[:, None, :], cache)[0]
         timings["prefill_s"] = time.perf_counter() - t2
 
         rng = np.random.default_rng(seed)
@@ -370,7 +457,8 @@ class Pipeline:
         decoded = len(tokens) - 1 if tokens else 0
         timings["decode_tokens_per_s"] = decoded / timings["decode_s"] if decoded and timings["decode_s"] > 0 else 0.0
         text_out = self.codec.decode([t for t in tokens if t not in eos])
-        return Generation(text_out, tokens, len(prep.input_ids), finish, timings, kept)
+        return Generation(text_out, tokens, len(prep.input_ids), finish, timings, kept,
+                          [p.summary() for p in prep.videos])
 
 
 def _has_engines(manifest: Manifest) -> bool:

@@ -24,18 +24,23 @@ class TextCodec:
                            "into the artifacts folder.") from None
         self.tokens = tokens
 
-    def encode_prompt(self, prompt: str, image_token_counts: list[int]) -> np.ndarray:
-        """ids int64 [T]: the prompt with its i-th image pad repeated image_token_counts[i] times."""
+    def encode_prompt(self, prompt: str, image_token_counts: list[int],
+                      video_token_counts: list[int] | None = None) -> np.ndarray:
+        """ids int64 [T]: the prompt with its i-th image pad repeated image_token_counts[i] times and its
+        i-th video pad video_token_counts[i] times (as ``Qwen2VLProcessor`` expands them)."""
         ids = self.tokenizer.encode(prompt, add_special_tokens=False).ids
-        pad = self.tokens.image_token_id
-        found = sum(1 for i in ids if i == pad)
-        if found != len(image_token_counts):
-            raise QvlError(f"The prompt has {found} image placeholders for {len(image_token_counts)} images; "
-                           "give one image per <|image_pad|>.")
+        pads = {self.tokens.image_token_id: ("image", "<|image_pad|>", list(image_token_counts))}
+        if self.tokens.video_token_id >= 0:
+            pads[self.tokens.video_token_id] = ("video", "<|video_pad|>", list(video_token_counts or []))
+        for pad, (name, marker, counts) in pads.items():
+            found = sum(1 for i in ids if i == pad)
+            if found != len(counts):
+                raise QvlError(f"The prompt has {found} {name} placeholders for {len(counts)} {name}s; "
+                               f"give one {name} per {marker}.")
         out: list[int] = []
-        counts = iter(image_token_counts)
+        iters = {pad: iter(counts) for pad, (_, _, counts) in pads.items()}
         for i in ids:
-            out.extend([pad] * next(counts) if i == pad else [i])
+            out.extend([i] * next(iters[i]) if i in iters else [i])
         return np.asarray(out, dtype=np.int64)
 
     def decode(self, ids) -> str:
