@@ -22,7 +22,7 @@ from qvl_export.demo import task_reference
 from qvl_export.core.errors import QvlError
 from qvl_export.core.manifest import REPORT, Manifest
 from qvl_export.parity.compare import compare, kl_divergence, token_agreement
-from qvl_export.parity.samples import ALL_CASES, QUICK_CASES, Case
+from qvl_export.parity.samples import ALL_CASES, QUICK_CASES, VIDEO_FPS, VIDEO_PIXELS, Case
 
 # (stage, metric) -> (gate key, kind): "min" means value >= threshold, "max" value <= threshold
 CHECKS = (
@@ -33,6 +33,9 @@ CHECKS = (
     ("vision", "finite", None, "min"),
     ("merger", "cosine", "merger_cosine", "min"),
     ("merger", "finite", None, "min"),
+    ("video_preprocess", "max_abs", "preprocess_max_abs", "max"),
+    ("video_merger", "cosine", "merger_cosine", "min"),
+    ("video_merger", "finite", None, "min"),
     ("prefill", "cosine", "logits_cosine", "min"),
     ("prefill", "top1_equal", "prefill_top1", "min"),
     ("prefill", "kl", "logits_kl", "max"),
@@ -172,7 +175,9 @@ def reference_case(ref, case: Case, max_new_tokens: int):
 
     t0 = time.perf_counter()
     r = ref.run(ReferenceCase(case.name, case.images(), case.prompt, max_new_tokens=max_new_tokens,
-                              system=case.system))
+                              system=case.system, videos=case.videos(), fps=VIDEO_FPS,
+                              video_min_pixels=VIDEO_PIXELS["video_min_pixels"],
+                              video_max_pixels=VIDEO_PIXELS["video_max_pixels"]))
     r.prefill_logits = np.array(r.prefill_logits[-1:], copy=True)
     return r, time.perf_counter() - t0
 
@@ -181,7 +186,9 @@ def compare_case(pipe, r, case: Case, max_new_tokens: int, t_ref: float = 0.0) -
     """Run one case on the artifacts against the reference's result ``r``; its stages' metrics (no gating)."""
     images = case.images()
     t1 = time.perf_counter()
-    prep = pipe.prepare(images, case.prompt, system=case.system)
+    videos = case.videos()
+    prep = pipe.prepare(images, case.prompt, system=case.system, videos=videos, fps=VIDEO_FPS,
+                        **(VIDEO_PIXELS if videos else {}))
     stages: dict[str, dict] = {}
     ids_equal = prep.input_ids.shape == r.input_ids.shape and bool((prep.input_ids == r.input_ids).all())
     pos_equal = prep.position_ids.shape == r.position_ids.shape and bool((prep.position_ids == r.position_ids).all())
@@ -189,11 +196,18 @@ def compare_case(pipe, r, case: Case, max_new_tokens: int, t_ref: float = 0.0) -
                         "positions_equal": float(pos_equal), "rope_delta": prep.rope_delta,
                         "ref_rope_delta": int(r.rope_delta)}
     if images:
-        stages["preprocess"] = compare(np.concatenate(prep.patches), r.pixel_values)
-        vis = pipe.encode_images(prep.patches, prep.grids)
+        kept = [i for i, k in enumerate(prep.kinds) if k == "image"]
+        patches, grids = [prep.patches[i] for i in kept], [prep.grids[i] for i in kept]
+        stages["preprocess"] = compare(np.concatenate(patches), r.pixel_values)
+        vis = pipe.encode_images(patches, grids)
         ours_hidden = vis.vision_hidden[vis.layout.window_order_rows()]
         stages["vision"] = compare(ours_hidden, r.vision_hidden)
         stages["merger"] = compare(vis.image_embeds, r.merger_out)
+    if videos:  # temporal patches: per-frame-group attention, rotary and windows
+        kept = [i for i, k in enumerate(prep.kinds) if k == "video"]
+        patches, grids = [prep.patches[i] for i in kept], [prep.grids[i] for i in kept]
+        stages["video_preprocess"] = compare(np.concatenate(patches), r.pixel_values_videos)
+        stages["video_merger"] = compare(pipe.encode_images(patches, grids).image_embeds, r.video_merger_out)
     # greedy on the raw logits, as the reference (the checkpoint's sampling settings are not gated)
     gen = pipe.generate(prepared=prep, max_new_tokens=max_new_tokens, keep_logits=True, temperature=0.0,
                         repetition_penalty=1.0)
@@ -246,12 +260,39 @@ def forced_logits(pipe, prep, tokens: list[int]) -> list[np.ndarray]:
     embeds = pipe.encode_images(prep.patches, prep.grids).image_embeds if prep.patches else \
         np.zeros((0, hidden), np.float32)
     cache = pipe.new_cache(capacity=len(prep.input_ids) + len(tokens))
-    out = [pipe.decoder_step(prep.input_ids[None], embeds, prep.position_ids[:, None, :], cache)[0]]
+    prompt_ids = prep.input_ids if prep.decoder_ids is None else prep.decoder_ids  # video pads fed as image pads
+    out = [pipe.decoder_step(prompt_ids[None], embeds, prep.position_ids[:, None, :], cache)[0]]
     no_image = np.zeros((0, hidden), np.float32)
     for token in tokens[:-1]:
         pos = indexing.decode_positions(cache.length, prep.rope_delta, 1)
         out.append(pipe.decoder_step(np.asarray([[token]], np.int64), no_image, pos[:, None, :], cache)[0])
     return out
+
+
+def outside_ranges(manifest: Manifest, case: Case) -> str | None:
+    """Why ``case`` lies outside the shape ranges a trt build's engines were built for (the runtime
+    would refuse it), or None. Each image and each temporal patch of a video counts as one image."""
+    if manifest.tensorrt is None:
+        return None
+    limit = int(manifest.tensorrt.ranges.get("max_images", 1))
+    groups = len(case.sizes) + ((case.video[0] + 1) // 2 if case.video else 0)
+    if groups > limit:
+        return f"{groups} images / video frame groups, the engines take {limit} (--max-images at build time)"
+    return None
+
+
+def no_video_support(artifacts: Path) -> str | None:
+    """Why the artifacts' chat template cannot take a video item (a checkpoint trained on images only
+    may ship such a template), or None."""
+    from qvl_export.runtimes.chat import ChatTemplate, user_messages
+
+    try:
+        text = ChatTemplate.from_artifacts(artifacts).render(user_messages("probe", videos=["clip"]))
+    except QvlError as err:
+        return f"the chat template cannot render a video item ({err})"
+    if text.count("<|video_pad|>") != 1:
+        return "the chat template writes no <|video_pad|> for a video item"
+    return None
 
 
 def check_reference(manifest: Manifest, reference_dir: Path) -> None:
@@ -296,7 +337,14 @@ def run_parity(artifacts: str | Path, reference_dir: str | Path, gates_file: Pat
         manifest.verify(artifacts)  # a damaged folder fails before the reference runs
     # the reference and the artifacts are never resident together: every case runs on the reference
     # first (its results kept, small), the reference is freed, then the artifacts load
-    chosen = cases or (QUICK_CASES if quick else ALL_CASES)
+    chosen, skipped = [], {}
+    for case in cases or (QUICK_CASES if quick else ALL_CASES):
+        why = outside_ranges(manifest, case) or (case.video and no_video_support(artifacts))
+        if why:
+            skipped[case.name] = why
+            say(f"parity case {case.name} skipped: {why}")
+        else:
+            chosen.append(case)
     say("loading the PyTorch reference (transformers)")
     ref = TorchReference(reference_dir)
     references = []
@@ -309,7 +357,7 @@ def run_parity(artifacts: str | Path, reference_dir: str | Path, gates_file: Pat
     report = Report(precision=manifest.precision, gates=gates,
                     meta={"artifacts": str(artifacts), "reference": str(reference_dir),
                           "max_new_tokens": max_new_tokens, "quick": quick,
-                          "source_sha256": manifest.source.sha256})
+                          "source_sha256": manifest.source.sha256, "skipped_cases": skipped})
     for case, (r, t_ref) in zip(chosen, references):
         say(f"parity case {case.name}")
         result = compare_case(pipe, r, case, max_new_tokens, t_ref)
