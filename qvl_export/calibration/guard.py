@@ -17,7 +17,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from qvl_export.calibration.taps import weighted_nodes
+from qvl_export.calibration.taps import release, weighted_nodes
 from qvl_export.core import precisions as registry
 
 log = logging.getLogger(__name__)
@@ -69,7 +69,7 @@ def measure(model, stats, precision: str) -> list[OpSensitivity]:
         x = t.sample()
         const = values[n.name].inputs[1].const_value
         w = const.numpy().astype(np.float32)
-        _release(const)
+        release(const)
         if n.trans_b:
             w = w.T
         rel = 0.0
@@ -82,13 +82,6 @@ def measure(model, stats, precision: str) -> list[OpSensitivity]:
                                     float(np.abs(w).max(initial=0.0))))
         del w
     return result
-
-
-def _release(tensor) -> None:
-    """Drop a lazily read tensor's memory map (its pages would otherwise stay counted as resident)."""
-    release = getattr(tensor, "release", None)
-    if release is not None:
-        release()
 
 
 def guard(sens: list[OpSensitivity], precision: str, fp16: bool = False) -> dict[str, str]:

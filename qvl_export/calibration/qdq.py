@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from qvl_export.calibration.taps import WeightedNode, weighted_nodes
+from qvl_export.calibration.taps import WeightedNode, release, weighted_nodes
 from qvl_export.core import precisions as registry
 from qvl_export.core.errors import QvlError
 
@@ -142,13 +142,6 @@ def place_qdq(model, ranges: dict[str, tuple[float, float]], precision: str, par
     return report
 
 
-def _release(tensor) -> None:
-    """Drop a lazily read tensor's memory map (its pages would otherwise stay counted as resident)."""
-    release = getattr(tensor, "release", None)
-    if release is not None:
-        release()
-
-
 class _Writer:
     """Builds the Q/DQ nodes and quantized initializers of one model; one activation Q/DQ pair and one
     weight DQ per tensor, shared by its quantized consumers, as ``quantize_static`` writes them."""
@@ -230,12 +223,12 @@ class _Writer:
             # the scales are needed now (the bias's int32 scale is built from them); the quantized
             # values are computed again from the float tensor when the part is written
             scale = weight_scales(self.precision, source.numpy(), axis)
-            _release(source)
+            release(source)
             precision = self.precision
 
             def read(source=source, scale=scale, axis=axis, name=name):
                 q = quantize_weight(precision, source.numpy(), scale, axis)
-                _release(source)
+                release(source)
                 return ir.tensor(q, name=f"{name}_quantized")
 
             qname = f"{name}_quantized"

@@ -244,6 +244,13 @@ class ActivationStats:
             t.rows = [r * factor for r in t.rows]
 
 
+def release(tensor) -> None:
+    """Drop a lazily read tensor's memory map (its pages would otherwise stay counted as resident)."""
+    drop = getattr(tensor, "release", None)
+    if drop is not None:
+        drop()
+
+
 def _quietly(fn, *args):
     """onnxruntime's collectors print progress lines to stdout; keep stdout for the tool's output."""
     import contextlib
