@@ -31,7 +31,7 @@ class BuildContext:
     template: Any = None  # runtimes.chat.ChatTemplate
     tensorrt: TensorRT | None = None  # trt target: device, ranges, memory estimate (check_device)
     documents: list = field(default_factory=list)  # calibration documents (calibrated builds)
-    feeds: dict[str, list] | None = None  # part -> calibration feed dicts (calibrate)
+    stats: dict[str, Any] | None = None  # part -> calibration.taps.ActivationStats (calibrate)
     calibration: Calibration | None = None  # documents, settings, per-part quantization summaries
     quantized_parts: set[str] = field(default_factory=set)  # parts the quantize stage has quantized
     store: ArtifactStore | None = None

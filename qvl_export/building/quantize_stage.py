@@ -58,7 +58,7 @@ def calibrate(ctx: BuildContext) -> None:
             ctx.say(f"calibration statistics cached in {c.cache}")
     else:
         ctx.say(f"reusing the calibration feeds in {c.cache}")
-    ctx.feeds = stats
+    ctx.stats = stats
     section = _calibration(ctx)
     section.documents = [d.name for d in ctx.documents]
     section.settings = vars(settings)
@@ -83,7 +83,7 @@ def quantize_calibrated(ctx: BuildContext, name: str, prec: Precision):
     from qvl_export.calibration.qdq import place_qdq
 
     c = ctx.settings.calibration
-    stats = ctx.feeds[name]
+    stats = ctx.stats[name]
     model = ctx.model(name)
     sens = measure(model, stats, prec.name)
     keep = guard(sens, prec.name)

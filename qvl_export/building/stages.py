@@ -39,7 +39,9 @@ def check_request(ctx: BuildContext) -> None:
         raise QvlError(f"Unknown target {s.target!r}; use one of {', '.join(TARGETS)}.")
     ctx.precisions = registry.parse(s.precision)
     check_destination(ctx.out_dir, s.force)
-    check_pass_names(s.target, s.passes, s.skip_passes)  # unknown pass names fail before any work
+    from qvl_export.passes import check_pass_names
+
+    check_pass_names(_list(s.passes), _list(s.skip_passes))  # unknown pass names fail before any work
     if s.tensorrt.bundle and s.target != "trt":
         raise QvlError("--bundle is for --target trt (engines built on the device).")
     if s.target == "trt" and not s.tensorrt.bundle:
@@ -249,13 +251,6 @@ def peak_rss_bytes() -> int:
 
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return int(peak if sys.platform == "darwin" else peak * 1024)
-
-def check_pass_names(target: str, only, skip) -> None:
-    """Unknown ``--passes`` / ``--skip-pass`` names: one line listing the known ones."""
-    from qvl_export import passes
-
-    passes.check_pass_names(_list(only), _list(skip))
-
 
 def pass_list(ctx: BuildContext, name: str, stage: str) -> list:
     """The passes of ``stage`` (GRAPH: on the traced float graph; QUANTIZED: after Q/DQ placement or
