@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Callable
 
 from qvl_export.core import precisions as registry
+from qvl_export.core.errors import QvlError
 from qvl_export.core.manifest import Calibration
 from qvl_export.core.precisions import Precision
 
@@ -33,9 +34,19 @@ def load_documents(ctx: BuildContext) -> None:
     from qvl_export.calibration.documents import builtin_documents
     from qvl_export.calibration.sources import folder_documents
 
+    from qvl_export.runtimes.chat import video_support
+
     c = ctx.settings.calibration
     ctx.documents = (folder_documents(c.docs, limit=c.limit) if c.docs is not None
                      else builtin_documents(c.limit))
+    clips = [d.name for d in ctx.documents if d.video is not None]
+    why = video_support(ctx.template) if clips else None
+    if why and c.docs is not None:
+        raise QvlError(f"--calib-docs {c.docs} holds clips ({', '.join(clips[:3])}) but {why}: remove the clips "
+                       "or pass a --chat-template that renders video items.")
+    if why:  # a checkpoint trained on images only: calibrate on its kind of input
+        ctx.documents = [d for d in ctx.documents if d.video is None]
+        ctx.warn(f"calibrating without the built-in screen recording: {why}")
 
 
 def calibrate(ctx: BuildContext) -> None:

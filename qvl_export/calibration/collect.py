@@ -1,7 +1,8 @@
 """Calibration: activation statistics of every part to quantize, taken while the float artifacts run.
 
-For each document: the vision encoder and merger see the page; the decoder sees the prefill of
-page + prompt, then decode steps along the fp32 model's own greedy answer (the reference answer,
+For each document: the vision encoder and merger see the page - or a clip's temporal patches (two
+frames each), decoded and sampled as the runtime samples a ``--video`` (``runtimes/video.py``) - the
+decoder sees the prefill of page (or clip) + prompt, then decode steps along the fp32 model's own greedy answer (the reference answer,
 since the fp32 artifacts pass the parity gate). Decode steps count every ``decode_stride`` tokens,
 as the prefill does. The parts run their tap graphs (``calibration/taps.py``): statistics are
 accumulated as the runs go, nothing is recorded, so memory does not grow with the documents.
@@ -35,6 +36,7 @@ class CalibSettings:
     max_new_tokens: int = 16
     decode_stride: int = 4
     max_pixels: int | None = None  # cap calibration pages (default: the preprocessor's)
+    video_max_frames: int = 32  # frames kept per clip (evenly spaced), at most; sampling and sizes as the runtime's
 
 
 def documents_key(docs: list[Document], settings: CalibSettings, source_sha: str, method: str = "",
@@ -43,7 +45,16 @@ def documents_key(docs: list[Document], settings: CalibSettings, source_sha: str
     for d in docs:
         h.update(d.name.encode())
         h.update(d.prompt.encode())
-        h.update(d.image.tobytes())
+        if d.image is not None:
+            h.update(d.image.tobytes())
+        if isinstance(d.video, np.ndarray):  # frames [T, H, W, 3] uint8
+            h.update(f"{d.video.shape}|{d.fps}".encode())
+            h.update(np.ascontiguousarray(d.video).tobytes())
+        elif d.video is not None:  # a clip file: its bytes
+            h.update(f"{d.fps}".encode())
+            with open(d.video, "rb") as f:
+                for chunk in iter(lambda: f.read(1 << 20), b""):
+                    h.update(chunk)
     return h.hexdigest()
 
 
@@ -77,9 +88,14 @@ def collect_stats(folder: Path, manifest, parts: list[str], docs: list[Document]
             return kept
 
         pipe = Pipeline(folder, TappingBackend(backend, stats, plain, keep), manifest)
+        max_frames = settings.video_max_frames
+        if pipe.ranges:  # trt: each temporal patch counts one image of the engines' range
+            max_frames = min(max_frames, pipe.spec.vision.temporal_patch_size * int(pipe.ranges.get("max_images", 1)))
         for i, doc in enumerate(docs):
-            pipe.generate([doc.image], doc.prompt, max_new_tokens=settings.max_new_tokens,
-                          max_pixels=settings.max_pixels, temperature=0.0, repetition_penalty=1.0)
+            media = {"videos": [doc.video], "fps": doc.fps, "max_frames": max_frames} if doc.video is not None \
+                else {"images": [doc.image]}
+            pipe.generate(prompt=doc.prompt, max_new_tokens=settings.max_new_tokens, max_pixels=settings.max_pixels,
+                          temperature=0.0, repetition_penalty=1.0, **media)
             if progress:
                 progress(i + 1, len(docs))
         del pipe, backend

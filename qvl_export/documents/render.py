@@ -3,9 +3,10 @@
 - ``render_invoice(seed)``: the demo model's task page (``demo.documents`` asks for its total);
 - ``sample_page(width, height, seed)``: the parity runs' document-like pages of any size
   (``parity.samples`` picks the sizes);
-- ``KINDS``: the built-in calibration documents - invoices, forms, tables, bar and line charts,
-  receipts, dense small print, a screenshot-like UI, mixed Chinese/English text, extreme aspect
-  ratios (``calibration.documents`` picks them in rotation).
+- ``KINDS``: the built-in calibration documents - invoices, a screen recording (a clip: an editor
+  scrolling while a line is typed), forms, tables, bar and line charts, receipts, dense small
+  print, a screenshot-like UI, mixed Chinese/English text, extreme aspect ratios
+  (``calibration.documents`` picks them in rotation).
 
 Each is a pure function of its arguments (and of Pillow's version: its built-in FreeType font keeps
 pages identical on every machine with the same Pillow). The demo model was trained on
@@ -22,6 +23,7 @@ import random
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
 CJK_FONTS = (
@@ -47,11 +49,16 @@ def font(size: int, cjk: bool = False) -> ImageFont.ImageFont:
 
 @dataclass
 class Document:
-    """A rendered page and the question asked about it."""
+    """A rendered page - or a clip - and the question asked about it.
+
+    A clip has ``image`` None and ``video``: frames ``[T, H, W, 3] uint8`` taken as sampled at
+    ``fps``, or the path of a video file (sampled at ``fps``, the runtime's 2.0 when None)."""
 
     name: str
-    image: Image.Image
+    image: Image.Image | None
     prompt: str
+    video: np.ndarray | Path | None = None
+    fps: float | None = None
 
 
 # -- the demo task's invoice ---------------------------------------------------------------------
@@ -363,5 +370,51 @@ def tall_strip(rng: random.Random, w=280, h=1680) -> Document:
     return Document("tall_strip", doc.image, doc.prompt)
 
 
-KINDS = (invoice, form, table, bar_chart, line_chart, receipt, small_print, ui_screenshot, mixed_zh_en,
-         extreme_aspect, tall_strip)
+# -- the built-in screen recording ---------------------------------------------------------------
+
+RECORDING_SIZE = (560, 336)  # (width, height): multiples of 28, 240 merged tokens per temporal patch
+RECORDING_FRAMES = 8  # 4 temporal patches of two different frames
+RECORDING_FPS = 2.0
+
+
+def screen_recording(rng: random.Random, w: int = RECORDING_SIZE[0], h: int = RECORDING_SIZE[1],
+                     frames: int = RECORDING_FRAMES) -> Document:
+    """A screen recording drawn frame by frame: an editor window scrolling down while a line is typed
+    (a caret after the typed text) and the mouse pointer drifts. Consecutive frames differ, so every
+    temporal patch pairs two different frames, as in a real recording."""
+    lines = [_words(rng, rng.randint(3, 7)) for _ in range(26)]
+    typed_at = rng.randint(9, 12)  # the line being typed
+    typed = f"TOTAL due {rng.randint(100, 9999)} on 2026-{rng.randint(1, 12):02d}-{rng.randint(1, 28):02d}"
+    title = rng.choice(("notes.txt", "report.md", "invoice_draft.txt"))
+    body, line_h = font(14), 18
+    px, py = rng.randint(w // 2, w - 80), rng.randint(60, h // 2)  # mouse pointer
+    out = []
+    for i in range(frames):
+        img = Image.new("RGB", (w, h), (236, 238, 242))
+        d = ImageDraw.Draw(img)
+        y0 = 44 - 10 * i  # the view scrolls 10 px a frame
+        for k, line in enumerate(lines):
+            y = y0 + k * line_h
+            if y < 30 or y > h - 24:
+                continue
+            text = typed[:len(typed) * (i + 1) // frames] if k == typed_at else line
+            d.text((14, y), f"{k + 1:>3}", font=body, fill=(150, 150, 165))
+            d.text((50, y), text, font=body, fill=(25, 25, 35))
+            if k == typed_at:  # the caret
+                x = 50 + d.textlength(text, font=body) + 1
+                d.line([(x, y), (x, y + 15)], fill=(20, 60, 200), width=2)
+        d.rectangle([0, 0, w, 28], fill=(45, 50, 62))  # title bar and status bar over the scrolled text
+        d.text((12, 6), f"{title} - Editor", font=font(15), fill=(232, 232, 236))
+        d.rectangle([0, h - 20, w, h], fill=(210, 214, 222))
+        d.text((10, h - 18), f"Ln {typed_at + 1}, Col {len(typed) * (i + 1) // frames + 1}   UTF-8", font=font(12),
+               fill=(40, 40, 50))
+        x, y = px + 6 * i, py + 4 * i
+        d.polygon([(x, y), (x, y + 16), (x + 4, y + 12), (x + 11, y + 12)], fill="black", outline="white")
+        out.append(np.asarray(img))
+    return Document("screen_recording", None, "What is being typed in this screen recording?",
+                    video=np.stack(out), fps=RECORDING_FPS)
+
+
+# The recording comes second, so any calibration set of two or more documents holds video patches.
+KINDS = (invoice, screen_recording, form, table, bar_chart, line_chart, receipt, small_print, ui_screenshot,
+         mixed_zh_en, extreme_aspect, tall_strip)

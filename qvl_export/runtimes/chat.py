@@ -331,3 +331,15 @@ def probe(template: ChatTemplate, image_pad: str) -> None:
     if count != 1:
         raise QvlError(f"The chat template ({template.origin}) writes {count} {image_pad} markers for one image "
                        "item; qvl-export needs one per image. Fix the template or pass --chat-template FILE.")
+
+
+def video_support(template: ChatTemplate) -> str | None:
+    """Why ``template`` cannot take a video item (a checkpoint trained on images only may ship such a
+    template), or None when it renders one ``<|video_pad|>`` per video."""
+    try:
+        text = template.render(user_messages("probe", videos=["clip"]))
+    except QvlError as err:
+        return f"the chat template cannot render a video item ({err})"
+    if text.count("<|video_pad|>") != 1:
+        return "the chat template writes no <|video_pad|> for a video item"
+    return None

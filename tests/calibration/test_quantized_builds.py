@@ -9,7 +9,7 @@ import pytest
 from qvl_export.building.artifacts import BuildOptions, build
 from qvl_export.core.manifest import Manifest
 from qvl_export.parity.gate import run_parity
-from qvl_export.parity.samples import ALL_CASES
+from qvl_export.parity.samples import ALL_CASES, QUICK_CASES
 
 CASES = [c for c in ALL_CASES if c.name in ("landscape", "two-images", "text-only")]
 
@@ -42,22 +42,38 @@ def quantized(tmp_path_factory, checkpoint):
 @pytest.mark.parametrize("family", ["qwen2_vl", "qwen2_5_vl"])
 @pytest.mark.parametrize("precision", ["int8", "fp8"])
 def test_quantized_build_passes_its_gates(family, precision, quantized, checkpoint, artifacts):
+    """Built as ``qvl-export build`` builds it (the built-in set, a screen recording among it), gated as
+    the build gates it (the quick cases: pages, text, a video)."""
     art = quantized(family, precision)
     m = Manifest.read(art)
     assert {p.precision for p in m.parts.values()} == {precision}
     q = m.calibration.quantization
     assert m.calibration.documents and m.calibration.settings
+    assert "01-screen_recording" in m.calibration.documents  # vision ranges saw video patches
     assert set(q) == {"vision", "merger", "decoder"}
     for part in m.parts.values():
         model = onnx.load(art / part.file, load_external_data=False)
         ops = {n.op_type for n in model.graph.node}
         assert "DequantizeLinear" in ops and "QuantizeLinear" in ops
         assert q[part.name]["quantized_count"] > 0
-    report = run_parity(art, checkpoint(family), cases=CASES, max_new_tokens=32)
+    report = run_parity(art, checkpoint(family), quick=True, max_new_tokens=32)  # the build's own gate
     assert report.passed, report.failure_summary()
+    assert [c["name"] for c in report.cases] == [c.name for c in QUICK_CASES] and not report.meta["skipped_cases"]
     for case in report.cases:
         if case["images"]:
             assert case["stages"]["vision"]["cosine"] > 0.99
+    # the video case: its temporal patches through the quantized vision part, the decoder on its tokens
+    (clip,) = [c for c in report.cases if c["name"] == "video"]
+    stages = clip["stages"]
+    assert clip["passed"] and {c["stage"] for c in clip["checks"]} >= {"video_preprocess", "video_merger", "steps"}
+    assert stages["video_preprocess"]["max_abs"] == 0.0  # same host patches as transformers' layout
+    assert 0.99 < stages["video_merger"]["cosine"] < 1.0  # quantized: close, not identical
+    assert stages["prompt"]["ids_equal"] == 1.0 and stages["prompt"]["positions_equal"] == 1.0
+    rows = [line for line in report.table().splitlines() if line.startswith("video ")]
+    assert any("video_merger" in line and line.endswith("ok") for line in rows), rows
+    print(f"{family} {precision} video case: merger cosine {stages['video_merger']['cosine']:.6f}, "
+          f"steps min cosine {stages['steps']['min_cosine']:.6f}, max kl {stages['steps']['max_kl']:.2e}, "
+          f"greedy {stages['greedy']['matched_prefix']}/{stages['greedy']['ref_len']}")
 
 
 def test_fp8_scales_are_max_calibrated(quantized):
