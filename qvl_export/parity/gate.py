@@ -282,17 +282,10 @@ def outside_ranges(manifest: Manifest, case: Case) -> str | None:
 
 
 def no_video_support(artifacts: Path) -> str | None:
-    """Why the artifacts' chat template cannot take a video item (a checkpoint trained on images only
-    may ship such a template), or None."""
-    from qvl_export.runtimes.chat import ChatTemplate, user_messages
+    """Why the artifacts' chat template cannot take a video item, or None (``chat.video_support``)."""
+    from qvl_export.runtimes.chat import ChatTemplate, video_support
 
-    try:
-        text = ChatTemplate.from_artifacts(artifacts).render(user_messages("probe", videos=["clip"]))
-    except QvlError as err:
-        return f"the chat template cannot render a video item ({err})"
-    if text.count("<|video_pad|>") != 1:
-        return "the chat template writes no <|video_pad|> for a video item"
-    return None
+    return video_support(ChatTemplate.from_artifacts(artifacts))
 
 
 def check_reference(manifest: Manifest, reference_dir: Path) -> None:
