@@ -29,8 +29,9 @@ __all__ = ["run_bench", "run_bench_cli", "click_options", "OPTIONS", "MODELS"]
 OPTIONS: list[tuple[tuple[str, ...], dict]] = [
     (("--model",), dict(type=str, default="qwen2.5-vl-3b", show_default=True,
                         help=f"Shape to benchmark (random weights): {', '.join(MODELS)}.")),
-    (("--layers",), dict(type=int, default=2, show_default=True,
-                         help="Cut vision and LLM depth to N layers (0 = full depth; per-layer costs stay comparable).")),
+    (("--layers",), dict(type=int, default=0, show_default=True,
+                         help="Cut vision and LLM depth to N layers for a quick look (0 = full depth, what README's "
+                              "figures use; a cut keeps per-layer costs comparable).")),
     (("--threads",), dict(type=int, default=2, show_default=True, help="Threads for every engine.")),
     (("-o", "--output", "out_dir"), dict(type=str, default="bench-out", show_default=True,
                                          help="Folder for bench.json, table.txt and the plot.")),
@@ -50,6 +51,12 @@ OPTIONS: list[tuple[tuple[str, ...], dict]] = [
                             help="Also build and time our artifacts at these precisions against our fp32 (int8).")),
     (("--calib-limit",), dict(type=int, default=4, show_default=True,
                               help="Built-in calibration documents for the --quantized builds.")),
+    (("--peers",), dict(type=str, default="", show_default=False,
+                        help="Also build and time the LLM with these peers' own tools: ort-genai, llama.cpp "
+                             "(when installed).")),
+    (("--llama-cpp-src",), dict(type=str, default=None,
+                                help="llama.cpp source tree (its convert_hf_to_gguf.py) for --peers llama.cpp; "
+                                     "default $QVL_LLAMA_CPP_SRC.")),
     (("--memory-reserve-mb",), dict(type=float, default=1024.0, show_default=True,
                                     help="Stop a worker when available memory falls below this.")),
 ]
@@ -74,7 +81,7 @@ def run_bench(*args, **kwargs):
 def run_bench_cli(model: str, layers: int, threads: int, out_dir: str, pixels: str, decode_tokens: int,
                   prompt_tokens: int, repeats: int, skip_torch: bool, no_profile: bool, reuse: bool,
                   idle_wait: float, retries: int, memory_reserve_mb: float, quantized: str = "",
-                  calib_limit: int = 4) -> dict:
+                  calib_limit: int = 4, peers: str = "", llama_cpp_src: str | None = None) -> dict:
     """The CLI entry: parse the option strings, run, print the table to stdout."""
     import sys
 
@@ -85,6 +92,7 @@ def run_bench_cli(model: str, layers: int, threads: int, out_dir: str, pixels: s
                   prompt_tokens, skip_torch, repeats=repeats, profile=not no_profile, reuse=reuse,
                   memory_reserve_mb=memory_reserve_mb, idle_wait_s=idle_wait, retries=retries,
                   quantized=tuple(q for q in quantized.replace(" ", "").split(",") if q), calib_limit=calib_limit,
+                  peers=_peers(peers), llama_cpp_src=llama_cpp_src,
                   progress=lambda msg: print(f"[bench] {msg}", file=sys.stderr, flush=True))
     from qvl_export.bench.report import table
 
@@ -92,3 +100,9 @@ def run_bench_cli(model: str, layers: int, threads: int, out_dir: str, pixels: s
     print(f"\nwritten: {Path(out_dir) / 'bench.json'}, {Path(out_dir) / 'table.txt'}, "
           f"{Path(out_dir) / 'encoder_time_vs_pixels.png'}")
     return report
+
+
+def _peers(names: str) -> tuple[str, ...]:
+    from qvl_export.bench.peers import parse
+
+    return parse(names)

@@ -224,7 +224,8 @@ def run_bench(model: str, layers: int | None = None, threads: int = 2, out_dir: 
               profile: bool = True, bandwidth_mib: int = 1024, reuse: bool = False, keep_work: bool = False,
               jobs: int = 1, memory_reserve_mb: float = 1024.0, timeout_s: float = 3600.0,
               idle_wait_s: float = 0.0, retries: int = 0, quantized: tuple[str, ...] = (),
-              calib_limit: int | None = 4, progress: Callable[[str], None] | None = None) -> dict:
+              calib_limit: int | None = 4, peers: tuple[str, ...] = (), llama_cpp_src: str | None = None,
+              progress: Callable[[str], None] | None = None) -> dict:
     """Benchmark ``model`` (see ``configs.MODELS``) and write ``bench.json``, ``table.txt`` and
     ``encoder_time_vs_pixels.png`` into ``out_dir``. Returns the report dict.
 
@@ -237,7 +238,9 @@ def run_bench(model: str, layers: int | None = None, threads: int = 2, out_dir: 
     at once: only for smoke tests, the timings then compete for the cores. ``quantized``: extra
     builds of our artifacts at these precisions (``int8``), calibrated on ``calib_limit`` built-in
     documents, measured like the fp32 ones (vision, prefill, decode, bytes, peak RSS) and reported
-    against our fp32 build. On a shared machine,
+    against our fp32 build. ``peers`` (``peers.PEERS``): onnxruntime-genai and llama.cpp build the
+    same checkpoint's LLM with their own tools and are timed with the same protocol (``peers.py``).
+    On a shared machine,
     ``idle_wait_s`` waits (at most that long) for other processes to go quiet before each worker,
     and a worker during which they used more than 0.25 cores is run again up to ``retries`` times.
     """
@@ -295,7 +298,14 @@ def run_bench(model: str, layers: int | None = None, threads: int = 2, out_dir: 
     for q in quantized:
         if built[q]:
             calls.append((f"ort-llm-{q}", {"kind": "ort_llm", "artifacts": str(artifacts[q]), **llm}))
-    _parallel(ctx, jobs, calls)
+    peer_builds, peer_timings, peer_skipped = [], [], {}
+    if made.ok and peers:
+        from qvl_export.bench import peers as peer_mod
+
+        peer_builds, peer_timings, peer_skipped = peer_mod.plan(tuple(peers), checkpoint, work, llm, threads,
+                                                                llama_cpp_src)
+        _parallel(ctx, jobs, peer_builds, reuse, timing=False)
+    _parallel(ctx, jobs, calls + [c for c in peer_timings if ctx.runs.get("peer-text") and ctx.runs["peer-text"].ok])
     if profile and built["fused"]:
         _run_worker(ctx, "ort-profile", {"kind": "ort_profile", "artifacts": str(artifacts["fused"]),
                                          "page": prefill_px, "prompt_tokens": prompt_tokens,
@@ -312,7 +322,8 @@ def run_bench(model: str, layers: int | None = None, threads: int = 2, out_dir: 
         "model": model, "layers": layers, "threads": threads, "pixels": list(pixels),
         "prefill_pixels": prefill_px, "prompt_tokens": prompt_tokens, "decode_tokens": decode_tokens,
         "repeats": repeats, "warmup": warmup, "skip_torch": skip_torch, "variants": list(variants),
-        "quantized": list(dict.fromkeys(quantized)), "calib_limit": calib_limit,
+        "quantized": list(dict.fromkeys(quantized)), "calib_limit": calib_limit, "peers": list(peers),
+        "peers_skipped": peer_skipped,
         "config": spec.describe(), "machine": _machine(load_before), "versions": _versions(),
         "started": time.strftime("%Y-%m-%dT%H:%M:%S", time.localtime(started)),
         "wall_s": time.time() - started,
@@ -324,8 +335,11 @@ def run_bench(model: str, layers: int | None = None, threads: int = 2, out_dir: 
     (out / "table.txt").write_text(text + "\n")
     report.plot(result, out / "encoder_time_vs_pixels.png")
     if not keep:
-        for path in [checkpoint, *artifacts.values()]:
-            shutil.rmtree(path, ignore_errors=True)
+        for path in [checkpoint, *artifacts.values(), *(Path(t["out"]) for _, t in peer_builds)]:
+            if path.is_dir():
+                shutil.rmtree(path, ignore_errors=True)
+            else:
+                path.unlink(missing_ok=True)
     return result
 
 

@@ -267,8 +267,15 @@ def assemble(meta: dict, runs: dict[str, "WorkerRun"], weights: dict | None) -> 
         if not run.ok:
             warnings.append(f"{name}: {run.error.splitlines()[0]}")
 
+    peer_figures = {}
+    if meta.get("peers"):
+        from qvl_export.bench import peers
+
+        peer_figures = peers.report(tuple(meta["peers"]), runs, meta.get("peers_skipped", {}))
+
     return {
         **meta,
+        "peer_results": peer_figures,
         "checkpoint": check,
         "export": export,
         "vision": vision,
@@ -356,6 +363,18 @@ def table(r: dict) -> str:
         for px, v in fig.get("vision", {}).items():
             out.append(f"  vision {px}x{px}: {_f(v['ms'])} ms ({_f(v['speedup_vs_fp32'], '{:.2f}x')} vs fp32, "
                        f"{_f(v['speedup_vs_torch'], '{:.2f}x')} vs torch), peak rss {_f(v['peak_rss_mb'], '{:.0f}')} MiB")
+    if r.get("peer_results"):
+        from qvl_export.bench import peers
+
+        fused = r["export"].get("fused", {})
+        ours = {"fp32": {"decode_tokens_per_s": d.get("ort", {}).get("tokens_per_s"),
+                         "prefill_ms": p.get("ort", {}).get("ms"), "build_s": fused.get("seconds"),
+                         "build_peak_mb": fused.get("peak_rss_mb")}}
+        for q, fig in r.get("quantized", {}).items():
+            ours[q] = {"decode_tokens_per_s": fig.get("decode_tokens_per_s"), "prefill_ms": fig.get("prefill_ms"),
+                       "build_s": (fig.get("export") or {}).get("seconds"),
+                       "build_peak_mb": (fig.get("export") or {}).get("peak_rss_mb")}
+        out += peers.table_lines(r["peer_results"], ours)
     out.append("")
     out.append("Export: " + ", ".join(
         f"{v} {_f(e.get('seconds'))} s / {_f(e.get('peak_rss_mb'), '{:.0f}')} MiB peak" if "seconds" in e

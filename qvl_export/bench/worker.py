@@ -349,10 +349,12 @@ TASKS = {
 
 
 def main(argv: list[str]) -> int:
+    from qvl_export.bench.peers import TASKS as PEER_TASKS
+
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     task = json.loads(Path(argv[0]).read_text())
     sink = Sink(Path(argv[1]))
-    TASKS[task["kind"]](task, sink)
+    {**TASKS, **PEER_TASKS}[task["kind"]](task, sink)
     sink.put("done", True)
     return 0
 
