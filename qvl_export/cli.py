@@ -236,7 +236,8 @@ def list_passes(target):
 @main.command()
 @click.argument("artifacts", type=click.Path(path_type=Path))
 @click.option("--image", "images", multiple=True, type=click.Path(path_type=Path),
-              help="Image file (PNG/JPEG/WebP/...); repeat for several images.")
+              help="Image file (PNG/JPEG/WebP/...) or a PDF (each page one image); repeat for several images.")
+@click.option("--pages", default=None, help="PDF pages to take, e.g. 1-3, 2 or 1,3-4 [default: every page].")
 @click.option("--video", "videos", multiple=True, type=click.Path(path_type=Path),
               help="Video file (mp4/webm/mkv/mov/gif, sampled at --fps) or a folder of frame images (sorted by "
                    "name, taken as sampled at --fps); repeat for several. Videos come after the images.")
@@ -249,7 +250,8 @@ def list_passes(target):
               help="A system turn before the question (default: whatever the model's chat template writes).")
 @click.option("--messages", "messages_file", type=click.Path(path_type=Path, dir_okay=False), default=None,
               help="A JSON file with a whole chat: [{\"role\": ..., \"content\": ...}, ...] "
-                   "(image items: {\"type\": \"image\", \"image\": PATH}).")
+                   "(image items: {\"type\": \"image\", \"image\": PATH}; a PDF: one image per page, "
+                   "\"pages\": \"1-3\" to choose).")
 @click.option("--max-new-tokens", default=None, type=click.IntRange(1),
               help="[default: the checkpoint's generation_config.json max_new_tokens, else 128]")
 @click.option("--temperature", default=None, type=click.FloatRange(0.0),
@@ -268,10 +270,12 @@ def list_passes(target):
               help="Run a trt folder's ONNX parts on onnxruntime (debugging), or force TensorRT.")
 @click.option("--skip-verify", is_flag=True, help="Do not check the artifacts' files against the manifest's sha256.")
 @click.option("--json", "as_json", is_flag=True, help="Print text, token ids and timings as JSON.")
-def run(artifacts, images, videos, fps, max_frames, prompt, system, messages_file, max_new_tokens, temperature,
-        top_p, top_k, repetition_penalty, greedy, seed, min_pixels, max_pixels, threads, backend, skip_verify,
-        as_json):
+def run(artifacts, images, pages, videos, fps, max_frames, prompt, system, messages_file, max_new_tokens,
+        temperature, top_p, top_k, repetition_penalty, greedy, seed, min_pixels, max_pixels, threads, backend,
+        skip_verify, as_json):
     """Generate text for PROMPT about the images and videos (or for a --messages chat) with the thin runtime."""
+    from qvl_export.core.manifest import Manifest
+    from qvl_export.runtimes import pdf
     from qvl_export.runtimes.pipeline import Pipeline
 
     messages = None
@@ -281,6 +285,14 @@ def run(artifacts, images, videos, fps, max_frames, prompt, system, messages_fil
         messages = _read_messages(messages_file)
     elif prompt is None:
         raise QvlError("Give --prompt TEXT (with --image / --video files), or --messages FILE.json.")
+    images = list(images)
+    if pages is not None or messages is not None or any(pdf.is_pdf(i) for i in images):
+        # PDF pages checked against what the artifacts take, and rendered, before the parts load
+        limits = pdf.PageLimits.of(Manifest.read(artifacts), min_pixels, max_pixels)
+        if messages is not None:
+            messages = pdf.expand_messages(messages, limits, pages)
+        else:
+            images = pdf.expand(images, limits, pages)
     pipe = Pipeline.load(artifacts, threads=threads, backend=backend, verify=not skip_verify)
     kwargs = dict(max_new_tokens=max_new_tokens, temperature=0.0 if greedy else temperature, top_p=top_p,
                   top_k=top_k, repetition_penalty=repetition_penalty, seed=seed, min_pixels=min_pixels,
@@ -288,14 +300,14 @@ def run(artifacts, images, videos, fps, max_frames, prompt, system, messages_fil
                   max_frames=max_frames)
     prompt = prompt or ""
     if as_json:
-        result = pipe.generate(list(images), prompt, **kwargs)
+        result = pipe.generate(images, prompt, **kwargs)
         out = {"text": result.text, "token_ids": result.token_ids, "prompt_tokens": result.prompt_tokens,
                "finish_reason": result.finish_reason, "timings": result.timings}
         if result.videos:  # per video: frames used, their timestamps (s), grid, tokens, notes
             out["videos"] = result.videos
         click.echo(json.dumps(out))
         return
-    for piece in pipe.stream(list(images), prompt, **kwargs):
+    for piece in pipe.stream(images, prompt, **kwargs):
         click.echo(piece, nl=False)
     click.echo()
 

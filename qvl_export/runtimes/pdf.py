@@ -14,6 +14,7 @@ runtime does not need it.
 
 from __future__ import annotations
 
+import math
 import os
 import re
 from contextlib import contextmanager
@@ -91,8 +92,8 @@ def page_sizes(pdf, indices: Sequence[int], scale: float = PDF_SCALE) -> list[tu
     """(width, height) in pixels of each page of ``indices`` once rendered at ``scale`` (nothing rendered)."""
     out = []
     for i in indices:
-        w, h = pdf.get_page_size(i)  # points
-        out.append((max(1, round(w * scale)), max(1, round(h * scale))))
+        w, h = pdf.get_page_size(i)  # points; rendered sizes round up, as pypdfium2's PdfPage.render
+        out.append((max(1, math.ceil(w * scale)), max(1, math.ceil(h * scale))))
     return out
 
 
