@@ -1,4 +1,4 @@
-"""Shared fixtures: tiny random checkpoints of both architectures and their built artifacts.
+"""Shared fixtures: tiny random checkpoints of the three architectures and their built artifacts.
 
 The shapes differ from the built-in demo checkpoint on purpose (head dims, mrope sections,
 window / full-attention layout, tied embeddings) so nothing is tuned to one configuration.
@@ -7,10 +7,14 @@ window / full-attention layout, tied embeddings) so nothing is tuned to one conf
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 import pytest
 
 from qvl_export.loading.synthetic import CheckpointDims
+
+# Qwen3-VL-Instruct's official chat template (no default system turn)
+QWEN3_TEMPLATE = (Path(__file__).parent / "data" / "chat_templates" / "qwen3_vl.jinja").read_text(encoding="utf-8")
 
 TINY = {
     "qwen2_vl": CheckpointDims(family="qwen2_vl", vision_depth=3, vision_hidden=48, vision_heads=3,
@@ -21,6 +25,15 @@ TINY = {
                                  vision_intermediate=112, fullatt_block_indexes=(0, 3), text_hidden=128,
                                  text_layers=3, text_heads=4, text_kv_heads=1, text_intermediate=192,
                                  mrope_section=(4, 6, 6), seed=12),
+    # DeepStack from ViT layers 0 and 2 into LLM layers 0 and 1; a 4x4 position table, so every test grid
+    # is interpolated; head_dim 24 stated apart from hidden / heads (16); sections (5, 4, 3) interleaved
+    # over 12 frequencies leave the last ones to t; tied embeddings; the official template
+    "qwen3_vl": CheckpointDims(family="qwen3_vl", vision_depth=3, vision_hidden=32, vision_heads=2,
+                               vision_intermediate=64, num_position_embeddings=16, deepstack_visual_indexes=(0, 2),
+                               text_hidden=64, text_layers=3, text_heads=4, text_kv_heads=2, text_head_dim=24,
+                               text_intermediate=128, mrope_section=(5, 4, 3), tie_word_embeddings=True,
+                               min_pixels=32 * 32 * 4, max_pixels=32 * 32 * 200, init_std=0.2, seed=3,
+                               chat_template=QWEN3_TEMPLATE),
 }
 
 

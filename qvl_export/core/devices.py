@@ -155,8 +155,12 @@ def profiles(spec: ModelSpec, part: str, r: Ranges) -> list[Profile]:
                       "rope_cos": ((lo, v.head_dim), (opt, v.head_dim), (hi, v.head_dim)),
                       "rope_sin": ((lo, v.head_dim), (opt, v.head_dim), (hi, v.head_dim)),
                       "image_ids": ((lo,), (opt,), (hi,))}
+            if v.position_side:  # Qwen3-VL: the position table's 4 taps per patch
+                shapes["pos_indices"] = shapes["pos_weights"] = ((lo, 4), (opt, 4), (hi, 4))
         else:
             shapes = {"vision_hidden": ((lo, v.hidden_size), (opt, v.hidden_size), (hi, v.hidden_size))}
+            if v.deepstack:  # Qwen3-VL: the DeepStack blocks' outputs
+                shapes["deepstack_hidden"] = tuple((v.deepstack, n, v.hidden_size) for n in (lo, opt, hi))
         return [Profile(part, shapes)]
     if part != "decoder":
         raise ValueError(part)
@@ -174,6 +178,9 @@ def profiles(spec: ModelSpec, part: str, r: Ranges) -> list[Profile]:
         "image_embeds": ((0, t.hidden_size), (0, t.hidden_size), (0, t.hidden_size)),
         "position_ids": ((3, 1, 1), (3, 1, 1), (3, b, 1)),
     })
+    if v.deepstack:  # Qwen3-VL: deepstack_embeds [L, N, D], N as image_embeds
+        prefill.shapes["deepstack_embeds"] = tuple((v.deepstack, *s) for s in prefill.shapes["image_embeds"])
+        decode.shapes["deepstack_embeds"] = tuple((v.deepstack, *s) for s in decode.shapes["image_embeds"])
     for i in range(t.num_hidden_layers):
         for kind in ("key", "value"):
             name = f"past_key_values.{i}.{kind}"
@@ -216,9 +223,13 @@ def parameter_counts(spec: ModelSpec) -> dict[str, int]:
     vision = v.patch_dim * v.hidden_size + v.depth * block
     unit = v.hidden_size * v.merge_unit
     merger = unit * unit + unit + unit * v.out_hidden_size + v.out_hidden_size + norms // 2
-    kv = t.num_key_value_heads * t.head_dim
-    layer = (t.hidden_size * (t.hidden_size + 2 * kv) + t.hidden_size + 2 * kv + t.hidden_size * t.hidden_size
-             + 3 * t.hidden_size * t.intermediate_size + 2 * t.hidden_size)
+    if v.family == "qwen3_vl":  # patch bias, position table; DeepStack mergers (LayerNorm over 4C)
+        vision += v.hidden_size + v.num_position_embeddings * v.hidden_size
+        merger += v.deepstack * (unit * unit + unit + unit * v.out_hidden_size + v.out_hidden_size + 2 * unit)
+    q, kv = t.num_attention_heads * t.head_dim, t.num_key_value_heads * t.head_dim
+    biases = (q + 2 * kv if t.qkv_bias else 0) + (t.hidden_size if t.o_proj_bias else 0)
+    layer = (t.hidden_size * (q + 2 * kv) + biases + q * t.hidden_size
+             + 3 * t.hidden_size * t.intermediate_size + 2 * t.hidden_size + (2 * t.head_dim if t.qk_norm else 0))
     embed = t.vocab_size * t.hidden_size
     decoder = embed + t.num_hidden_layers * layer + t.hidden_size + (0 if t.tie_word_embeddings else embed)
     return {"vision": vision, "merger": merger, "decoder": decoder}

@@ -83,10 +83,14 @@ def check_value(key: str, value: Any, where: str) -> Any:
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 
+FAMILIES = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl")
+
 
 @dataclass(frozen=True)
 class VisionSpec:
-    family: str  # "qwen2_vl" (LayerNorm + QuickGELU MLP) or "qwen2_5_vl" (RMSNorm + SwiGLU, windows)
+    # "qwen2_vl" (LayerNorm + QuickGELU MLP), "qwen2_5_vl" (RMSNorm + SwiGLU, windows) or "qwen3_vl"
+    # (LayerNorm + tanh-GELU MLP, patch bias, learned position table, DeepStack mergers)
+    family: str
     depth: int
     hidden_size: int  # ViT width (C)
     num_heads: int
@@ -100,10 +104,24 @@ class VisionSpec:
     window_size: int = 112  # pixels; Qwen2.5-VL only
     fullatt_block_indexes: tuple[int, ...] = ()
     rope_theta: float = 10000.0
+    # Qwen3-VL: the learned position table (side x side entries, interpolated per grid) and the ViT
+    # layers whose outputs feed the DeepStack mergers (their features join the LLM's first layers)
+    num_position_embeddings: int = 0
+    deepstack_visual_indexes: tuple[int, ...] = ()
 
     @property
     def head_dim(self) -> int:
         return self.hidden_size // self.num_heads
+
+    @property
+    def position_side(self) -> int:
+        """Side of the square learned position table (48 for 2304 entries); 0 without one."""
+        return int(self.num_position_embeddings ** 0.5) if self.num_position_embeddings else 0
+
+    @property
+    def deepstack(self) -> int:
+        """Number of DeepStack features (L of ``deepstack_hidden [L, S, C]``); 0 for Qwen2(.5)-VL."""
+        return len(self.deepstack_visual_indexes)
 
     @property
     def patch_dim(self) -> int:
@@ -146,10 +164,17 @@ class TextSpec:
     max_position_embeddings: int
     tie_word_embeddings: bool
     hidden_act: str = "silu"
+    # Qwen3 text: head_dim stated by the config (128 at every width, not hidden / heads), RMSNorm on each
+    # head of q and k, no attention biases, M-RoPE sections interleaved over the frequencies
+    head_dim_config: int | None = None
+    qkv_bias: bool = True
+    o_proj_bias: bool = False
+    qk_norm: bool = False
+    mrope_interleaved: bool = False
 
     @property
     def head_dim(self) -> int:
-        return self.hidden_size // self.num_attention_heads
+        return self.head_dim_config or self.hidden_size // self.num_attention_heads
 
 
 @dataclass(frozen=True)

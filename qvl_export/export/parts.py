@@ -66,6 +66,8 @@ def vision_part(spec: ModelSpec, weights: CheckpointWeights, window_attention: s
     from qvl_export.models.vision import VisionEncoder
 
     v = spec.vision
+    if v.family == "qwen3_vl":
+        return _qwen3_vision_part(spec, weights)
 
     def module():
         return VisionEncoder(v, window_attention).eval()
@@ -91,13 +93,64 @@ def vision_part(spec: ModelSpec, weights: CheckpointWeights, window_attention: s
     return PartSpec("vision", module, example, dynamic, axes, ("patches",), weights, "visual.")
 
 
+def _qwen3_vision_part(spec: ModelSpec, weights: CheckpointWeights) -> PartSpec:
+    """Qwen3-VL: natural order (no windows), plus the position-table taps; DeepStack features out."""
+    import torch
+    from torch.export import Dim
+
+    from qvl_export.models.vision import Qwen3VisionEncoder
+
+    v = spec.vision
+
+    def module():
+        return Qwen3VisionEncoder(v).eval()
+
+    def example(m):
+        s = v.merge_unit * 12
+        g = torch.Generator().manual_seed(0)
+        ids = torch.zeros(s, dtype=torch.int64)
+        ids[s // 2:] = 1
+        taps = torch.randint(0, v.num_position_embeddings, (s, 4), generator=g)
+        weights_ = torch.rand(s, 4, generator=g)
+        return (torch.randn(s, v.patch_dim, generator=g), torch.randn(s, v.head_dim, generator=g).cos(),
+                torch.randn(s, v.head_dim, generator=g).sin(), ids, taps, weights_ / weights_.sum(-1, keepdim=True))
+
+    def dynamic(m):
+        seq = v.merge_unit * Dim("units", min=1, max=1 << 20)
+        return ({0: seq}, {0: seq}, {0: seq}, {0: seq}, {0: seq}, {0: seq})
+
+    axes = {n: {0: "vision_tokens"} for n in ("patches", "rope_cos", "rope_sin", "image_ids", "pos_indices",
+                                               "pos_weights", "vision_hidden")}
+    axes["deepstack_hidden"] = {1: "vision_tokens"}
+    return PartSpec("vision", module, example, dynamic, axes, ("patches",), weights, "visual.")
+
+
 def merger_part(spec: ModelSpec, weights: CheckpointWeights) -> PartSpec:
     import torch
     from torch.export import Dim
 
-    from qvl_export.models.vision import Merger
+    from qvl_export.models.vision import Merger, Qwen3Merger
 
     v = spec.vision
+    if v.family == "qwen3_vl":  # the merger and the DeepStack mergers: [S, C], [L, S, C] in
+        def module3():
+            return Qwen3Merger(v).eval()
+
+        def example3(m):
+            g = torch.Generator().manual_seed(1)
+            hidden = torch.randn(v.merge_unit * 6, v.hidden_size, generator=g)
+            if not v.deepstack:
+                return (hidden,)
+            return hidden, torch.randn(v.deepstack, v.merge_unit * 6, v.hidden_size, generator=g)
+
+        def dynamic3(m):
+            seq = v.merge_unit * Dim("units", min=1, max=1 << 20)
+            return ({0: seq}, {1: seq}) if v.deepstack else ({0: seq},)
+
+        axes3 = {"vision_hidden": {0: "vision_tokens"}, "deepstack_hidden": {1: "vision_tokens"},
+                 "image_embeds": {0: "image_tokens"}, "deepstack_embeds": {1: "image_tokens"}}
+        return PartSpec("merger", module3, example3, dynamic3, axes3, ("vision_hidden", "deepstack_hidden"),
+                        weights, "visual.")
 
     def module():
         return Merger(v).eval()
@@ -116,11 +169,14 @@ def decoder_part(spec: ModelSpec, weights: CheckpointWeights) -> PartSpec:
     import torch
     from torch.export import Dim
 
-    from qvl_export.models.decoder import Decoder
+    from qvl_export.models.decoder import DeepStackDecoder, Decoder
 
     t = spec.text
+    deepstack = spec.vision.deepstack  # Qwen3-VL: one more input, deepstack_embeds [L, N, H]
 
     def module():
+        if deepstack:
+            return DeepStackDecoder(t, spec.tokens.image_token_id, deepstack).eval()
         return Decoder(t, spec.tokens.image_token_id).eval()
 
     def example(m):
@@ -132,21 +188,24 @@ def decoder_part(spec: ModelSpec, weights: CheckpointWeights) -> PartSpec:
         pos = torch.arange(past, past + seq).expand(3, b, seq).contiguous()
         kv = [torch.randn(b, t.num_key_value_heads, past, t.head_dim, generator=g)
               for _ in range(2 * t.num_hidden_layers)]
-        return (ids, torch.randn(n_img, t.hidden_size, generator=g), pos, *kv)
+        ds = (torch.randn(deepstack, n_img, t.hidden_size, generator=g),) if deepstack else ()
+        return (ids, torch.randn(n_img, t.hidden_size, generator=g), *ds, pos, *kv)
 
     def dynamic(m):
         batch, seq, past, n_img = Dim("batch", max=256), Dim("seq", max=1 << 17), Dim("past", max=1 << 17), \
             Dim("image_tokens", max=1 << 17)
         kv = tuple({0: batch, 2: past} for _ in range(2 * t.num_hidden_layers))
-        return ({0: batch, 1: seq}, {0: n_img}, {1: batch, 2: seq}, kv)  # *past is one tuple
+        ds = ({1: n_img},) if deepstack else ()
+        return ({0: batch, 1: seq}, {0: n_img}, *ds, {1: batch, 2: seq}, kv)  # *past is one tuple
 
     axes = {"input_ids": {0: "batch", 1: "seq"}, "image_embeds": {0: "image_tokens"},
+            "deepstack_embeds": {1: "image_tokens"},
             "position_ids": {1: "batch", 2: "seq"}, "logits": {0: "batch"}}
     for i in range(t.num_hidden_layers):
         for kind in ("key", "value"):
             axes[f"past_key_values.{i}.{kind}"] = {0: "batch", 2: "past"}
             axes[f"present.{i}.{kind}"] = {0: "batch", 2: "past_plus_seq"}
-    low = ("image_embeds",) + tuple(n for n in axes if n.startswith("past_key_values."))
+    low = ("image_embeds", "deepstack_embeds") + tuple(n for n in axes if n.startswith("past_key_values."))
     return PartSpec("decoder", module, example, dynamic, axes, low, weights, "model.")
 
 

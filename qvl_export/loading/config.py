@@ -4,6 +4,9 @@ Two config.json layouts exist in the wild and both are accepted:
 - the hub layout of Qwen2-VL / Qwen2.5-VL (text fields at the top level, ``rope_scaling`` with
   ``mrope_section``, vision ``in_chans`` / ``embed_dim``);
 - the transformers 5.x layout (``text_config`` / ``vision_config`` sub-dicts, ``rope_parameters``).
+Qwen3-VL (dense) nests both sub-configs and spells its rope settings either way (the hub's
+``rope_scaling`` + ``rope_theta``, or transformers 5.x's ``rope_parameters``); its MoE variant is
+refused in one line.
 """
 
 from __future__ import annotations
@@ -18,8 +21,14 @@ from qvl_export.loading.generation import parse_generation_config
 ARCHITECTURES = {
     "Qwen2VLForConditionalGeneration": "qwen2_vl",
     "Qwen2_5_VLForConditionalGeneration": "qwen2_5_vl",
+    "Qwen3VLForConditionalGeneration": "qwen3_vl",
 }
 SUPPORTED = ", ".join(sorted(ARCHITECTURES))
+# known but not supported yet: refused with a sentence of their own
+NOT_YET = {
+    "Qwen3VLMoeForConditionalGeneration": "Qwen3-VL MoE (model_type qwen3_vl_moe: 30B-A3B, 235B-A22B) is not "
+                                          "supported yet; the dense Qwen3-VL checkpoints (2B, 4B, 8B, 32B) are.",
+}
 
 
 def _need(d: dict, key: str, where: str):
@@ -48,6 +57,11 @@ def parse_model_config(model_dir: Path, assume_default_preprocessing: bool = Fal
     top = read_json(model_dir / "config.json", "the model config")
     archs = top.get("architectures") or []
     arch = next((a for a in archs if a in ARCHITECTURES), None)
+    refused = next((a for a in archs if a in NOT_YET), None)
+    if refused is None and top.get("model_type") == "qwen3_vl_moe":
+        refused = "Qwen3VLMoeForConditionalGeneration"
+    if refused is not None:
+        raise QvlError(f"{NOT_YET[refused]} ({model_dir / 'config.json'}).")
     if arch is None:
         found = ", ".join(archs) if archs else f"model_type={top.get('model_type')!r}"
         raise QvlError(f"Unsupported architecture {found}; qvl-export supports {SUPPORTED}.")
@@ -67,10 +81,18 @@ def parse_model_config(model_dir: Path, assume_default_preprocessing: bool = Fal
     rope_theta = float(rope.get("rope_theta", text.get("rope_theta", 1000000.0)))
     hidden = int(_need(text, "hidden_size", "the text config"))
     heads = int(_need(text, "num_attention_heads", "the text config"))
-    if hidden % heads or sum(section) * 2 != hidden // heads:
-        raise QvlError(f"mrope_section {list(section)} must sum to head_dim/2 = {hidden // heads // 2}; "
+    qwen3 = family == "qwen3_vl"
+    head_dim = int(text.get("head_dim") or 0) if qwen3 else 0  # Qwen3 states it (128 at every width)
+    if not head_dim and hidden % heads:
+        raise QvlError(f"hidden_size {hidden} is not a multiple of num_attention_heads {heads}; the config is "
+                       "inconsistent.")
+    head_dim = head_dim or hidden // heads
+    if sum(section) * 2 != head_dim:
+        raise QvlError(f"mrope_section {list(section)} must sum to head_dim/2 = {head_dim // 2}; "
                        "the config is inconsistent.")
     tie = bool(top.get("tie_word_embeddings", text.get("tie_word_embeddings", False)))
+    # Qwen3: attention_bias covers q/k/v/o (false in every release); Qwen2: q/k/v biased, o not
+    bias = bool(text.get("attention_bias", False)) if qwen3 else None
     text_spec = TextSpec(
         vocab_size=int(_need(text, "vocab_size", "the text config")),
         hidden_size=hidden,
@@ -84,6 +106,10 @@ def parse_model_config(model_dir: Path, assume_default_preprocessing: bool = Fal
         max_position_embeddings=int(text.get("max_position_embeddings", 32768)),
         tie_word_embeddings=tie,
         hidden_act=str(text.get("hidden_act", "silu")),
+        **(dict(head_dim_config=head_dim, qkv_bias=bias, o_proj_bias=bias, qk_norm=True,
+                # transformers' Qwen3VLTextRotaryEmbedding interleaves the sections whatever
+                # rope_scaling's mrope_interleaved says (recomposition_frequencies)
+                mrope_interleaved=True) if qwen3 else {}),
     )
 
     vis_rope = vis.get("rope_parameters") or {}
@@ -106,7 +132,7 @@ def parse_model_config(model_dir: Path, assume_default_preprocessing: bool = Fal
             out_hidden_size=int(vis.get("hidden_size", hidden)),
             **common,
         )
-    else:
+    elif family == "qwen2_5_vl":
         vision = VisionSpec(
             hidden_size=int(_need(vis, "hidden_size", "vision_config")),
             intermediate_size=int(_need(vis, "intermediate_size", "vision_config")),
@@ -116,6 +142,27 @@ def parse_model_config(model_dir: Path, assume_default_preprocessing: bool = Fal
             fullatt_block_indexes=tuple(int(i) for i in vis.get("fullatt_block_indexes", ())),
             **common,
         )
+    else:
+        common["patch_size"] = int(vis.get("patch_size", 16))
+        vision = VisionSpec(
+            hidden_size=int(_need(vis, "hidden_size", "vision_config")),
+            intermediate_size=int(_need(vis, "intermediate_size", "vision_config")),
+            hidden_act=str(vis.get("hidden_act", "gelu_pytorch_tanh")),
+            out_hidden_size=int(vis.get("out_hidden_size", hidden)),
+            num_position_embeddings=int(_need(vis, "num_position_embeddings", "vision_config")),
+            deepstack_visual_indexes=tuple(int(i) for i in vis.get("deepstack_visual_indexes", ())),
+            **common,
+        )
+        if vision.position_side < 2:
+            raise QvlError(f"vision_config num_position_embeddings={vision.num_position_embeddings} gives a position "
+                           "table of side < 2; the config is inconsistent.")
+        bad = [i for i in vision.deepstack_visual_indexes if not 0 <= i < vision.depth]
+        if bad or len(set(vision.deepstack_visual_indexes)) != vision.deepstack:
+            raise QvlError(f"vision_config deepstack_visual_indexes {list(vision.deepstack_visual_indexes)} must be "
+                           f"distinct layers of the {vision.depth}-layer vision tower; the config is inconsistent.")
+        if vision.deepstack > text_spec.num_hidden_layers:
+            raise QvlError(f"{vision.deepstack} DeepStack features for {text_spec.num_hidden_layers} LLM layers; "
+                           "the config is inconsistent.")
     if vision.hidden_size % vision.num_heads or vision.head_dim % 4:
         raise QvlError("vision hidden_size / num_heads must give a head_dim divisible by 4 for 2-D rotary.")
     if vision.out_hidden_size != hidden:
@@ -136,6 +183,18 @@ def parse_model_config(model_dir: Path, assume_default_preprocessing: bool = Fal
     return ModelSpec(arch, family, vision, text_spec, tokens, preprocess, generation)
 
 
+_DEFAULT_NAMES = {"qwen2_vl": "Qwen2-VL", "qwen2_5_vl": "Qwen2-VL", "qwen3_vl": "Qwen3-VL"}
+
+
+def default_preprocess(family: str) -> PreprocessSpec:
+    """What ``--assume-default-preprocessing`` assumes: transformers' Qwen2-VL image processor defaults,
+    or for Qwen3-VL the settings its released checkpoints state (mean/std 0.5, 256..16384 merged tokens)."""
+    if family == "qwen3_vl":
+        return PreprocessSpec(min_pixels=65536, max_pixels=16777216, image_mean=(0.5, 0.5, 0.5),
+                              image_std=(0.5, 0.5, 0.5))
+    return PreprocessSpec()
+
+
 def parse_preprocessor(model_dir: Path, vision: VisionSpec, assume_default: bool = False) -> PreprocessSpec:
     """preprocessor_config.json -> PreprocessSpec, resolved as transformers' Qwen2VLImageProcessor does.
 
@@ -146,14 +205,14 @@ def parse_preprocessor(model_dir: Path, vision: VisionSpec, assume_default: bool
     refuses it when preprocessing. A missing file is an error unless ``assume_default``.
     """
     path = model_dir / "preprocessor_config.json"
-    default = PreprocessSpec()
+    default = default_preprocess(vision.family)
     if not path.exists():
         if assume_default:
             return default
         raise QvlError(
             f"{model_dir} has no preprocessor_config.json: the image pre-processing settings (min/max pixels, "
             "mean/std) are part of the model; copy it from the original checkpoint, or pass "
-            "--assume-default-preprocessing to use Qwen2-VL's defaults (min_pixels "
+            f"--assume-default-preprocessing to use {_DEFAULT_NAMES[vision.family]}'s defaults (min_pixels "
             f"{default.min_pixels}, max_pixels {default.max_pixels}, OpenAI CLIP mean "
             f"{list(default.image_mean)} / std {list(default.image_std)}, rescale 1/"
             f"{round(1 / default.rescale_factor)}).")

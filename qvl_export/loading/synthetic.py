@@ -3,7 +3,8 @@
 Used by the test suite, the benchmarks (real widths) and the demo model's training script. They
 are written exactly as a user's checkpoint is: transformers' own config classes and
 ``save_pretrained`` (safetensors), a byte-level BPE tokenizer trained with ``tokenizers`` that has
-the Qwen special tokens and splits digits, the Qwen2-VL chat template and a preprocessor config.
+the Qwen special tokens and splits digits, the Qwen2-VL chat template (Qwen3-VL: a template in its
+format, without a default system turn) and a preprocessor config (Qwen3-VL: patch 16, mean/std 0.5).
 """
 
 from __future__ import annotations
@@ -40,6 +41,19 @@ CHAT_TEMPLATE = (
     "<|vision_start|><|video_pad|><|vision_end|>"
     "{% elif 'text' in content %}{{ content['text'] }}{% endif %}{% endfor %}<|im_end|>\n"
     "{% endif %}{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+# Qwen3-VL's prompt format for plain chats (system only when given, no default one), written compactly;
+# the tests also build checkpoints with the official template (tests/data/chat_templates/qwen3_vl.jinja).
+QWEN3_CHAT_TEMPLATE = (
+    "{% set image_count = namespace(value=0) %}{% set video_count = namespace(value=0) %}"
+    "{% for message in messages %}<|im_start|>{{ message['role'] }}\n{% if message['content'] is string %}"
+    "{{ message['content'] }}{% else %}{% for content in message['content'] %}"
+    "{% if content['type'] == 'image' or 'image' in content or 'image_url' in content %}"
+    "<|vision_start|><|image_pad|><|vision_end|>"
+    "{% elif content['type'] == 'video' or 'video' in content %}<|vision_start|><|video_pad|><|vision_end|>"
+    "{% elif 'text' in content %}{{ content['text'] }}{% endif %}{% endfor %}{% endif %}<|im_end|>\n"
+    "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
 )
 
 # Qwen2's pre-tokenizer split: single digits, letter runs, punctuation runs, white space.
@@ -90,6 +104,11 @@ class CheckpointDims:
     chat_template_file: str = "both"
     generation: dict = field(default_factory=dict)  # extra generation_config.json keys (sampling defaults)
     extra: dict = field(default_factory=dict)
+    # Qwen3-VL only: head_dim of the text model (None: hidden / heads), the learned position table's
+    # entries (a square), the ViT layers feeding the DeepStack mergers
+    text_head_dim: int | None = None
+    num_position_embeddings: int = 2304
+    deepstack_visual_indexes: tuple[int, ...] = ()
 
 
 def train_tokenizer(vocab_size: int, seed: int = 0):
@@ -129,6 +148,8 @@ def build_model_config(dims: CheckpointDims, tok):
         Qwen2_5_VLForConditionalGeneration,
         Qwen2VLConfig,
         Qwen2VLForConditionalGeneration,
+        Qwen3VLConfig,
+        Qwen3VLForConditionalGeneration,
     )
 
     ids = {t: tok.token_to_id(t) for t in SPECIAL_TOKENS}
@@ -172,6 +193,15 @@ def build_model_config(dims: CheckpointDims, tok):
                       initializer_range=dims.init_std)
         return (Qwen2_5_VLConfig(text_config=text, vision_config=vision, **special),
                 Qwen2_5_VLForConditionalGeneration)
+    if dims.family == "qwen3_vl":
+        text["head_dim"] = dims.text_head_dim or dims.text_hidden // dims.text_heads
+        text["rope_parameters"] = {**text["rope_parameters"], "rope_theta": 5000000.0, "mrope_interleaved": True}
+        vision = dict(depth=dims.vision_depth, hidden_size=dims.vision_hidden, num_heads=dims.vision_heads,
+                      intermediate_size=dims.vision_intermediate, out_hidden_size=dims.text_hidden,
+                      num_position_embeddings=dims.num_position_embeddings,
+                      deepstack_visual_indexes=list(dims.deepstack_visual_indexes), patch_size=16,
+                      initializer_range=dims.init_std)
+        return Qwen3VLConfig(text_config=text, vision_config=vision, **special), Qwen3VLForConditionalGeneration
     raise ValueError(f"unknown family {dims.family!r}")
 
 
@@ -180,7 +210,8 @@ def write_processing_files(out_dir: str | Path, tok, dims: CheckpointDims) -> No
     out = Path(out_dir)
     ids = {t: tok.token_to_id(t) for t in SPECIAL_TOKENS}
     tok.save(str(out / "tokenizer.json"))
-    template = dims.chat_template or CHAT_TEMPLATE
+    qwen3 = dims.family == "qwen3_vl"
+    template = dims.chat_template or (QWEN3_CHAT_TEMPLATE if qwen3 else CHAT_TEMPLATE)
     if dims.chat_template_file not in ("both", "json", "jinja"):
         raise ValueError(f"chat_template_file {dims.chat_template_file!r}: use both, json or jinja")
     tok_config = {
@@ -212,11 +243,11 @@ def write_processing_files(out_dir: str | Path, tok, dims: CheckpointDims) -> No
         "image_processor_type": "Qwen2VLImageProcessor",
         "do_resize": True, "do_rescale": True, "do_normalize": True, "do_convert_rgb": True,
         "rescale_factor": 1 / 255,
-        "image_mean": [0.48145466, 0.4578275, 0.40821073],
-        "image_std": [0.26862954, 0.26130258, 0.27577711],
+        "image_mean": [0.5, 0.5, 0.5] if qwen3 else [0.48145466, 0.4578275, 0.40821073],
+        "image_std": [0.5, 0.5, 0.5] if qwen3 else [0.26862954, 0.26130258, 0.27577711],
         "min_pixels": dims.min_pixels, "max_pixels": dims.max_pixels,
         "size": {"shortest_edge": dims.min_pixels, "longest_edge": dims.max_pixels},
-        "patch_size": 14, "temporal_patch_size": 2, "merge_size": 2,
+        "patch_size": 16 if qwen3 else 14, "temporal_patch_size": 2, "merge_size": 2,
     }, indent=2))
 
 
@@ -233,7 +264,8 @@ def make_checkpoint(out_dir: str | Path, dims: CheckpointDims = CheckpointDims()
     model = model_cls(config).eval()
     with torch.no_grad():  # norms start at 1.0; randomise them so parity sees their weights
         for name, p in model.named_parameters():
-            if name.endswith("norm.weight") or ".norm1." in name or ".norm2." in name or "ln_q" in name:
+            if name.endswith("norm.weight") or ".norm1." in name or ".norm2." in name or "ln_q" in name \
+                    or ".norm." in name:
                 p.uniform_(0.5, 1.5)
             elif name.endswith(".bias"):
                 p.normal_(0.0, dims.init_std)

@@ -17,7 +17,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from qvl_export.core.errors import QvlError
-from qvl_export.core.spec import ModelSpec, VisionSpec
+from qvl_export.core.spec import FAMILIES, ModelSpec, VisionSpec
 from qvl_export.loading.weights import FLOAT_DTYPES, CheckpointWeights, dtype_unsupported, shape_mismatch
 
 Shapes = dict[str, tuple[int, ...]]
@@ -31,8 +31,33 @@ def _linear(out: Shapes, name: str, n_out: int, n_in: int, bias: bool) -> None:
 
 def _norm(out: Shapes, name: str, v: VisionSpec, dim: int) -> None:
     out[f"{name}.weight"] = (dim,)
-    if v.family == "qwen2_vl":  # LayerNorm; Qwen2.5-VL uses RMSNorm (no bias)
+    if v.family != "qwen2_5_vl":  # LayerNorm; Qwen2.5-VL uses RMSNorm (no bias)
         out[f"{name}.bias"] = (dim,)
+
+
+def _qwen3_vision(v: VisionSpec) -> Shapes:
+    """Qwen3-VL: patch embedding with a bias, the learned position table, tanh-GELU MLPs named
+    linear_fc1/2, the merger (LayerNorm over C) and one DeepStack merger per feature (LayerNorm over 4C)."""
+    c, i = v.hidden_size, v.intermediate_size
+    out: Shapes = {"visual.patch_embed.proj.weight": (c, v.in_channels, v.temporal_patch_size, v.patch_size,
+                                                      v.patch_size),
+                   "visual.patch_embed.proj.bias": (c,),
+                   "visual.pos_embed.weight": (v.num_position_embeddings, c)}
+    for b in range(v.depth):
+        p = f"visual.blocks.{b}"
+        _norm(out, f"{p}.norm1", v, c)
+        _norm(out, f"{p}.norm2", v, c)
+        _linear(out, f"{p}.attn.qkv", 3 * c, c, True)
+        _linear(out, f"{p}.attn.proj", c, c, True)
+        _linear(out, f"{p}.mlp.linear_fc1", i, c, True)
+        _linear(out, f"{p}.mlp.linear_fc2", c, i, True)
+    unit = c * v.merge_unit
+    mergers = [("visual.merger", c)] + [(f"visual.deepstack_merger_list.{j}", unit) for j in range(v.deepstack)]
+    for name, norm in mergers:
+        _norm(out, f"{name}.norm", v, norm)
+        _linear(out, f"{name}.linear_fc1", unit, unit, True)
+        _linear(out, f"{name}.linear_fc2", v.out_hidden_size, unit, True)
+    return out
 
 
 def _vision(v: VisionSpec) -> Shapes:
@@ -67,10 +92,13 @@ def _text(spec: ModelSpec) -> Shapes:
         p = f"model.layers.{n}"
         out[f"{p}.input_layernorm.weight"] = (h,)
         out[f"{p}.post_attention_layernorm.weight"] = (h,)
-        _linear(out, f"{p}.self_attn.q_proj", t.num_attention_heads * hd, h, True)
-        _linear(out, f"{p}.self_attn.k_proj", t.num_key_value_heads * hd, h, True)
-        _linear(out, f"{p}.self_attn.v_proj", t.num_key_value_heads * hd, h, True)
-        _linear(out, f"{p}.self_attn.o_proj", h, t.num_attention_heads * hd, False)
+        _linear(out, f"{p}.self_attn.q_proj", t.num_attention_heads * hd, h, t.qkv_bias)
+        _linear(out, f"{p}.self_attn.k_proj", t.num_key_value_heads * hd, h, t.qkv_bias)
+        _linear(out, f"{p}.self_attn.v_proj", t.num_key_value_heads * hd, h, t.qkv_bias)
+        _linear(out, f"{p}.self_attn.o_proj", h, t.num_attention_heads * hd, t.o_proj_bias)
+        if t.qk_norm:  # Qwen3: RMSNorm over each head of q and k
+            out[f"{p}.self_attn.q_norm.weight"] = (hd,)
+            out[f"{p}.self_attn.k_norm.weight"] = (hd,)
         _linear(out, f"{p}.mlp.gate_proj", t.intermediate_size, h, False)
         _linear(out, f"{p}.mlp.up_proj", t.intermediate_size, h, False)
         _linear(out, f"{p}.mlp.down_proj", h, t.intermediate_size, False)
@@ -87,9 +115,10 @@ def expected_tensors(spec: ModelSpec) -> Shapes:
     Conv3d kernel [C, in_channels, temporal_patch, patch, patch]). ``lm_head.weight`` is listed only
     when the embeddings are not tied.
     """
-    if spec.vision.family not in ("qwen2_vl", "qwen2_5_vl"):
-        raise QvlError(f"Unknown model family {spec.vision.family!r}; qvl-export supports qwen2_vl and qwen2_5_vl.")
-    return {**_vision(spec.vision), **_text(spec)}
+    if spec.vision.family not in FAMILIES:
+        raise QvlError(f"Unknown model family {spec.vision.family!r}; qvl-export supports {', '.join(FAMILIES)}.")
+    vision = _qwen3_vision(spec.vision) if spec.vision.family == "qwen3_vl" else _vision(spec.vision)
+    return {**vision, **_text(spec)}
 
 
 def _raise_first(problems: list[str]) -> None:

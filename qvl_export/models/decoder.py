@@ -14,6 +14,13 @@ One graph serves prefill and decode:
 - ``logits [B, 1, V]`` for the last position only (prefill never materialises [T, V]).
 
 Attention is causal over past + new tokens; batches must not contain padding.
+
+Qwen3-VL's text model differs in four places, each a field of ``TextSpec``: RMSNorm over each head of
+q and k before the rotary (``qk_norm``), no attention biases, its sections interleaved over the
+frequencies (t h w t h w ... then t: ``mrope_interleaved``, folded into the same integer select) and
+DeepStack: ``deepstack_embeds [L, N, H]`` (the DeepStack mergers' rows for the prompt's images, in
+the order of ``image_embeds``) are added to the hidden states of the image rows after each of the
+first L layers, picked with the same integer index as the image rows themselves.
 """
 
 from __future__ import annotations
@@ -26,7 +33,17 @@ from qvl_export.models.common import RMSNorm, activation, apply_rotary, masked_s
 
 
 def mrope_component(spec: TextSpec) -> torch.Tensor:
-    """[head_dim/2] int64: which position component (0=t, 1=h, 2=w) drives each frequency."""
+    """[head_dim/2] int64: which position component (0=t, 1=h, 2=w) drives each frequency.
+
+    Contiguous sections (Qwen2-VL, Qwen2.5-VL): t for the first mrope_section[0] frequencies, then h,
+    then w. Interleaved (Qwen3-VL, transformers' ``Qwen3VLTextRotaryEmbedding.recomposition_frequencies``):
+    frequency j takes h when j % 3 == 1 and j < 3 * mrope_section[1], w when j % 3 == 2 and
+    j < 3 * mrope_section[2], t otherwise."""
+    if spec.mrope_interleaved:
+        j = torch.arange(spec.head_dim // 2)
+        h = (j % 3 == 1) & (j < 3 * spec.mrope_section[1])
+        w = (j % 3 == 2) & (j < 3 * spec.mrope_section[2])
+        return torch.where(h, 1, torch.where(w, 2, 0)).to(torch.long)
     parts = [torch.full((n,), i % 3, dtype=torch.long) for i, n in enumerate(spec.mrope_section)]
     return torch.cat(parts)
 
@@ -39,16 +56,23 @@ class DecoderAttention(nn.Module):
     def __init__(self, spec: TextSpec):
         super().__init__()
         self.nh, self.kvh, self.hd = spec.num_attention_heads, spec.num_key_value_heads, spec.head_dim
-        self.q_proj = nn.Linear(spec.hidden_size, self.nh * self.hd, bias=True)
-        self.k_proj = nn.Linear(spec.hidden_size, self.kvh * self.hd, bias=True)
-        self.v_proj = nn.Linear(spec.hidden_size, self.kvh * self.hd, bias=True)
-        self.o_proj = nn.Linear(self.nh * self.hd, spec.hidden_size, bias=False)
+        self.q_proj = nn.Linear(spec.hidden_size, self.nh * self.hd, bias=spec.qkv_bias)
+        self.k_proj = nn.Linear(spec.hidden_size, self.kvh * self.hd, bias=spec.qkv_bias)
+        self.v_proj = nn.Linear(spec.hidden_size, self.kvh * self.hd, bias=spec.qkv_bias)
+        self.o_proj = nn.Linear(self.nh * self.hd, spec.hidden_size, bias=spec.o_proj_bias)
+        if spec.qk_norm:  # Qwen3: RMSNorm over each head's hd values, before the rotary
+            self.q_norm = RMSNorm(self.hd, spec.rms_norm_eps)
+            self.k_norm = RMSNorm(self.hd, spec.rms_norm_eps)
+        self.qk_norm = spec.qk_norm
         self.scale = self.hd**-0.5
 
     def forward(self, x, cos, sin, allowed, past_k, past_v):
         b, t, _ = x.shape
-        q = self.q_proj(x).reshape(b, t, self.nh, self.hd).transpose(1, 2)  # [B, nh, T, hd]
-        k = self.k_proj(x).reshape(b, t, self.kvh, self.hd).transpose(1, 2)  # [B, kvh, T, hd]
+        q = self.q_proj(x).reshape(b, t, self.nh, self.hd)  # [B, T, nh, hd]
+        k = self.k_proj(x).reshape(b, t, self.kvh, self.hd)  # [B, T, kvh, hd]
+        if self.qk_norm:
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k = q.transpose(1, 2), k.transpose(1, 2)  # [B, nh, T, hd], [B, kvh, T, hd]
         v = self.v_proj(x).reshape(b, t, self.kvh, self.hd).transpose(1, 2)
         q = apply_rotary(q, cos, sin)
         k = apply_rotary(k, cos, sin)
@@ -102,14 +126,15 @@ class LmHead(nn.Module):
 
 
 class Decoder(nn.Module):
-    """input_ids, image_embeds, position_ids, past KV -> logits [B, 1, V], present KV."""
+    """input_ids, image_embeds, (deepstack_embeds,) position_ids, past KV -> logits [B, 1, V], present KV."""
 
     weight_prefix = "model."
 
-    def __init__(self, spec: TextSpec, image_token_id: int):
+    def __init__(self, spec: TextSpec, image_token_id: int, deepstack: int = 0):
         super().__init__()
         self.spec = spec
         self.image_token_id = image_token_id
+        self.deepstack = deepstack  # L: DeepStack features added after layers 0..L-1 (Qwen3-VL)
         self.embed_tokens = None if spec.tie_word_embeddings else nn.Embedding(spec.vocab_size, spec.hidden_size)
         self.layers = nn.ModuleList([DecoderLayer(spec) for _ in range(spec.num_hidden_layers)])
         self.norm = RMSNorm(spec.hidden_size, spec.rms_norm_eps)
@@ -119,7 +144,7 @@ class Decoder(nn.Module):
 
     @property
     def input_names(self) -> list[str]:
-        names = ["input_ids", "image_embeds", "position_ids"]
+        names = ["input_ids", "image_embeds"] + (["deepstack_embeds"] if self.deepstack else []) + ["position_ids"]
         for i in range(self.spec.num_hidden_layers):
             names += [f"past_key_values.{i}.key", f"past_key_values.{i}.value"]
         return names
@@ -140,13 +165,9 @@ class Decoder(nn.Module):
         emb = torch.cat([freqs, freqs], dim=-1)[:, None]  # [B, 1, T, hd]
         return emb.cos(), emb.sin()
 
-    def embed(self, input_ids: torch.Tensor, image_embeds: torch.Tensor) -> torch.Tensor:
-        """Token embeddings with image rows replaced by image_embeds (in order)."""
-        if self.embed_tokens is None:  # tied: rows of the [H, V] lm_head table
-            flat = torch.index_select(self.lm_head.weight_t, 1, input_ids.reshape(-1))  # [H, B*T]
-            text = flat.t().reshape(*input_ids.shape, self.spec.hidden_size)
-        else:
-            text = self.embed_tokens(input_ids)  # [B, T, H]
+    def image_rows(self, input_ids: torch.Tensor, image_embeds: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(is_image [B, T] bool, order [B, T] int64): the rows that take image_embeds, and for each row
+        its row in the image table padded with a zero row in front (0: not an image row)."""
         pad = input_ids == self.image_token_id
         # row r of image_embeds goes to the r-th image token; row 0 of the padded table is unused
         order = torch.cumsum(pad.reshape(-1).to(torch.int64), 0).reshape(input_ids.shape)
@@ -155,13 +176,32 @@ class Decoder(nn.Module):
         # index is clamped to row 0 so the gather never leaves the table (on TensorRT an
         # out-of-range gather is silent garbage, not an error).
         is_image = pad & (order <= image_embeds.shape[0])
-        order = torch.where(is_image, order, torch.zeros_like(order))
+        return is_image, torch.where(is_image, order, torch.zeros_like(order))
+
+    def embed(self, input_ids: torch.Tensor, image_embeds: torch.Tensor) -> torch.Tensor:
+        """Token embeddings with image rows replaced by image_embeds (in order)."""
+        if self.embed_tokens is None:  # tied: rows of the [H, V] lm_head table
+            flat = torch.index_select(self.lm_head.weight_t, 1, input_ids.reshape(-1))  # [H, B*T]
+            text = flat.t().reshape(*input_ids.shape, self.spec.hidden_size)
+        else:
+            text = self.embed_tokens(input_ids)  # [B, T, H]
+        is_image, order = self.image_rows(input_ids, image_embeds)
         table = torch.cat([image_embeds.new_zeros(1, self.spec.hidden_size), image_embeds], dim=0)
         picked = table[order]  # [B, T, H]
         return torch.where(is_image[..., None], picked, text)
 
     def forward(self, input_ids, image_embeds, position_ids, *past):
+        return self.run(input_ids, image_embeds, None, position_ids, past)
+
+    def run(self, input_ids, image_embeds, deepstack_embeds, position_ids, past):
         x = self.embed(input_ids, image_embeds)
+        ds_rows = None
+        if deepstack_embeds is not None:
+            # [L, B, T, H]: each layer's DeepStack row for every image row, zeros elsewhere (row 0)
+            _, order = self.image_rows(input_ids, image_embeds)
+            ds_table = torch.cat([deepstack_embeds.new_zeros(self.deepstack, 1, self.spec.hidden_size),
+                                  deepstack_embeds], dim=1)  # [L, N+1, H]
+            ds_rows = ds_table[:, order]
         cos, sin = self.rotary(position_ids)
         t = input_ids.shape[1]
         past_len = past[0].shape[2]
@@ -174,6 +214,8 @@ class Decoder(nn.Module):
         for i, layer in enumerate(self.layers):
             x, k, v = layer(x, cos, sin, allowed, past[2 * i], past[2 * i + 1])
             presents += [k, v]
+            if ds_rows is not None and i < self.deepstack:  # transformers' _deepstack_process
+                x = x + ds_rows[i].to(x.dtype)
         x = self.norm(x[:, -1:, :])
         logits = self.lm_head(x)  # [B, 1, V]
         return (logits, *presents)
@@ -184,3 +226,10 @@ class Decoder(nn.Module):
     def transposed_weights(self) -> dict[str, str]:
         source = "model.embed_tokens.weight" if self.spec.tie_word_embeddings else "lm_head.weight"
         return {"lm_head.weight_t": source}
+
+
+class DeepStackDecoder(Decoder):
+    """Qwen3-VL: ``deepstack_embeds [L, N, H]`` after ``image_embeds`` (see the module docstring)."""
+
+    def forward(self, input_ids, image_embeds, deepstack_embeds, position_ids, *past):
+        return self.run(input_ids, image_embeds, deepstack_embeds, position_ids, past)

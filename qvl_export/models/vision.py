@@ -13,6 +13,18 @@ S x S input). Window blocks (Qwen2.5-VL) reshape the sequence to ``[S / L, L]`` 
 window with a key mask: O(S x L) work and memory, exact w.r.t. the unpadded reference because
 padding keys get zero weight. ``window_attention="dense"`` is the baseline the peers use: the
 same result through an S x S block-diagonal mask.
+
+Qwen3-VL (``Qwen3VisionEncoder`` / ``Qwen3Merger``): natural order, every block full attention within
+an image, and two more inputs for its learned position table, which transformers resamples to each
+grid by bilinear interpolation (``get_vision_interpolation_indices_and_weights``, align_corners, in
+merge-block order): the host computes the data-dependent part - for each patch the 4 table rows and
+their weights - and the graph gathers the rows from the table it holds and sums them:
+
+- ``pos_indices [S, 4] int64``, ``pos_weights [S, 4] float32`` -> ``+ sum_k table[idx_k] * w_k``.
+
+DeepStack: the outputs of the blocks ``deepstack_visual_indexes`` leave the vision part as
+``deepstack_hidden [L, S, C]``; the merger part runs each through its own merger (2x2 merge, then
+LayerNorm over 4C) into ``deepstack_embeds [L, S/4, D]``, beside ``image_embeds [S/4, D]``.
 """
 
 from __future__ import annotations
@@ -55,16 +67,21 @@ class VisionAttention(nn.Module):
 
 
 class VisionMLP(nn.Module):
-    """Qwen2-VL: fc1 -> QuickGELU -> fc2. Qwen2.5-VL: SwiGLU with biases."""
+    """Qwen2-VL: fc1 -> QuickGELU -> fc2. Qwen2.5-VL: SwiGLU with biases. Qwen3-VL: linear_fc1 ->
+    tanh GELU -> linear_fc2 (the checkpoint's names)."""
 
     def __init__(self, spec: VisionSpec):
         super().__init__()
         self.gated = spec.family == "qwen2_5_vl"
+        self.named = spec.family == "qwen3_vl"
         self.act = activation(spec.hidden_act)
         if self.gated:
             self.gate_proj = nn.Linear(spec.hidden_size, spec.intermediate_size)
             self.up_proj = nn.Linear(spec.hidden_size, spec.intermediate_size)
             self.down_proj = nn.Linear(spec.intermediate_size, spec.hidden_size)
+        elif self.named:
+            self.linear_fc1 = nn.Linear(spec.hidden_size, spec.intermediate_size)
+            self.linear_fc2 = nn.Linear(spec.intermediate_size, spec.hidden_size)
         else:
             self.fc1 = nn.Linear(spec.hidden_size, spec.intermediate_size)
             self.fc2 = nn.Linear(spec.intermediate_size, spec.hidden_size)
@@ -72,6 +89,8 @@ class VisionMLP(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.gated:
             return self.down_proj(self.act(self.gate_proj(x)) * self.up_proj(x))
+        if self.named:
+            return self.linear_fc2(self.act(self.linear_fc1(x)))
         return self.fc2(self.act(self.fc1(x)))
 
 
@@ -93,11 +112,12 @@ class VisionBlock(nn.Module):
 
 
 class PatchEmbed(nn.Module):
-    """Conv3d with kernel == stride is a matmul over flattened patches: patches [S, 1176] @ W^T."""
+    """Conv3d with kernel == stride is a matmul over flattened patches: patches [S, 1176] @ W^T
+    (Qwen3-VL: [S, 1536], with the convolution's bias)."""
 
     def __init__(self, spec: VisionSpec):
         super().__init__()
-        self.proj = nn.Linear(spec.patch_dim, spec.hidden_size, bias=False)
+        self.proj = nn.Linear(spec.patch_dim, spec.hidden_size, bias=spec.family == "qwen3_vl")
 
     def forward(self, patches: torch.Tensor) -> torch.Tensor:
         return self.proj(patches)
@@ -164,6 +184,96 @@ class Merger(nn.Module):
 
     def forward(self, vision_hidden):
         return self.mlp(self.ln_q(vision_hidden).reshape(-1, self.unit_dim))
+
+    def weight_aliases(self) -> dict[str, str]:
+        return {}
+
+
+class Qwen3VisionEncoder(VisionEncoder):
+    """patches [S, 1536], rope_cos/rope_sin [S, hd], image_ids [S], pos_indices [S, 4], pos_weights [S, 4]
+    -> vision_hidden [S, C], deepstack_hidden [L, S, C] (the outputs of the DeepStack blocks)."""
+
+    def __init__(self, spec: VisionSpec):
+        super().__init__(spec)
+        self.pos_embed = nn.Embedding(spec.num_position_embeddings, spec.hidden_size)
+
+    @property
+    def input_names(self) -> tuple[str, ...]:
+        return ("patches", "rope_cos", "rope_sin", "image_ids", "pos_indices", "pos_weights")
+
+    @property
+    def output_names(self) -> tuple[str, ...]:
+        return ("vision_hidden", "deepstack_hidden") if self.spec.deepstack else ("vision_hidden",)
+
+    def forward(self, patches, rope_cos, rope_sin, image_ids, pos_indices, pos_weights):
+        x = self.patch_embed(patches)
+        # the interpolated position table, as transformers sums it: rows in the table's dtype times float32
+        # weights (so float32), summed over the 4 taps, then in x's dtype
+        taps = self.pos_embed(pos_indices).float() * pos_weights[:, :, None]  # [S, 4, C]
+        x = x + taps.sum(1).to(x.dtype)
+        cos, sin = rope_cos[:, None, :], rope_sin[:, None, :]  # [S, 1, hd]
+        valid = image_ids >= 0
+        allowed = (image_ids[:, None] == image_ids[None, :]) & valid[None, :]  # [S, S], within each image
+        features = []
+        for i, block in enumerate(self.blocks):
+            x = block(x, cos, sin, allowed, 0)
+            if i in self.spec.deepstack_visual_indexes:
+                features.append(x)
+        if not features:
+            return x
+        return x, torch.stack(features)  # in ViT layer order, as transformers collects them
+
+
+class PatchMerger(nn.Module):
+    """Qwen3-VL merger: [S, C] -> [S/4, D]. LayerNorm over C then the 2x2 merge (main merger), or the
+    merge then LayerNorm over 4C (``postshuffle``: the DeepStack mergers); then fc1 -> GELU -> fc2."""
+
+    def __init__(self, spec: VisionSpec, postshuffle: bool):
+        super().__init__()
+        self.unit_dim = spec.hidden_size * spec.merge_unit
+        self.postshuffle = postshuffle
+        self.norm = nn.LayerNorm(self.unit_dim if postshuffle else spec.hidden_size, eps=1e-6)
+        self.linear_fc1 = nn.Linear(self.unit_dim, self.unit_dim)
+        self.act = nn.GELU()
+        self.linear_fc2 = nn.Linear(self.unit_dim, spec.out_hidden_size)
+
+    def forward(self, x):
+        if self.postshuffle:
+            x = self.norm(x.reshape(-1, self.unit_dim))
+        else:
+            x = self.norm(x).reshape(-1, self.unit_dim)
+        return self.linear_fc2(self.act(self.linear_fc1(x)))
+
+
+class Qwen3Merger(nn.Module):
+    """vision_hidden [S, C], deepstack_hidden [L, S, C] -> image_embeds [S/4, D], deepstack_embeds [L, S/4, D]."""
+
+    weight_prefix = "visual."
+
+    def __init__(self, spec: VisionSpec):
+        super().__init__()
+        self.spec = spec
+        self.merger = PatchMerger(spec, postshuffle=False)
+        self.deepstack_merger_list = nn.ModuleList([PatchMerger(spec, postshuffle=True)
+                                                    for _ in range(spec.deepstack)])
+
+    @property
+    def input_names(self) -> tuple[str, ...]:
+        return ("vision_hidden", "deepstack_hidden") if self.spec.deepstack else ("vision_hidden",)
+
+    @property
+    def output_names(self) -> tuple[str, ...]:
+        return ("image_embeds", "deepstack_embeds") if self.spec.deepstack else ("image_embeds",)
+
+    def forward(self, vision_hidden, deepstack_hidden=None):
+        embeds = self.merger(vision_hidden)
+        if not self.spec.deepstack:
+            return embeds
+        # deepstack_hidden is in ViT layer order; transformers picks each layer's merger by the layer's place
+        # in deepstack_visual_indexes, and the decoder's layer j takes the j-th feature in layer order
+        indexes = list(self.spec.deepstack_visual_indexes)
+        mergers = [self.deepstack_merger_list[indexes.index(layer)] for layer in sorted(indexes)]
+        return embeds, torch.stack([m(deepstack_hidden[j]) for j, m in enumerate(mergers)])
 
     def weight_aliases(self) -> dict[str, str]:
         return {}

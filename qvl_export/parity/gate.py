@@ -1,7 +1,8 @@
 """``qvl-export parity``: artifacts vs the transformers reference, stage by stage, as a gate.
 
 Stages per case: prompt (token ids and M-RoPE positions identical), preprocess (patches),
-vision (encoder output), merger (image embeddings), prefill (last-position logits), steps (the
+vision (encoder output), merger (image embeddings), deepstack (Qwen3-VL's DeepStack features, gated
+as the merger), prefill (last-position logits), steps (the
 logits of every greedy step both sides took on the same prefix) and greedy (new tokens identical).
 The pass rule is written in ``gates.json`` per precision: every check of every case must pass.
 """
@@ -33,9 +34,13 @@ CHECKS = (
     ("vision", "finite", None, "min"),
     ("merger", "cosine", "merger_cosine", "min"),
     ("merger", "finite", None, "min"),
+    ("deepstack", "cosine", "merger_cosine", "min"),
+    ("deepstack", "finite", None, "min"),
     ("video_preprocess", "max_abs", "preprocess_max_abs", "max"),
     ("video_merger", "cosine", "merger_cosine", "min"),
     ("video_merger", "finite", None, "min"),
+    ("video_deepstack", "cosine", "merger_cosine", "min"),
+    ("video_deepstack", "finite", None, "min"),
     ("prefill", "cosine", "logits_cosine", "min"),
     ("prefill", "top1_equal", "prefill_top1", "min"),
     ("prefill", "kl", "logits_kl", "max"),
@@ -203,11 +208,16 @@ def compare_case(pipe, r, case: Case, max_new_tokens: int, t_ref: float = 0.0) -
         ours_hidden = vis.vision_hidden[vis.layout.window_order_rows()]
         stages["vision"] = compare(ours_hidden, r.vision_hidden)
         stages["merger"] = compare(vis.image_embeds, r.merger_out)
+        if vis.deepstack_embeds is not None or r.deepstack_out is not None:  # Qwen3-VL: [L, N, D] both
+            stages["deepstack"] = _compare_deepstack(vis.deepstack_embeds, r.deepstack_out)
     if videos:  # temporal patches: per-frame-group attention, rotary and windows
         kept = [i for i, k in enumerate(prep.kinds) if k == "video"]
         patches, grids = [prep.patches[i] for i in kept], [prep.grids[i] for i in kept]
         stages["video_preprocess"] = compare(np.concatenate(patches), r.pixel_values_videos)
-        stages["video_merger"] = compare(pipe.encode_images(patches, grids).image_embeds, r.video_merger_out)
+        vis = pipe.encode_images(patches, grids)
+        stages["video_merger"] = compare(vis.image_embeds, r.video_merger_out)
+        if vis.deepstack_embeds is not None or r.video_deepstack_out is not None:
+            stages["video_deepstack"] = _compare_deepstack(vis.deepstack_embeds, r.video_deepstack_out)
     # greedy on the raw logits, as the reference (the checkpoint's sampling settings are not gated)
     gen = pipe.generate(prepared=prep, max_new_tokens=max_new_tokens, keep_logits=True, temperature=0.0,
                         repetition_penalty=1.0)
@@ -239,6 +249,14 @@ def compare_case(pipe, r, case: Case, max_new_tokens: int, t_ref: float = 0.0) -
             "text": {"ours": gen.text}}
 
 
+def _compare_deepstack(ours: np.ndarray | None, ref: np.ndarray | None) -> dict:
+    """DeepStack features [L, N, D] against the reference's; one side without them fails the stage."""
+    if ours is None or ref is None or ours.shape != ref.shape:
+        shapes = [None if x is None else list(x.shape) for x in (ours, ref)]
+        return {"cosine": 0.0, "finite": 0.0, "shapes": shapes}
+    return compare(ours, ref)
+
+
 def task_case(pipe, reference: dict, pages: int) -> dict:
     """The demo task as a gate case: the artifacts' exact match vs the fp32 reference's (``eval.json``)."""
     from qvl_export.demo.accuracy import exact_match, pipeline_reader
@@ -257,11 +275,14 @@ def forced_logits(pipe, prep, tokens: list[int]) -> list[np.ndarray]:
     from qvl_export.runtimes import indexing
 
     hidden = pipe.spec.text.hidden_size
-    embeds = pipe.encode_images(prep.patches, prep.grids).image_embeds if prep.patches else \
-        np.zeros((0, hidden), np.float32)
+    if prep.patches:
+        vis = pipe.encode_images(prep.patches, prep.grids)
+        embeds, deepstack = vis.image_embeds, vis.deepstack_embeds
+    else:
+        embeds, deepstack = np.zeros((0, hidden), np.float32), None
     cache = pipe.new_cache(capacity=len(prep.input_ids) + len(tokens))
     prompt_ids = prep.input_ids if prep.decoder_ids is None else prep.decoder_ids  # video pads fed as image pads
-    out = [pipe.decoder_step(prompt_ids[None], embeds, prep.position_ids[:, None, :], cache)[0]]
+    out = [pipe.decoder_step(prompt_ids[None], embeds, prep.position_ids[:, None, :], cache, deepstack)[0]]
     no_image = np.zeros((0, hidden), np.float32)
     for token in tokens[:-1]:
         pos = indexing.decode_positions(cache.length, prep.rope_delta, 1)

@@ -19,7 +19,12 @@ layout is checked against transformers' own ``Qwen2VLVideoProcessor.patchify`` c
 image processor for a clip of two identical frames in tests/runtimes/test_video.py). The model
 then gets ``pixel_values_videos``, ``video_grid_thw``, ``second_per_grid_ts`` (Qwen2.5-VL:
 temporal_patch_size / sampling fps) and ``mm_token_type_ids`` 2 on video tokens, as
-``Qwen2VLProcessor`` / ``Qwen2_5_VLProcessor`` would hand them over.
+``Qwen2VLProcessor`` / ``Qwen2_5_VLProcessor`` would hand them over. For Qwen3-VL the video
+placeholders are expanded by transformers' own ``Qwen3VLProcessor.replace_video_token`` (the
+timestamped entry per temporal patch), given the frames' indices and rate as video metadata.
+
+Qwen3-VL's vision tower also returns its DeepStack features; the result keeps them
+(``deepstack_out [L, N, D]``) for the per-stage comparison.
 
 Choices, measured on the tiny synthetic checkpoints (CPU, transformers 5.23, 3 images, T=245):
 - attention: ``eager``. In float32 eager and ``sdpa`` agree within 1.8e-6 on the logits and are
@@ -102,6 +107,8 @@ class ReferenceResult:
     second_per_grid_ts: np.ndarray | None = None  # float32 [n_videos]
     video_merger_out: np.ndarray | None = None  # float32 [S_v/4, D] merger output of the videos, natural order
     mm_token_type_ids: np.ndarray | None = None  # int64 [T] 0 text, 1 image, 2 video
+    deepstack_out: np.ndarray | None = None  # float32 [L, S/4, D] Qwen3-VL DeepStack features of the images
+    video_deepstack_out: np.ndarray | None = None  # float32 [L, S_v/4, D] the same for the videos
 
 
 @dataclass
@@ -323,7 +330,9 @@ class TorchReference:
             counts = [int(np.prod(g)) // self.merge_unit for g in grid_thw.tolist()]
             text = parts[0] + "".join(IMAGE_PAD * n + rest for n, rest in zip(counts, parts[1:]))
         videos = self.prepare_videos(case, prompt) if case.videos else None
-        if videos is not None:
+        if videos is not None and self.family == "qwen3_vl":
+            text = self.qwen3_video_text(text, videos)
+        elif videos is not None:
             parts = text.split(VIDEO_PAD)
             counts = [int(np.prod(g)) // self.merge_unit for g in videos[1].tolist()]
             text = parts[0] + "".join(VIDEO_PAD * n + rest for n, rest in zip(counts, parts[1:]))
@@ -351,9 +360,33 @@ class TorchReference:
                 inputs.second_per_grid_ts = torch.from_numpy(videos[2])
         return inputs
 
-    def prepare_videos(self, case: ReferenceCase, prompt: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    def qwen3_video_text(self, text: str, videos: tuple) -> str:
+        """Each video placeholder expanded by transformers' ``Qwen3VLProcessor.replace_video_token``: one
+        ``<t seconds><|vision_start|>pads<|vision_end|>`` entry per temporal patch (timestamps from the
+        frames' indices and rate, as the video metadata carries them)."""
+        from types import SimpleNamespace
+
+        from transformers.models.qwen3_vl.processing_qwen3_vl import Qwen3VLProcessor
+        from transformers.video_utils import VideoMetadata
+
+        grids, metadata = videos[1], videos[3]
+        # the processor's own method on an instance without its sub-processors (the video processor needs
+        # torchvision): it reads only these attributes
+        proc = object.__new__(Qwen3VLProcessor)
+        proc.video_processor = SimpleNamespace(merge_size=int(self.image_processor.merge_size),
+                                               temporal_patch_size=int(self.image_processor.temporal_patch_size))
+        proc.video_token, proc.vision_start_token, proc.vision_end_token = \
+            VIDEO_PAD, "<|vision_start|>", "<|vision_end|>"
+        inputs = {"video_grid_thw": grids,
+                  "video_metadata": [VideoMetadata(total_num_frames=len(idx), fps=fps, frames_indices=list(idx))
+                                     for idx, fps in metadata]}
+        parts = text.split(VIDEO_PAD)
+        return parts[0] + "".join(proc.replace_video_token(inputs, i) + rest for i, rest in enumerate(parts[1:]))
+
+    def prepare_videos(self, case: ReferenceCase, prompt: str) -> tuple[np.ndarray, np.ndarray, np.ndarray, list]:
         """Host-built video inputs: (pixel_values_videos float32 [S_v, patch_dim], video_grid_thw int64
-        [n, 3], second_per_grid_ts float32 [n]) - the same frames, sizes and patches the runtime makes."""
+        [n, 3], second_per_grid_ts float32 [n], [(frame indices, their rate)] per video) - the same frames,
+        sizes and patches the runtime makes."""
         from qvl_export.core.spec import PreprocessSpec
         from qvl_export.loading.config import parse_model_config
         from qvl_export.runtimes import video
@@ -365,7 +398,7 @@ class TorchReference:
         proc = self.image_processor
         pp = PreprocessSpec(image_mean=tuple(proc.image_mean), image_std=tuple(proc.image_std),
                             rescale_factor=float(proc.rescale_factor))
-        patches, grids, seconds = [], [], []
+        patches, grids, seconds, metadata = [], [], [], []
         for source in case.videos:
             reader = video.open_video(source)
             plan = video.plan_video(reader, spec.vision, fps=case.fps, max_frames=case.max_frames,
@@ -374,25 +407,32 @@ class TorchReference:
             patches.append(video.video_patches(reader, plan, spec.vision, pp))
             grids.append(plan.grid)
             seconds.append(plan.second_per_grid)
+            # the rate the frame indices count in: the file's own, or the given fps for frames already sampled
+            metadata.append((plan.indices, reader.native_fps or case.fps))
         return (np.concatenate(patches, axis=0), np.asarray(grids, dtype=np.int64),
-                np.asarray(seconds, dtype=np.float32))
+                np.asarray(seconds, dtype=np.float32), metadata)
 
     # ------------------------------------------------------------------ stages
 
-    def vision(self, inputs: PreparedInputs) -> tuple["torch.Tensor", "torch.Tensor"]:
-        """Vision tower on all images: (last_hidden_state [S, C], pooler_output [S/4, D]).
+    def vision(self, inputs: PreparedInputs, videos: bool = False) -> tuple["torch.Tensor", "torch.Tensor",
+                                                                           "torch.Tensor | None"]:
+        """Vision tower on all images (``videos``: all videos): (last_hidden_state [S, C], pooler_output
+        [S/4, D], Qwen3-VL's DeepStack features stacked [L, S/4, D] or None).
 
         Qwen2.5-VL leaves last_hidden_state in window order; its pooler_output (merger) is already
         un-permuted to natural order.
         """
         import torch
 
-        if not inputs.has_images:
-            raise ValueError("vision() needs a case with images")
+        pixels, grids = ((inputs.pixel_values_videos, inputs.video_grid_thw) if videos
+                         else (inputs.pixel_values, inputs.image_grid_thw))
+        if pixels is None:
+            raise ValueError(f"vision() needs a case with {'videos' if videos else 'images'}")
         visual = self.model.model.visual
         with self._threads(), torch.inference_mode():
-            out = visual(inputs.pixel_values.to(visual.dtype), grid_thw=inputs.image_grid_thw)
-        return out.last_hidden_state, out.pooler_output
+            out = visual(pixels.to(visual.dtype), grid_thw=grids)
+        deep = getattr(out, "deepstack_features", None)
+        return out.last_hidden_state, out.pooler_output, torch.stack(list(deep)) if deep else None
 
     def rope_index(self, inputs: PreparedInputs) -> tuple["torch.Tensor", int]:
         """M-RoPE positions of the prefill: (position_ids int64 [3, T], rope_delta)."""
@@ -431,22 +471,17 @@ class TorchReference:
 
     def run(self, case: ReferenceCase) -> ReferenceResult:
         """All reference stages for one case."""
-        import torch
-
         inputs = self.prepare(case)
-        vision_hidden = merger_out = None
+        vision_hidden = merger_out = deepstack_out = None
         if inputs.has_images:
-            vision_hidden, merger_out = self.vision(inputs)  # [S, C], [S/4, D]
+            vision_hidden, merger_out, deepstack_out = self.vision(inputs)  # [S, C], [S/4, D], [L, S/4, D]
             n_image_tokens = int((inputs.mm_token_type_ids == MM_IMAGE).sum())
             if merger_out.shape[0] != n_image_tokens:
                 raise QvlError(f"case {case.name!r}: merger gave {merger_out.shape[0]} rows for "
                                f"{n_image_tokens} image tokens.")
-        video_merger_out = None
+        video_merger_out = video_deepstack_out = None
         if inputs.has_videos:
-            visual = self.model.model.visual
-            with self._threads(), torch.inference_mode():
-                out = visual(inputs.pixel_values_videos.to(visual.dtype), grid_thw=inputs.video_grid_thw)
-            video_merger_out = out.pooler_output  # [S_v/4, D] natural order
+            _, video_merger_out, video_deepstack_out = self.vision(inputs, videos=True)  # [S_v/4, D] natural order
         position_ids, rope_delta = self.rope_index(inputs)  # [3, T]
         logits = self.prefill_logits(inputs)  # [T, V]
         new_ids, step_logits = self.generate(inputs, case.max_new_tokens)  # [N], [N, V]
@@ -483,4 +518,6 @@ class TorchReference:
             else _to_numpy(inputs.second_per_grid_ts, np.float32),
             video_merger_out=None if video_merger_out is None else _to_numpy(video_merger_out, np.float32),
             mm_token_type_ids=_to_numpy(inputs.mm_token_type_ids[0], np.int64),
+            deepstack_out=None if deepstack_out is None else _to_numpy(deepstack_out, np.float32),
+            video_deepstack_out=None if video_deepstack_out is None else _to_numpy(video_deepstack_out, np.float32),
         )

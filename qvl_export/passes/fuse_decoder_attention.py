@@ -33,7 +33,13 @@ interleaved runs): prefill of 298 tokens 62 ms traced -> 52 ms GQA + our rotary 
 RotaryEmbedding; a decode step at 300 cached tokens 0.23 ms -> 0.3 ms (GQA's CPU kernel walks K/V
 once per query head; ours reads it once per KV head), i.e. < 0.1% of a decode step at that width.
 
-Valid when: every layer has exactly this structure, q/k/cos/sin are float32 (RotaryEmbedding would
+Qwen3 text (q/k RMSNorm per head): q/k go Reshape [B, T, H, Dh] -> RMSNorm over Dh -> Transpose. The
+variant rule (``NormedAttentionToGQA``) keeps the norms where they are and feeds GQA's path
+``Reshape(norm output, [B, T, H*Dh])``: the same per-token layout, the rest of the layer as above
+(transformers' Qwen3VLTextAttention: q_norm/k_norm, then the rotary, then attention).
+
+Valid when: the head dim is a multiple of 8 (onnxruntime's GQA CPU kernel refuses others when it runs),
+every layer has exactly this structure, q/k/cos/sin are float32 (RotaryEmbedding would
 do the RoPE math in the graph's dtype) and the mask is the decoder's own causal mask with the past
 length read from the past K/V (checked; a partial match raises, as it would mix two cache layouts).
 Limits inherited from GQA: a multi-token step on a non-empty cache needs batch 1 (prefill always
@@ -157,9 +163,16 @@ class AttentionToGQA(pattern.RewriteRuleClassBase):
 
     def pattern(self, op, q_lin, k_lin, v_lin, q_shape, k_shape, v_shape, cos, sin, past_key, past_value,
                 allowed, scale, min_value, grouped_shape, heads_shape, out_shape):
-        qv, kv = _rotary_vars("q"), _rotary_vars("k")
         q = op.Transpose(op.Reshape(q_lin, q_shape, _outputs=["q_bsnh"]), perm=[0, 2, 1, 3])
         k = op.Transpose(op.Reshape(k_lin, k_shape, _outputs=["k_bsnh"]), perm=[0, 2, 1, 3])
+        return self.attention(op, q, k, v_lin, v_shape, cos, sin, past_key, past_value, allowed, scale, min_value,
+                              grouped_shape, heads_shape, out_shape)
+
+    @staticmethod
+    def attention(op, q, k, v_lin, v_shape, cos, sin, past_key, past_value, allowed, scale, min_value,
+                  grouped_shape, heads_shape, out_shape):
+        """The layer's attention from q [B, H, T, Dh] and k [B, Hkv, T, Dh] on (both rules share it)."""
+        qv, kv = _rotary_vars("q"), _rotary_vars("k")
         v = op.Transpose(op.Reshape(v_lin, v_shape), perm=[0, 2, 1, 3])
         q_rot = _rotary_pattern(op, q, cos, sin, **qv)
         k_rot = _rotary_pattern(op, k, cos, sin, **kv)
@@ -190,6 +203,9 @@ class AttentionToGQA(pattern.RewriteRuleClassBase):
         kv_heads = k_bsnh.shape[2]
         if not all(isinstance(d, int) for d in (heads, head_dim, kv_heads)) or heads % kv_heads:
             return result.fail(f"heads {heads} / kv heads {kv_heads} / head dim {head_dim} not static")
+        if head_dim % 8:
+            return result.fail(f"head dim {head_dim} is not a multiple of 8: GroupQueryAttention's CPU kernel "
+                               "refuses it at run time")
         if q_grouped.shape[1] != kv_heads or q_grouped.shape[3] != head_dim:
             return result.fail("queries are not grouped as [B, kv_heads, groups*T, head_dim]", q_grouped)
         for name in ("cos", "sin"):
@@ -254,8 +270,35 @@ class AttentionToGQA(pattern.RewriteRuleClassBase):
             _domain="com.microsoft", _outputs=3)
 
 
-# the rule alone (a test can apply it to a graph of its own, after add_cache_inputs)
+class NormedAttentionToGQA(AttentionToGQA):
+    """Qwen3: q/k normed per head ([B, T, H, Dh] -> RMSNorm -> Transpose) before the rotary; GQA's path
+    takes the norms' outputs flattened to [B, T, H*Dh]. The norms themselves are left in place."""
+
+    def pattern(self, op, q_bsnh, k_bsnh, v_lin, v_shape, cos, sin, past_key, past_value, allowed, scale,
+                min_value, grouped_shape, heads_shape, out_shape):
+        q = op.Transpose(q_bsnh, perm=[0, 2, 1, 3])
+        k = op.Transpose(k_bsnh, perm=[0, 2, 1, 3])
+        return self.attention(op, q, k, v_lin, v_shape, cos, sin, past_key, past_value, allowed, scale, min_value,
+                              grouped_shape, heads_shape, out_shape)
+
+    def check(self, context, q_bsnh, k_bsnh, **bindings):
+        for name, value in (("q", q_bsnh), ("k", k_bsnh)):
+            producer = value.producer()
+            if producer is None or producer.op_type == "Reshape":
+                return pattern.MatchResult().fail(f"{name} comes straight from its projection (no per-head norm): "
+                                                  "the plain rule's case", value)
+        return super().check(context, q_bsnh=q_bsnh, k_bsnh=k_bsnh, **bindings)
+
+    def rewrite(self, op, q_bsnh, k_bsnh, v_lin, cos, sin, past_key, past_value, **_):
+        flat = op.Constant(value_ints=[0, 0, -1])  # [B, T, H, Dh] -> [B, T, H*Dh]
+        return super().rewrite(op, op.Reshape(q_bsnh, flat), op.Reshape(k_bsnh, flat), v_lin, cos, sin, past_key,
+                               past_value)
+
+
+# the rules alone (a test can apply them to a graph of its own, after add_cache_inputs)
 ATTENTION_TO_GQA = AttentionToGQA.rule(name="AttentionToGQA")
+NORMED_ATTENTION_TO_GQA = NormedAttentionToGQA.rule(name="NormedAttentionToGQA")
+ATTENTION_RULES = pattern.RewriteRuleSet([ATTENTION_TO_GQA, NORMED_ATTENTION_TO_GQA])
 
 
 def add_cache_inputs(graph: ir.Graph) -> tuple[ir.Value, ir.Value]:
@@ -282,9 +325,9 @@ class FuseDecoderAttention(GraphPass, name="fuse_decoder_attention", targets=("o
                                                   "already fused"})
         layers = len(past) // 2
         seqlens_k, total_len = add_cache_inputs(graph)
-        count = ATTENTION_TO_GQA.apply_to_model(model)
+        count = ATTENTION_RULES.apply_to_model(model)
         if count == 0:
-            details = {"fused": 0, "why_not": why_not_matched(model, ATTENTION_TO_GQA)}
+            details = {"fused": 0, "why_not": why_not_matched(model, ATTENTION_RULES)}
             graph.inputs.remove(seqlens_k)
             graph.inputs.remove(total_len)
             log.warning("fuse_decoder_attention matched no layer: %s", details["why_not"])

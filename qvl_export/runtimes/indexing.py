@@ -15,6 +15,9 @@ tests compare against transformers itself:
   ``[num_windows, L]`` plus a key mask instead of data-dependent ``cu_seqlens`` loops.
 - :func:`rope_index` - ``Qwen2VLModel.get_rope_index`` / ``Qwen2_5_VLModel.get_rope_index`` for
   prompts with images and videos (``mm_token_type_ids`` 1 on image tokens, 2 on video tokens).
+- :func:`position_taps` - Qwen3-VL's learned position table resampled to each grid: the 4 table rows
+  and weights per patch of ``transformers.vision_utils.get_vision_interpolation_indices_and_weights``
+  (bilinear, align_corners, merge-block order); the graph gathers and sums them.
 - :func:`frame_grids` - a video's (t, h, w) as t one-frame grids: how the vision graph sees it.
 - :func:`decode_positions` - positions of generated tokens (plain 1-D RoPE shifted by the delta).
 """
@@ -96,6 +99,50 @@ def vision_rotary(grid_thws: GridsLike, vision: VisionSpec) -> tuple[np.ndarray,
     cos = np.cos(angles.astype(np.float64)).astype(np.float32)
     sin = np.sin(angles.astype(np.float64)).astype(np.float32)
     return np.concatenate([cos, cos], axis=-1), np.concatenate([sin, sin], axis=-1)
+
+
+# ----------------------------------------------------------------------------- position table (Qwen3-VL)
+
+
+def _axis_taps(index: np.ndarray, size: np.ndarray, side: int) -> tuple[np.ndarray, np.ndarray]:
+    """Bilinear, align_corners=True taps along one axis: ``(taps [n, 2] int64, weights [n, 2] float32)``.
+
+    The float32 arithmetic of transformers' ``_interpolation_axis_taps_weights`` operation for operation
+    (``index * (side - 1) / max(size - 1, 1)``, floor, ``(src - floor - offset).abs()``, ``1 - d`` clamped
+    at 0), so the weights are bit-identical; out-of-range taps are clamped to the border."""
+    src = index.astype(np.float32) * np.float32(side - 1) / np.maximum(size - 1, 1).astype(np.float32)
+    floor = np.floor(src)
+    offsets = np.arange(2, dtype=np.float32)
+    taps = np.clip(floor.astype(np.int64)[:, None] + np.arange(2), 0, side - 1)
+    distance = np.abs(src[:, None] - floor[:, None] - offsets)
+    return taps, np.maximum(np.float32(1) - distance, np.float32(0)).astype(np.float32)
+
+
+def position_taps(grid_thws: GridsLike, vision: VisionSpec) -> tuple[np.ndarray, np.ndarray]:
+    """``(pos_indices [S, 4] int64, pos_weights [S, 4] float32)`` in natural token order.
+
+    Qwen3-VL adds to every patch its grid position's value of the learned ``side x side`` table
+    bilinearly resampled to the image's (h, w) grid with align_corners: ``sum_k table[idx_k] * w_k`` over
+    the 4 nearest table entries (rows ``r * side + c`` in the order (r0, c0), (r0, c1), (r1, c0), (r1, c1)),
+    patches in merge-block order, repeated per frame - transformers'
+    ``get_vision_interpolation_indices_and_weights(mode="bilinear", align_corners=True)``.
+    """
+    side = vision.position_side
+    if side < 2:
+        raise QvlError("this vision tower has no learned position table (num_position_embeddings); only "
+                       "Qwen3-VL checkpoints use position_taps.")
+    m = vision.spatial_merge_size
+    grids = _grids(grid_thws, m)
+    pos = vision_position_ids(grids, m)  # [S, 2] (row, col), merge-block order, frames repeated
+    heights = np.concatenate([np.full(t * h * w, h, dtype=np.int64) for t, h, w in grids]) if grids else \
+        np.zeros(0, np.int64)
+    widths = np.concatenate([np.full(t * h * w, w, dtype=np.int64) for t, h, w in grids]) if grids else \
+        np.zeros(0, np.int64)
+    h_taps, h_weights = _axis_taps(pos[:, 0], heights, side)
+    w_taps, w_weights = _axis_taps(pos[:, 1], widths, side)
+    indices = (h_taps[:, :, None] * side + w_taps[:, None, :]).reshape(-1, 4)
+    weights = (h_weights[:, :, None] * w_weights[:, None, :]).reshape(-1, 4)
+    return np.ascontiguousarray(indices, dtype=np.int64), np.ascontiguousarray(weights, dtype=np.float32)
 
 
 # ----------------------------------------------------------------------------- vision layout

@@ -23,6 +23,13 @@ overwritten, so this is the same computation as transformers' two masked scatter
 second graph input; M-RoPE positions (video tokens: ``mm_token_type_ids`` 2, temporal ids per
 family) come from the true ids. Generated tokens are never remapped (a sampled ``<|video_pad|>``
 is embedded as text, as transformers does).
+
+Qwen3-VL: the vision graph also takes each patch's 4 taps into the learned position table
+(``indexing.position_taps``) and returns the DeepStack features, which the merger graph turns into
+``deepstack_embeds [L, N, D]`` (rows in the order of ``image_embeds``) and the prefill feeds to the
+decoder; a video is written as one timestamped entry per temporal patch (``video.timestamp_prompt``)
+and its M-RoPE positions are those of its temporal patches as one-frame grids, as transformers'
+``Qwen3VLModel.get_rope_index`` splits ``video_grid_thw``.
 """
 
 from __future__ import annotations
@@ -52,6 +59,7 @@ class VisionOutput:
     image_embeds: np.ndarray  # [N, D] float32, natural order, images concatenated
     layout: indexing.VisionLayout
     grids: list[tuple[int, int, int]]
+    deepstack_embeds: np.ndarray | None = None  # [L, N, D] float32 (Qwen3-VL), rows as image_embeds
 
 
 @dataclass
@@ -134,9 +142,12 @@ class KVCache:
 
 
 def decoder_feeds(layout: str, input_ids: np.ndarray, image_embeds: np.ndarray, position_ids: np.ndarray,
-                  cache: KVCache) -> dict[str, np.ndarray]:
-    """The decoder's feeds for one step in ``layout``; ``buffer`` makes room in the cache for the step."""
+                  cache: KVCache, deepstack_embeds: np.ndarray | None = None) -> dict[str, np.ndarray]:
+    """The decoder's feeds for one step in ``layout``; ``buffer`` makes room in the cache for the step.
+    ``deepstack_embeds [L, N, D]`` only for a decoder that takes them (Qwen3-VL)."""
     feeds = {"input_ids": input_ids, "image_embeds": image_embeds, "position_ids": position_ids}
+    if deepstack_embeds is not None:
+        feeds["deepstack_embeds"] = deepstack_embeds
     if layout == KV_BUFFER:
         batch, steps = input_ids.shape
         total = cache.length + steps
@@ -175,6 +186,10 @@ class Pipeline:
         self.embed_dtype = np.float16 if manifest.parts["decoder"].input("image_embeds").dtype == "float16" \
             else np.float32
         self.kv_layout = kv_layout(t.name for t in manifest.parts["decoder"].inputs)
+        # Qwen3-VL: L DeepStack features, fed to the decoder as deepstack_embeds [L, N, D]
+        decoder_inputs = {t.name for t in manifest.parts["decoder"].inputs}
+        self.deepstack = self.spec.vision.deepstack if "deepstack_embeds" in decoder_inputs else 0
+        self.qwen3 = self.spec.vision.family == "qwen3_vl"
 
     @classmethod
     def load(cls, folder: str | Path, threads: int | None = None, backend: str | None = None,
@@ -255,23 +270,32 @@ class Pipeline:
         self._check_ranges_pixels(grids)
         counts = [t * h * w // merge for t, h, w in grids]
         tokens = self.spec.tokens
-        ids = self.codec.encode_prompt(self.template.render(messages), [c for c, k in zip(counts, kinds)
-                                                                        if k == "image"],
-                                       video_token_counts=[c for c, k in zip(counts, kinds) if k == "video"])
         image_grids = [g for g, k in zip(grids, kinds) if k == "image"]
         video_grids = [g for g, k in zip(grids, kinds) if k == "video"]
         video_plans = [plans[i] for i in sorted(plans)]
+        video_counts = [c for c, k in zip(counts, kinds) if k == "video"]
+        text = self.template.render(messages)
+        seconds = [p.second_per_grid for p in video_plans]
+        if self.qwen3 and video_plans:
+            # one timestamped entry per temporal patch; positions per temporal patch (one-frame grids)
+            text = video.timestamp_prompt(text, video_plans, vision.temporal_patch_size)
+            video_grids = indexing.frame_grids(video_grids, vision.spatial_merge_size)
+            video_counts = [h * w // merge for _, h, w in video_grids]
+            seconds = None
+        ids = self.codec.encode_prompt(text, [c for c, k in zip(counts, kinds) if k == "image"],
+                                       video_token_counts=video_counts)
         positions, delta = indexing.rope_index(
             ids, image_grids, tokens, vision.spatial_merge_size, video_grid_thws=video_grids,
-            second_per_grid_ts=[p.second_per_grid for p in video_plans], tokens_per_second=self.tokens_per_second)
+            second_per_grid_ts=seconds, tokens_per_second=self.tokens_per_second)
         decoder_ids = np.where(ids == tokens.video_token_id, tokens.image_token_id, ids) if video_grids else None
         return Prepared(ids, positions, int(delta), patches, grids, kinds, video_plans, decoder_ids)
 
     @property
     def tokens_per_second(self) -> float | None:
         """Qwen2.5-VL's ``vision_config.tokens_per_second`` (from the artifacts' config.json; transformers'
-        default 4 when absent); None for Qwen2-VL, whose video temporal ids are plain k."""
-        if not self.spec.vision.windowed:
+        default 4 when absent); None for Qwen2-VL, whose video temporal ids are plain k, and Qwen3-VL
+        (one-frame grids: temporal id 0, the timestamps are in the text)."""
+        if self.spec.vision.family != "qwen2_5_vl":
             return None
         if not hasattr(self, "_tokens_per_second"):
             value = 4
@@ -320,18 +344,40 @@ class Pipeline:
             "rope_sin": layout.gather(sin, 0.0),
             "image_ids": layout.image_ids,
         }
-        (hidden,) = self.backend.run("vision", self._cast("vision", feeds))
-        (merged,) = self.backend.run("merger", {"vision_hidden": hidden})
+        if self.qwen3:  # the learned position table's taps (natural order: Qwen3-VL has no windows)
+            feeds["pos_indices"], feeds["pos_weights"] = indexing.position_taps(units, vision)
+        hidden, *deep = self.backend.run("vision", self._cast("vision", feeds))
+        merger_feeds = {"vision_hidden": hidden}
+        if deep:
+            merger_feeds["deepstack_hidden"] = deep[0]  # [L, S, C]
+        merged, *deep_embeds = self.backend.run("merger", merger_feeds)
         embeds = merged[layout.unit_slots]  # [N, D] back to natural order, padding units dropped
-        return VisionOutput(hidden, embeds, layout, list(grids))
+        deepstack = deep_embeds[0][:, layout.unit_slots] if deep_embeds else None  # [L, N, D]
+        return VisionOutput(hidden, embeds, layout, list(grids), deepstack)
+
+    def no_images(self) -> tuple[np.ndarray, np.ndarray | None]:
+        """(image_embeds [0, D], deepstack_embeds [L, 0, D] or None): the vision inputs of a text-only step."""
+        hidden = self.spec.text.hidden_size
+        return (np.zeros((0, hidden), np.float32),
+                np.zeros((self.deepstack, 0, hidden), np.float32) if self.deepstack else None)
 
     def decoder_step(self, input_ids: np.ndarray, image_embeds: np.ndarray, position_ids: np.ndarray,
-                     cache: KVCache) -> np.ndarray:
-        """input_ids [B, T], image_embeds [N, D], position_ids [3, B, T] -> logits [B, V]; cache grows by T."""
+                     cache: KVCache, deepstack_embeds: np.ndarray | None = None) -> np.ndarray:
+        """input_ids [B, T], image_embeds [N, D], position_ids [3, B, T] -> logits [B, V]; cache grows by T.
+        ``deepstack_embeds [L, N, D]`` (Qwen3-VL; None: none for a decoder that takes them, i.e. N = 0 rows)."""
+        if not self.deepstack:
+            deepstack_embeds = None
+        elif deepstack_embeds is None and image_embeds.shape[0] == 0:  # a decode step or a text-only prompt
+            deepstack_embeds = self.no_images()[1]
+        elif deepstack_embeds is None or deepstack_embeds.shape[:2] != (self.deepstack, image_embeds.shape[0]):
+            raise QvlError(f"this decoder takes deepstack_embeds [{self.deepstack}, N, D] with the N = "
+                           f"{image_embeds.shape[0]} rows of image_embeds; take both from encode_images.")
+        if deepstack_embeds is not None:
+            deepstack_embeds = deepstack_embeds.astype(self.embed_dtype, copy=False)
         if hasattr(cache, "step"):  # the backend's device-resident cache (TensorRT): K/V stay on the device
-            return cache.step(input_ids, image_embeds, position_ids)
+            return cache.step(input_ids, image_embeds, position_ids, deepstack_embeds)
         feeds = decoder_feeds(self.kv_layout, input_ids, image_embeds.astype(self.embed_dtype, copy=False),
-                              position_ids, cache)
+                              position_ids, cache, deepstack_embeds)
         out = self.backend.run("decoder", feeds)
         advance_cache(self.kv_layout, cache, out[1:], input_ids.shape[1])
         return out[0][:, -1, :].astype(np.float32, copy=False)
@@ -414,16 +460,17 @@ class Pipeline:
 
         t1 = time.perf_counter()
         if prep.patches:
-            embeds = self.encode_images(prep.patches, prep.grids).image_embeds
+            vis = self.encode_images(prep.patches, prep.grids)
+            embeds, deepstack = vis.image_embeds, vis.deepstack_embeds
         else:
-            embeds = np.zeros((0, self.spec.text.hidden_size), dtype=np.float32)
+            embeds, deepstack = self.no_images()
         timings["vision_s"] = time.perf_counter() - t1
 
         text = self.spec.text
         cache = self.new_cache(capacity=total)
         t2 = time.perf_counter()
         prompt_ids = prep.input_ids if prep.decoder_ids is None else prep.decoder_ids  # video pads -> image pads
-        logits = self.decoder_step(prompt_ids[None], embeds, prep.position_ids[:, None, :], cache)[0]
+        logits = self.decoder_step(prompt_ids[None], embeds, prep.position_ids[:, None, :], cache, deepstack)[0]
         timings["prefill_s"] = time.perf_counter() - t2
 
         rng = np.random.default_rng(seed)

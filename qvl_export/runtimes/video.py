@@ -30,6 +30,11 @@ frames rather than more tokens. Frames are resized with Pillow's BICUBIC filter 
 path; transformers' torchvision video processor interpolates slightly differently, and it cannot be
 installed beside the CPU torch here), then rescaled and normalised exactly like an image.
 
+Qwen3-VL writes each temporal patch of a video as its own entry of the prompt, after a timestamp
+(``Qwen3VLProcessor.replace_video_token``): every ``<|video_pad|>`` of the rendered template becomes,
+per temporal patch, ``<{t:.1f} seconds><|vision_start|>`` + its pads + ``<|vision_end|>``, t the mean
+time of the patch's frames (:func:`patch_timestamps`, :func:`timestamp_prompt`).
+
 Memory: the plan (frames kept, size, tokens) is made from the container's header before anything is
 decoded; frames are resized as they are decoded, so a 2-hour 4K video never holds more than the
 kept, resized frames. When fps sampling asks for more frames than ``max_frames`` (default: 768, or
@@ -386,6 +391,34 @@ def plan_video(reader: _Reader, vision: VisionSpec, *, fps: float = DEFAULT_FPS,
         notes.insert(0, f"{capped}: {tokens} tokens")
     return VideoPlan(reader.describe, list(indices), float(sample_fps), timestamps, (reader.height, reader.width),
                      size, grid, tokens, tp / float(sample_fps), notes)
+
+
+# ---------------------------------------------------------------------------- Qwen3-VL prompt
+
+
+def patch_timestamps(plan: VideoPlan, temporal_patch_size: int) -> list[float]:
+    """Seconds of each temporal patch: the mean of its first and last frame's time, the frames padded
+    by repeating the last one (``Qwen3VLProcessor._calculate_timestamps``)."""
+    times = list(plan.timestamps)
+    if not times:
+        return []
+    times += [times[-1]] * (-len(times) % temporal_patch_size)
+    return [(times[i] + times[i + temporal_patch_size - 1]) / 2 for i in range(0, len(times), temporal_patch_size)]
+
+
+def timestamp_prompt(prompt: str, plans: Sequence[VideoPlan], temporal_patch_size: int,
+                     pad: str = "<|video_pad|>", start: str = "<|vision_start|>", end: str = "<|vision_end|>") -> str:
+    """``prompt`` with its i-th ``pad`` replaced by the timestamped entries of video i, one per temporal
+    patch, each holding one ``pad`` (expanded to the patch's tokens when tokenized)."""
+    parts = prompt.split(pad)
+    if len(parts) - 1 != len(plans):
+        raise QvlError(f"The prompt has {len(parts) - 1} video placeholders for {len(plans)} videos; give one "
+                       f"video per {pad}.")
+    out = [parts[0]]
+    for plan, rest in zip(plans, parts[1:]):
+        out += [f"<{t:.1f} seconds>{start}{pad}{end}" for t in patch_timestamps(plan, temporal_patch_size)]
+        out.append(rest)
+    return "".join(out)
 
 
 # ---------------------------------------------------------------------------- patches

@@ -97,9 +97,10 @@ class DeviceKVCache:
         self._check_owner()
         return self.kv.length
 
-    def step(self, input_ids: np.ndarray, image_embeds: np.ndarray, position_ids: np.ndarray) -> np.ndarray:
-        """input_ids [B, T], image_embeds [N, D], position_ids [3, B, T] -> logits [B, V] float32 of the
-        last position; the cache grows by T rows on the device."""
+    def step(self, input_ids: np.ndarray, image_embeds: np.ndarray, position_ids: np.ndarray,
+             deepstack_embeds: np.ndarray | None = None) -> np.ndarray:
+        """input_ids [B, T], image_embeds [N, D], position_ids [3, B, T] (and Qwen3-VL's deepstack_embeds
+        [L, N, D]) -> logits [B, V] float32 of the last position; the cache grows by T rows on the device."""
         self._check_owner()
         kv, runner = self.kv, self.runner
         batch, steps = input_ids.shape
@@ -111,6 +112,8 @@ class DeviceKVCache:
             runner.select_profile(1 if kv.length else 0)  # profiles: prefill (empty cache), decode
         kept = [runner.upload("input_ids", input_ids), runner.upload("image_embeds", image_embeds),
                 runner.upload("position_ids", position_ids)]
+        if deepstack_embeds is not None:
+            kept.append(runner.upload("deepstack_embeds", deepstack_embeds))
         kv.bind(runner, steps)
         shape = runner.bind_output(self.logits)  # [B, T, V] into the runner's own buffer
         runner.execute()
