@@ -22,5 +22,8 @@ args+=" -DGGML_BMI2=$(has bmi2) -DGGML_AVX512=$(has avx512f) -DGGML_AVX512_VBMI=
 args+=" -DGGML_AVX512_VNNI=$(has avx512_vnni) -DGGML_AVX512_BF16=$(has avx512_bf16) -DGGML_AVX_VNNI=$(has avx_vnni)"
 args+=" -DGGML_AMX_TILE=OFF -DGGML_AMX_INT8=OFF -DGGML_AMX_BF16=OFF -DLLAMA_CURL=OFF"
 args+=" -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF"
-CMAKE_BUILD_PARALLEL_LEVEL="$(nproc)" CMAKE_ARGS="$args" pip install --no-deps "$src"
+CMAKE_BUILD_PARALLEL_LEVEL="$(nproc)" CMAKE_ARGS="$args" pip install "$src"
+# the converter imports sentencepiece even for a BPE tokenizer; its other requirements (torch, numpy,
+# transformers) are the build extra's, not the pins of its requirements file (which pull another torch)
+pip install "sentencepiece>=0.1.98,<0.3.0"
 echo "export QVL_LLAMA_CPP_SRC=$(cd "$src/vendor/llama.cpp" && pwd)"
