@@ -37,6 +37,8 @@ OPTIONS: list[tuple[tuple[str, ...], dict]] = [
                                          help="Folder for bench.json, table.txt and the plot.")),
     (("--pixels",), dict(type=str, default="448,896,1344", show_default=True,
                          help="Square page sides for the vision figures, comma separated.")),
+    (("--video",), dict(type=str, default="16x448", show_default=True,
+                        help="FRAMESxSIDE of the video clip timed on the vision encoder (0: none).")),
     (("--decode-tokens",), dict(type=int, default=64, show_default=True)),
     (("--prompt-tokens",), dict(type=int, default=32, show_default=True, help="Text tokens after the page.")),
     (("--repeats",), dict(type=int, default=3, show_default=True, help="Timed runs per figure (median).")),
@@ -81,7 +83,8 @@ def run_bench(*args, **kwargs):
 def run_bench_cli(model: str, layers: int, threads: int, out_dir: str, pixels: str, decode_tokens: int,
                   prompt_tokens: int, repeats: int, skip_torch: bool, no_profile: bool, reuse: bool,
                   idle_wait: float, retries: int, memory_reserve_mb: float, quantized: str = "",
-                  calib_limit: int = 4, peers: str = "", llama_cpp_src: str | None = None) -> dict:
+                  calib_limit: int = 4, peers: str = "", llama_cpp_src: str | None = None,
+                  video: str = "16x448") -> dict:
     """The CLI entry: parse the option strings, run, print the table to stdout."""
     import sys
 
@@ -92,7 +95,7 @@ def run_bench_cli(model: str, layers: int, threads: int, out_dir: str, pixels: s
                   prompt_tokens, skip_torch, repeats=repeats, profile=not no_profile, reuse=reuse,
                   memory_reserve_mb=memory_reserve_mb, idle_wait_s=idle_wait, retries=retries,
                   quantized=tuple(q for q in quantized.replace(" ", "").split(",") if q), calib_limit=calib_limit,
-                  peers=_peers(peers), llama_cpp_src=llama_cpp_src,
+                  peers=_peers(peers), llama_cpp_src=llama_cpp_src, video=_clip(video),
                   progress=lambda msg: print(f"[bench] {msg}", file=sys.stderr, flush=True))
     from qvl_export.bench.report import table
 
@@ -106,3 +109,16 @@ def _peers(names: str) -> tuple[str, ...]:
     from qvl_export.bench.peers import parse
 
     return parse(names)
+
+
+def _clip(text: str) -> tuple[int, int] | None:
+    """``"16x448"`` -> (16, 448); ``"0"`` or ``""`` -> None."""
+    from qvl_export.core.errors import QvlError
+
+    text = str(text).strip().lower()
+    if text in ("", "0", "none"):
+        return None
+    frames, _, side = text.partition("x")
+    if not (frames.isdigit() and side.isdigit() and int(frames) >= 1 and int(side) >= 28):
+        raise QvlError(f"--video {text!r}: give FRAMESxSIDE, e.g. 16x448 (side at least 28), or 0 for none.")
+    return int(frames), int(side)

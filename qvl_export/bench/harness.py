@@ -4,7 +4,8 @@ One run: make a random-weight checkpoint at the real widths (``configs.py``), bu
 (fused window attention, and for Qwen2.5-VL the dense S x S mask baseline too), then measure every
 engine and phase in its own worker process (``worker.py``) so each peak RSS is its own:
 
-- vision encoder (ViT + merger) on document pages of P x P pixels, per engine;
+- vision encoder (ViT + merger) on document pages of P x P pixels, per engine, and on a video clip
+  (``DEFAULT_VIDEO``: 16 frames of 448 x 448, temporal patches through the runtime's video path);
 - LLM prefill of one page + ``prompt_tokens`` text tokens, decode tokens/s over ``decode_tokens``;
 - export time and peak RSS of each build;
 - the machine's memory bandwidth, the decode roofline (bandwidth / weight bytes per token) and the
@@ -39,6 +40,7 @@ from qvl_export.core.errors import QvlError
 log = logging.getLogger(__name__)
 
 DEFAULT_PIXELS = (448, 896, 1344)
+DEFAULT_VIDEO = (16, 448)  # (frames, side) of the clip whose vision time and visual tokens are measured
 # Quantized builds the harness can time here: int8 runs real integer kernels on onnxruntime CPU
 # (fp8 runs as fake quantization on CPU, fp16/bf16 lack CPU kernels: their timings would mislead).
 # precision option of each: int4 is decoder weight-only (its vision part is our fp32 one, not re-timed)
@@ -225,7 +227,7 @@ def run_bench(model: str, layers: int | None = None, threads: int = 2, out_dir: 
               jobs: int = 1, memory_reserve_mb: float = 1024.0, timeout_s: float = 3600.0,
               idle_wait_s: float = 0.0, retries: int = 0, quantized: tuple[str, ...] = (),
               calib_limit: int | None = 4, peers: tuple[str, ...] = (), llama_cpp_src: str | None = None,
-              progress: Callable[[str], None] | None = None) -> dict:
+              video: tuple[int, int] | None = DEFAULT_VIDEO, progress: Callable[[str], None] | None = None) -> dict:
     """Benchmark ``model`` (see ``configs.MODELS``) and write ``bench.json``, ``table.txt`` and
     ``encoder_time_vs_pixels.png`` into ``out_dir``. Returns the report dict.
 
@@ -240,6 +242,7 @@ def run_bench(model: str, layers: int | None = None, threads: int = 2, out_dir: 
     documents, measured like the fp32 ones (vision, prefill, decode, bytes, peak RSS) and reported
     against our fp32 build. ``peers`` (``peers.PEERS``): onnxruntime-genai and llama.cpp build the
     same checkpoint's LLM with their own tools and are timed with the same protocol (``peers.py``).
+    ``video``: (frames, side) of a clip timed on the vision encoder like the pages (None: skipped).
     On a shared machine,
     ``idle_wait_s`` waits (at most that long) for other processes to go quiet before each worker,
     and a worker during which they used more than 0.25 cores is run again up to ``retries`` times.
@@ -270,6 +273,7 @@ def run_bench(model: str, layers: int | None = None, threads: int = 2, out_dir: 
     checkpoint = work / "checkpoint"
     artifacts = {v: work / f"artifacts-{v}" for v in variants}
     common = {"threads": threads, "warmup": warmup, "repeats": repeats}
+    clip = {"video": [int(video[0]), int(video[1])]} if video else {}
 
     _run_worker(ctx, "bandwidth", {"kind": "bandwidth", "mib": bandwidth_mib, "threads": threads})
     made = _run_worker(ctx, "checkpoint", {"kind": "checkpoint", "model": model, "layers": layers,
@@ -285,11 +289,11 @@ def run_bench(model: str, layers: int | None = None, threads: int = 2, out_dir: 
     calls = []
     if made.ok and not skip_torch:
         calls.append(("torch-vision", {"kind": "torch_vision", "checkpoint": str(checkpoint),
-                                       "pages": list(pixels), **common}))
+                                       "pages": list(pixels), **clip, **common}))
     for v in variants:
         if built[v] and QUANTIZED_VARIANTS.get(v, v) == v:  # layouts and whole-model precisions
             calls.append((f"ort-vision-{v}", {"kind": "ort_vision", "artifacts": str(artifacts[v]),
-                                              "pages": list(pixels), **common}))
+                                              "pages": list(pixels), **clip, **common}))
     llm = {"page": prefill_px, "prompt_tokens": prompt_tokens, "decode_tokens": decode_tokens, **common}
     if made.ok and not skip_torch:
         calls.append(("torch-llm", {"kind": "torch_llm", "checkpoint": str(checkpoint), **llm}))
@@ -320,6 +324,7 @@ def run_bench(model: str, layers: int | None = None, threads: int = 2, out_dir: 
 
     meta = {
         "model": model, "layers": layers, "threads": threads, "pixels": list(pixels),
+        "video": clip.get("video"),
         "prefill_pixels": prefill_px, "prompt_tokens": prompt_tokens, "decode_tokens": decode_tokens,
         "repeats": repeats, "warmup": warmup, "skip_torch": skip_torch, "variants": list(variants),
         "quantized": list(dict.fromkeys(quantized)), "calib_limit": calib_limit, "peers": list(peers),

@@ -79,6 +79,26 @@ def _vision(meta: dict, runs: dict) -> dict:
     return out
 
 
+def _vision_video(meta: dict, runs: dict) -> dict | None:
+    """The clip's figure per engine: vision ms (ORT: graph time, host beside) and visual tokens."""
+    if not meta.get("video"):
+        return None
+    frames, px = meta["video"]
+    out: dict = {"frames": frames, "px": px}
+    for engine, worker in ENGINES.items():
+        fig = (runs[worker].result.get("video") if worker in runs else None)
+        if fig is None:
+            out[engine] = {"skipped": _skip_reason(meta, runs, engine.split("_")[0], worker, VARIANT[engine])}
+            continue
+        out[engine] = {k: fig[k] for k in ("ms", "samples_ms", "peak_rss_mb", "host_ms", "total_ms",
+                                           "preprocess_ms", "padded_tokens") if k in fig}
+        out[engine]["min_ms"] = min(fig["samples_ms"])
+        for key in ("grid", "patches", "tokens"):
+            out.setdefault(key, fig[key])
+    out["speedup"] = _ratio(out["torch"].get("ms"), out["ort_fused"].get("ms"))
+    return out
+
+
 def _llm(meta: dict, runs: dict) -> tuple[dict, dict, dict]:
     prefill, decode, info = {}, {}, {}
     for engine, worker in (("torch", "torch-llm"), ("ort", "ort-llm")):
@@ -197,6 +217,7 @@ def _roofline(bandwidth: dict, weights: dict | None, decode: dict, meta: dict, s
 
 def assemble(meta: dict, runs: dict[str, "WorkerRun"], weights: dict | None) -> dict:
     vision = _vision(meta, runs)
+    video = _vision_video(meta, runs)
     prefill, decode, llm_info = _llm(meta, runs)
     bandwidth = {k: v for k, v in runs["bandwidth"].result.items() if k not in ("done", "peak_rss_mb")} \
         if "bandwidth" in runs else {}
@@ -224,6 +245,7 @@ def assemble(meta: dict, runs: dict[str, "WorkerRun"], weights: dict | None) -> 
                          for px, row in vision.items()},
     }
     speedups["vision_ref"] = speedups["vision"].get(ref_px)
+    speedups["vision_video"] = video["speedup"] if video else None
     real = meta["model"] != "tiny"
     applies = real and meta["threads"] == 2
     note = None if applies else "goals are defined on the real widths at 2 threads; shown for information"
@@ -279,6 +301,7 @@ def assemble(meta: dict, runs: dict[str, "WorkerRun"], weights: dict | None) -> 
         "checkpoint": check,
         "export": export,
         "vision": vision,
+        "vision_video": video,
         "prefill": {**llm_info, "page_px": meta["prefill_pixels"], **prefill},
         "decode": {"tokens": meta["decode_tokens"], **decode},
         "peak_rss": _peaks(runs),
@@ -332,6 +355,13 @@ def table(r: dict) -> str:
     for pair, s in r["scaling"].items():
         out.append(f"scaling {pair} (4x pixels): fused {_f(s['ort_fused'], '{:.2f}x')}, "
                    f"dense {_f(s['ort_dense'], '{:.2f}x')}, torch {_f(s['torch'], '{:.2f}x')}")
+    v = r.get("vision_video")
+    if v:
+        grid = "x".join(str(g) for g in v["grid"]) if "grid" in v else "-"
+        figs = ", ".join(f"{e} {_f(v[e]['ms'])} ms" if "ms" in v[e] else f"{e} skip" for e in ENGINES)
+        out.append(f"video clip {v['frames']} frames {v['px']}x{v['px']} (grid {grid}, {v.get('patches', '-')} "
+                   f"patches, {v.get('tokens', '-')} visual tokens): {figs}, host {_f(v['ort_fused'].get('host_ms'))}"
+                   f" ms, speedup {_f(v['speedup'], '{:.2f}x')}")
     out.append("")
     p, d = r["prefill"], r["decode"]
     out.append(f"LLM: prefill of one {p['page_px']}x{p['page_px']} page + {r['prompt_tokens']} text tokens "

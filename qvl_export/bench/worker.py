@@ -3,7 +3,8 @@
 Each engine and phase runs in a fresh process so its peak RSS (``ru_maxrss``) is its own. The
 result file is rewritten after every figure, so what was measured survives if the harness has to
 kill the worker (memory guard, timeout). Task kinds: bandwidth, checkpoint, export, torch_vision,
-ort_vision, torch_llm, ort_llm, ort_profile. Only the torch tasks import torch.
+ort_vision (document pages, then a video clip), torch_llm, ort_llm, ort_profile. Only the torch
+tasks import torch.
 """
 
 from __future__ import annotations
@@ -75,6 +76,22 @@ def page_patches(spec, px: int):
     t0 = time.perf_counter()
     patches, grid = preprocess_image(image, spec.vision, spec.preprocess)
     return patches, tuple(int(g) for g in grid), time.perf_counter() - t0
+
+
+def clip_patches(spec, frames: int, px: int):
+    """A clip of ``frames`` frames of px x px pixels (a document page panning, as a screen recording)
+    through the runtime's video path (sampled as given at 2 fps, planned in the model's context,
+    temporal patches) -> (patches [t*h*w, patch_dim] float32, grid (t, h, w), preprocess s)."""
+    from qvl_export.documents.render import sample_page as render_page
+    from qvl_export.runtimes import video
+
+    page = np.asarray(render_page(px + 8 * frames, px, seed=px).convert("RGB"))
+    clip = np.stack([page[:, 8 * i:8 * i + px] for i in range(frames)])  # [T, H, W, 3] uint8
+    t0 = time.perf_counter()
+    reader = video.open_video(clip)
+    plan = video.plan_video(reader, spec.vision, max_frames=frames, context=spec.text.max_position_embeddings)
+    patches = video.video_patches(reader, plan, spec.vision, spec.preprocess)
+    return patches, plan.grid, time.perf_counter() - t0
 
 
 def llm_inputs(spec, px: int, prompt_tokens: int, seed: int = 0):
@@ -185,6 +202,13 @@ def task_torch_vision(task: dict, sink: Sink) -> None:
         pages[str(px)] = {"px": px, "grid": grid, "tokens": len(patches), "ms": median_ms(seconds),
                           "samples_ms": [s * 1000 for s in seconds], "peak_rss_mb": peak_rss_mb()}
         sink.put("pages", pages)
+    if task.get("video"):  # a clip: transformers' vision tower takes the video grid (t, h, w) as it is
+        frames, px = task["video"]
+        patches, grid, _ = clip_patches(spec, frames, px)
+        seconds = timed(vision_runner(visual, patches, grid), task["warmup"], task["repeats"])
+        sink.put("video", {"frames": frames, "px": px, "grid": list(grid), "patches": len(patches),
+                           "tokens": len(patches) // spec.vision.merge_unit, "ms": median_ms(seconds),
+                           "samples_ms": [s * 1000 for s in seconds], "peak_rss_mb": peak_rss_mb()})
 
 
 def task_ort_vision(task: dict, sink: Sink) -> None:
@@ -195,8 +219,8 @@ def task_ort_vision(task: dict, sink: Sink) -> None:
     sink.put("load_s", time.perf_counter() - t0)
     sink.put("rss_after_load_mb", rss_mb())
     pages = {}
-    for px in task["pages"]:
-        patches, grid, prep_s = page_patches(pipe.spec, px)
+
+    def figure(patches, grid, prep_s) -> dict:
         totals, graphs = [], []
         for i in range(task["warmup"] + task["repeats"]):
             backend.take()
@@ -207,13 +231,20 @@ def task_ort_vision(task: dict, sink: Sink) -> None:
             if i >= task["warmup"]:
                 totals.append(total)
                 graphs.append(graph)
-        graph_ms = median_ms(graphs)
-        pages[str(px)] = {"px": px, "grid": grid, "tokens": len(patches), "padded_tokens": out.layout.padded_len,
-                          "ms": graph_ms, "samples_ms": [s * 1000 for s in graphs],
-                          "host_ms": median_ms([a - b for a, b in zip(totals, graphs)]),
-                          "total_ms": median_ms(totals), "preprocess_ms": prep_s * 1000,
-                          "peak_rss_mb": peak_rss_mb()}
+        return {"grid": grid, "padded_tokens": out.layout.padded_len, "ms": median_ms(graphs),
+                "samples_ms": [s * 1000 for s in graphs], "host_ms": median_ms([a - b for a, b in zip(totals, graphs)]),
+                "total_ms": median_ms(totals), "preprocess_ms": prep_s * 1000, "peak_rss_mb": peak_rss_mb()}
+
+    for px in task["pages"]:
+        patches, grid, prep_s = page_patches(pipe.spec, px)
+        pages[str(px)] = {"px": px, "tokens": len(patches), **figure(patches, grid, prep_s)}
         sink.put("pages", pages)
+    if task.get("video"):  # a clip: t temporal patches, one-frame grids for the vision graph
+        frames, px = task["video"]
+        patches, grid, prep_s = clip_patches(pipe.spec, frames, px)
+        sink.put("video", {"frames": frames, "px": px, "patches": len(patches),
+                           "tokens": len(patches) // pipe.spec.vision.merge_unit,
+                           **figure(patches, list(grid), prep_s)})
 
 
 def _llm_figures(prefill: list[float], decode: list[float], n: int) -> dict:

@@ -29,7 +29,7 @@ def test_bench_tiny_has_every_figure(tmp_path):
     # jobs=2: the two exports and the measurement workers overlap (timings are meaningless here)
     report = run_bench("tiny", layers=2, threads=1, out_dir=out, pixels=(112, 224), decode_tokens=4,
                        prompt_tokens=8, repeats=1, warmup=0, bandwidth_mib=32, jobs=2, quantized=("int8",),
-                       calib_limit=2)
+                       calib_limit=2, video=(4, 336))
     elapsed = time.perf_counter() - t0
 
     on_disk = json.loads((out / "bench.json").read_text())
@@ -50,6 +50,15 @@ def test_bench_tiny_has_every_figure(tmp_path):
                 _positive(row[engine][key], f"vision.{px}.{engine}.{key}")
         _positive(row["ort_fused"]["host_ms"], f"vision.{px}.ort_fused.host_ms")
         _positive(report["speedups"]["vision"][px], f"speedups.vision.{px}")
+    # 4 frames of 336 x 336 (within the video pixel range: not resized): 2 temporal patches of 24 x 24
+    clip = report["vision_video"]
+    assert (clip["frames"], clip["px"], clip["grid"], clip["patches"], clip["tokens"]) == (4, 336, [2, 24, 24], 1152,
+                                                                                            288)
+    for engine in ("torch", "ort_fused", "ort_dense"):
+        _positive(clip[engine]["ms"], f"vision_video.{engine}.ms")
+    _positive(clip["ort_fused"]["host_ms"], "vision_video.ort_fused.host_ms")
+    _positive(report["speedups"]["vision_video"], "speedups.vision_video")
+    assert "video clip 4 frames 336x336 (grid 2x24x24, 1152 patches, 288 visual tokens)" in (out / "table.txt").read_text()
     for engine in ("torch", "ort"):
         _positive(report["prefill"][engine]["ms"], f"prefill.{engine}.ms")
         _positive(report["decode"][engine]["tokens_per_s"], f"decode.{engine}.tokens_per_s")
