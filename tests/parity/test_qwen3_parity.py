@@ -17,7 +17,7 @@ import pytest
 pytest.importorskip("torch")
 pytest.importorskip("transformers")
 
-FAMILY = "qwen3_vl"
+FAMILY = "qwen3_vl-sharp"  # greedy answers that vary (tests/conftest.py)
 NEW_TOKENS = 64
 VIDEO_PIXELS = dict(video_min_pixels=32 * 32 * 4, video_max_pixels=32 * 32 * 24)
 

@@ -1,0 +1,57 @@
+"""Qwen3-VL at every precision and on both targets: each build passes its own parity gate against
+transformers on onnxruntime CPU (an image case and the video case: DeepStack features, merger, logits,
+greedy tokens), the trt bundles for Jetson Orin (int8) and Thor (fp8) are lint-clean, and the decoder
+packs to int4 weight-only. The tiny checkpoint is ``qwen3_vl`` of tests/conftest.py."""
+
+from __future__ import annotations
+
+import onnx
+import onnx_ir as ir
+import pytest
+
+from qvl_export.building.artifacts import BuildOptions, build
+from qvl_export.building.trt_lint import lint_errors, lint_model
+from qvl_export.core.manifest import Manifest
+from qvl_export.parity.gate import run_parity
+from qvl_export.parity.samples import ALL_CASES
+
+pytestmark = pytest.mark.slow
+FAMILY = "qwen3_vl"
+CASES = [c for c in ALL_CASES if c.name == "landscape" or c.video]
+
+
+def _gate(out, checkpoint):
+    report = run_parity(out, checkpoint(FAMILY), cases=CASES, max_new_tokens=16)
+    assert report.passed, report.failure_summary()
+    for case in report.cases:  # the DeepStack features were compared, image and video
+        assert ("deepstack" if case["images"] else "video_deepstack") in case["stages"]
+    return report
+
+
+@pytest.mark.parametrize("precision,device", [("int8", "jetson-orin"), ("fp8", "jetson-thor")])
+def test_jetson_bundle_is_lint_clean_and_passes_its_gate(precision, device, checkpoint, tmp_path):
+    out = tmp_path / device
+    build(checkpoint(FAMILY), out, BuildOptions(precision=precision, target="trt", device=device, bundle=True,
+                                                calib_limit=3))
+    m = Manifest.read(out)
+    assert m.tensorrt.device == device and {p.precision for p in m.parts.values()} == {precision}
+    assert [i.name for i in m.parts["decoder"].inputs][:4] == ["input_ids", "image_embeds", "deepstack_embeds",
+                                                                "position_ids"]
+    for name, part in m.parts.items():
+        assert lint_errors(lint_model(ir.load(out / part.file), name)) == []
+        assert m.calibration.quantization[name]["quantized_count"] > 0
+    _gate(out, checkpoint)
+
+
+@pytest.mark.parametrize("precision", ["fp16", "vision=fp32,merger=fp32,decoder=int4"])
+def test_ort_build_passes_its_gate(precision, checkpoint, tmp_path):
+    out = tmp_path / "art"
+    build(checkpoint(FAMILY), out, BuildOptions(precision=precision))
+    m = Manifest.read(out)
+    decoder = onnx.load(out / m.parts["decoder"].file, load_external_data=False)
+    ops = {n.op_type for n in decoder.graph.node}
+    if "int4" in precision:  # fp32 activations: the q/k-normed attention is fused (fp16 graphs keep theirs)
+        assert {"MatMulNBits", "GroupQueryAttention"} <= ops and m.parts["decoder"].precision == "int4"
+    else:
+        assert m.parts["decoder"].input("deepstack_embeds").dtype == "float16"
+    _gate(out, checkpoint)
