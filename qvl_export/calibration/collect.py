@@ -74,7 +74,9 @@ def collect_stats(folder: Path, manifest, parts: list[str], docs: list[Document]
     try:
         tapped = dataclasses.replace(manifest, parts={
             n: dataclasses.replace(p, file=files[n]) if n in files else p for n, p in manifest.parts.items()})
-        backend = OrtBackend(folder, tapped, threads=threads, lean=True)  # weights mapped once, taps reduced early
+        # weights mapped once, taps reduced early; one part's session open at a time, so the vision
+        # tower's weights and attention activations are never resident beside the decoder's
+        backend = OrtBackend(folder, tapped, threads=threads, lean=True, max_open=1)
         stats = {n: ActivationStats(taps[n], method) for n in parts}
         plain = {n: len(manifest.parts[n].outputs) for n in parts}
         step = {"n": 0}

@@ -52,38 +52,58 @@ def session_options(part, threads: int | None, lean: bool = False):
 
 
 class OrtBackend:
-    """Runs the parts named in the manifest with onnxruntime (CPU unless providers say otherwise)."""
+    """Runs the parts named in the manifest with onnxruntime (CPU unless providers say otherwise).
+
+    ``max_open``: keep at most this many sessions open, opening each part's session when it runs and
+    closing the one used longest ago (calibration: one at a time, so the vision tower's weights and
+    activations are never resident beside the decoder's - a session's memory-mapped weights leave
+    the process with it). None (the runtime): every session is opened at load, so a broken part is
+    named before the first request."""
 
     name = "onnxruntime"
 
     def __init__(self, folder: str | Path, manifest: Manifest, threads: int | None = None,
-                 providers: list[str] | None = None, lean: bool = False):
-        import onnxruntime as ort
-
+                 providers: list[str] | None = None, lean: bool = False, max_open: int | None = None):
         self.folder = Path(folder)
         self.manifest = manifest
         self.providers = providers or ["CPUExecutionProvider"]
+        self.threads, self.lean, self.max_open = threads, lean, max_open
         self.sessions = {}
+        self.output_names: dict[str, list[str]] = {}
+        self.in_place: dict[str, dict[str, str]] = {}
         for name, part in manifest.parts.items():
-            opts, disabled = session_options(part, threads, lean)
+            if not (self.folder / part.file).exists():
+                raise QvlError(f"{self.folder / part.file} is missing; the artifacts folder is incomplete: rebuild it.")
+            if max_open is None:
+                self._open(name)
+
+    def _open(self, name: str):
+        import onnxruntime as ort
+
+        session = self.sessions.pop(name, None)
+        if session is None:
+            while self.max_open is not None and len(self.sessions) >= self.max_open:
+                del self.sessions[next(iter(self.sessions))]  # the one used longest ago
+            part = self.manifest.parts[name]
+            opts, disabled = session_options(part, self.threads, self.lean)
             path = self.folder / part.file
-            if not path.exists():
-                raise QvlError(f"{path} is missing; the artifacts folder is incomplete: rebuild it.")
             try:
-                self.sessions[name] = ort.InferenceSession(str(path), opts, providers=self.providers,
-                                                           disabled_optimizers=disabled)
+                session = ort.InferenceSession(str(path), opts, providers=self.providers,
+                                               disabled_optimizers=disabled)
             except Exception as err:
                 raise QvlError(f"onnxruntime could not load {path.name} ({str(err).splitlines()[0]}); "
                                "rebuild the artifacts.") from None
-        self.output_names = {n: [o.name for o in s.get_outputs()] for n, s in self.sessions.items()}
-        self.in_place = {n: in_place_outputs([i.name for i in s.get_inputs()], self.output_names[n])
-                         for n, s in self.sessions.items()}
+            self.output_names[name] = [o.name for o in session.get_outputs()]
+            self.in_place[name] = in_place_outputs([i.name for i in session.get_inputs()], self.output_names[name])
+        self.sessions[name] = session  # most recently used last
+        return session
 
     def run(self, part: str, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
         """Outputs of ``part`` in manifest order (in-place outputs are their input arrays, updated)."""
+        session = self.sessions[part] if self.max_open is None else self._open(part)
         if self.in_place[part]:
-            return run_in_place(self.sessions[part], self.output_names[part], feeds, self.in_place[part])
-        return self.sessions[part].run(self.output_names[part], feeds)
+            return run_in_place(session, self.output_names[part], feeds, self.in_place[part])
+        return session.run(self.output_names[part], feeds)
 
 
 _PRESENT = re.compile(r"present\.(\d+)\.(key|value)")
