@@ -104,3 +104,63 @@ def test_decoder_prefill_decode_batch(family, checkpoint, artifacts):
         ids = rng.integers(0, 100, (b, 1)).astype(np.int64)
         embeds = np.zeros((0, t.hidden_size), np.float32)
         pos = np.full((3, b, 1), cache.length + 7, dtype=np.int64)
+
+
+QWEN3 = "qwen3_vl-sharp"  # the checkpoint whose fp32 artifacts the Qwen3-VL parity tests build
+
+
+def test_qwen3_interleaved_mrope_matches_transformers(checkpoint):
+    """The folded M-RoPE (one integer select per frequency) equals transformers' interleaved
+    recomposition for positions whose t, h and w all differ, tail frequencies included."""
+    from transformers import AutoConfig
+    from transformers.models.qwen3_vl.modeling_qwen3_vl import Qwen3VLTextRotaryEmbedding
+
+    ckpt = checkpoint(QWEN3)
+    spec = parse_model_config(ckpt)
+    assert spec.text.mrope_interleaved and sum(spec.text.mrope_section) * 2 == spec.text.head_dim
+    module = decoder_part(spec, CheckpointWeights(ckpt)).skeleton()
+    rng = np.random.default_rng(0)
+    pos = torch.from_numpy(rng.integers(0, 5000, (3, 2, 9)))
+    cos, sin = module.rotary(pos)  # [B, 1, T, hd]
+    ref = Qwen3VLTextRotaryEmbedding(AutoConfig.from_pretrained(ckpt).text_config)
+    ref_cos, ref_sin = ref(torch.zeros(1, dtype=torch.float32), pos)  # [B, T, hd]
+    np.testing.assert_allclose(cos[:, 0].numpy(), ref_cos.numpy(), atol=1e-6)
+    np.testing.assert_allclose(sin[:, 0].numpy(), ref_sin.numpy(), atol=1e-6)
+
+
+def test_qwen3_decoder_deepstack_batch(checkpoint, artifacts):
+    """Qwen3-VL's decoder (q/k norms, GQA over in-place buffers, DeepStack rows) against its torch module:
+    a batch of 2 prefilled with images, then decode steps without any."""
+    from qvl_export.runtimes.onnxrt import in_place_outputs, run_in_place
+    from qvl_export.runtimes.pipeline import KVCache, advance_cache, decoder_feeds, kv_layout
+
+    ckpt, art = checkpoint(QWEN3), artifacts(QWEN3)
+    spec, weights = parse_model_config(ckpt), CheckpointWeights(ckpt)
+    t, layers = spec.text, spec.vision.deepstack
+    module = decoder_part(spec, weights).build()
+    sess = session(art, "decoder")
+    inputs, outputs = [i.name for i in sess.get_inputs()], [o.name for o in sess.get_outputs()]
+    layout, shared = kv_layout(inputs), in_place_outputs(inputs, outputs)
+    assert layout == "buffer" and "deepstack_embeds" in inputs
+    rng = np.random.default_rng(6)
+    b, seq = 2, 11
+    ids = rng.integers(0, 100, (b, seq)).astype(np.int64)
+    ids[:, 2:6] = spec.tokens.image_token_id
+    embeds = rng.standard_normal((8, t.hidden_size)).astype(np.float32)
+    deep = rng.standard_normal((layers, 8, t.hidden_size)).astype(np.float32)
+    pos = np.stack([np.arange(seq), np.arange(seq) // 2, np.arange(seq) % 3])[:, None].repeat(b, 1).astype(np.int64)
+    cache = KVCache(t.num_hidden_layers, t.num_key_value_heads, t.head_dim, np.float32, b)
+    for step in range(3):
+        past = [a.copy() for a in cache.valid()]
+        feeds = decoder_feeds(layout, ids, embeds, pos, cache, deep)
+        out = run_in_place(sess, outputs, feeds, shared)
+        advance_cache(layout, cache, out[1:], ids.shape[1])
+        with torch.no_grad():
+            ref = module(*(torch.from_numpy(x) for x in (ids, embeds, deep, pos, *past)))
+        np.testing.assert_allclose(out[0], ref[0].numpy(), atol=1e-4, rtol=1e-4)
+        for o, r in zip(cache.valid(), ref[1:]):
+            np.testing.assert_allclose(o, r.numpy(), atol=1e-5, rtol=1e-4)
+        ids = rng.integers(0, 100, (b, 1)).astype(np.int64)
+        embeds = np.zeros((0, t.hidden_size), np.float32)
+        deep = np.zeros((layers, 0, t.hidden_size), np.float32)
+        pos = np.full((3, b, 1), cache.length + 7, dtype=np.int64)

@@ -282,3 +282,28 @@ def test_rope_index_errors(tiny_models):
     fused = [1, 2] + [tokens.image_token_id] * 7 + [3]
     with pytest.raises(QvlError):
         rope_index(np.array(fused), [(1, 2, 2), (1, 4, 6)], tokens, 2)
+
+
+# ----------------------------------------------------------------------------- Qwen3-VL position table
+
+
+@pytest.mark.parametrize("side,grids", [(48, [(1, 34, 26), (1, 2, 2), (3, 100, 62)]), (4, [(1, 20, 40), (2, 6, 8)]),
+                                        (5, [(1, 2, 60)])])
+def test_position_taps_equal_transformers(side, grids):
+    """Rows and weights of the learned position table's bilinear resampling, bit for bit: transformers'
+    get_vision_interpolation_indices_and_weights(mode="bilinear", align_corners=True, merge-block order),
+    which Qwen3VLVisionModel sums as table[idx] * w; video frames (t > 1) repeat their frame's taps."""
+    from qvl_export.runtimes.indexing import position_taps
+    from transformers.vision_utils import get_vision_interpolation_indices_and_weights
+
+    vision = VisionSpec(family="qwen3_vl", depth=1, hidden_size=64, num_heads=4, intermediate_size=128,
+                        hidden_act="gelu_pytorch_tanh", out_hidden_size=64, patch_size=16,
+                        num_position_embeddings=side * side)
+    ours_idx, ours_w = position_taps(grids, vision)
+    ref_idx, ref_w = get_vision_interpolation_indices_and_weights(torch.tensor(grids), side, "bilinear", True, 2)
+    assert ours_idx.dtype == np.int64 and ours_w.dtype == np.float32
+    np.testing.assert_array_equal(ours_idx, ref_idx.numpy())
+    np.testing.assert_array_equal(ours_w, ref_w.numpy())
+    assert not np.array_equal(ours_w.max(1), np.ones(len(ours_w), np.float32))  # really interpolated
+    with pytest.raises(QvlError, match="position table"):
+        position_taps(grids, _real_vision("qwen2_5_vl"))

@@ -260,3 +260,36 @@ def test_bad_video_inputs_are_one_line(tmp_path):
     assert "c.png" in _error(mixed) and "share one size" in _error(mixed)
     assert "[T, H, W, 3] uint8" in _error(np.zeros((4, 8, 8, 3), np.float32))
     assert "no frames" in _error([])
+
+
+def test_qwen3_timestamped_prompt_equals_transformers():
+    """Qwen3-VL's per-temporal-patch entries (``<t seconds>`` + vision start/pads/end) equal
+    transformers' own Qwen3VLProcessor.replace_video_token, odd frame counts included."""
+    from types import SimpleNamespace
+
+    from transformers.models.qwen3_vl.processing_qwen3_vl import Qwen3VLProcessor
+    from transformers.video_utils import VideoMetadata
+
+    proc = object.__new__(Qwen3VLProcessor)  # the method reads only these attributes
+    proc.video_processor = SimpleNamespace(merge_size=2, temporal_patch_size=2)
+    proc.video_token, proc.vision_start_token, proc.vision_end_token = \
+        "<|video_pad|>", "<|vision_start|>", "<|vision_end|>"
+    plans = []
+    for indices, fps in (([0, 6, 12, 19, 25, 31, 37, 44], 29.97), ([0, 1, 2, 3, 4], 2.0), ([3], 24.0)):
+        plans.append(video.VideoPlan("v", indices, fps, [i / fps for i in indices], (64, 64), (64, 64),
+                                     (-(-len(indices) // 2), 4, 4), 4, 2 / fps))
+    prompt = "a<|vision_start|><|video_pad|><|vision_end|>b<|vision_start|><|video_pad|><|vision_end|>c" \
+             "<|vision_start|><|video_pad|><|vision_end|>"
+    ours = video.timestamp_prompt(prompt, plans, 2)
+    parts = prompt.split("<|video_pad|>")
+    expected = parts[0]
+    for i, rest in enumerate(parts[1:]):
+        inputs = {"video_grid_thw": np.asarray([[p.grid[0], 2, 2] for p in plans]),
+                  "video_metadata": [VideoMetadata(total_num_frames=len(p.indices), fps=p.fps,
+                                                   frames_indices=list(p.indices)) for p in plans]}
+        # one pad per entry on our side (expanded when tokenized); transformers writes h*w/4 = 1 here too
+        expected += proc.replace_video_token(inputs, i) + rest
+    assert ours == expected
+    assert "<0.1 seconds>" in ours and ours.count("<|video_pad|>") == 4 + 3 + 1
+    with pytest.raises(QvlError, match="video placeholders"):
+        video.timestamp_prompt(prompt, plans[:2], 2)
