@@ -63,16 +63,17 @@ def _vision_pair(with_all: Path, without: Path, page: int, threads: int, runs: i
 
 def _decoder_pair(with_all: Path, without: Path, page: int, threads: int, prefills: int, steps: int) -> dict:
     from qvl_export.bench.ort_engine import open_pipeline
-    from qvl_export.bench.worker import llm_inputs
+    from qvl_export.bench.worker import deepstack_inputs, llm_inputs
     from qvl_export.runtimes import indexing
 
     a, _ = open_pipeline(with_all, ("decoder",), threads)
     b, _ = open_pipeline(without, ("decoder",), threads)
     ids, positions, delta, embeds, _ = llm_inputs(a.spec, page, 32)
+    deep = deepstack_inputs(a.spec, embeds)
     no_image = np.zeros((0, a.spec.text.hidden_size), np.float32)
 
     def prefill(pipe, cache):
-        return pipe.decoder_step(ids[None], embeds, positions[:, None, :], cache)[0]
+        return pipe.decoder_step(ids[None], embeds, positions[:, None, :], cache, deep)[0]
 
     def fresh(pipe):
         return pipe.new_cache(capacity=len(ids) + steps + 8)

@@ -9,6 +9,8 @@ activations, as for the ORT side which loads only the parts it runs:
 - LLM: ``Qwen2(_5)VLTextModel`` + the lm_head on the last position only (``logits_to_keep=1``, as
   our decoder graph). Image rows are scattered into the token embeddings inside the timed region,
   as ``Qwen2VLModel.forward`` does; the KV cache is transformers' ``DynamicCache``.
+- Qwen3-VL: ``Qwen3VLVisionModel`` (ViT, merger and DeepStack mergers) and ``Qwen3VLTextModel``, which
+  takes the DeepStack rows (``visual_pos_masks``, ``deepstack_visual_embeds``) in the prefill.
 
 Only imported inside worker processes (torch and transformers are heavy).
 """
@@ -30,14 +32,19 @@ ATTN = "sdpa"
 
 
 def _classes(model_dir: Path):
+    """(config class, vision class, text class, checkpoint prefixes of the vision and text weights)."""
     import transformers
     from transformers.models.qwen2_vl.modeling_qwen2_vl import Qwen2VisionTransformerPretrainedModel
 
     arch = read_json(model_dir / "config.json", "the model config")["architectures"][0]
     if arch == "Qwen2VLForConditionalGeneration":
-        return transformers.Qwen2VLConfig, Qwen2VisionTransformerPretrainedModel, transformers.Qwen2VLTextModel
+        return (transformers.Qwen2VLConfig, Qwen2VisionTransformerPretrainedModel, transformers.Qwen2VLTextModel,
+                ("visual.", "model."))
+    if arch == "Qwen3VLForConditionalGeneration":  # saved in transformers 5.x's module layout
+        return (transformers.Qwen3VLConfig, transformers.Qwen3VLVisionModel, transformers.Qwen3VLTextModel,
+                ("model.visual.", "model.language_model."))
     return (transformers.Qwen2_5_VLConfig, transformers.Qwen2_5_VisionTransformerPretrainedModel,
-            transformers.Qwen2_5_VLTextModel)
+            transformers.Qwen2_5_VLTextModel, ("visual.", "model."))
 
 
 def _build(cls, config):
@@ -57,10 +64,10 @@ def _check_filled(module, filled: set[str], what: str, allow_missing: tuple[str,
 
 def load_vision(model_dir: Path):
     """The vision tower (ViT + merger) of ``model_dir``, float32, sdpa."""
-    config_cls, vision_cls, _ = _classes(model_dir)
+    config_cls, vision_cls, _, (prefix, _) = _classes(model_dir)
     config = config_cls.from_pretrained(model_dir)
     visual = _build(vision_cls, config.vision_config)
-    _check_filled(visual, read_safetensors(visual, model_dir, "visual."), "vision tower")
+    _check_filled(visual, read_safetensors(visual, model_dir, prefix), "vision tower")
     return visual
 
 
@@ -68,7 +75,7 @@ class TorchLLM:
     """Text model + lm_head, with the prefill / decode steps the benchmark times."""
 
     def __init__(self, model_dir: Path):
-        config_cls, _, text_cls = _classes(model_dir)
+        config_cls, _, text_cls, (_, prefix) = _classes(model_dir)
         config = config_cls.from_pretrained(model_dir)
         self.config = config
         self.text = _build(text_cls, config.text_config)
@@ -82,15 +89,19 @@ class TorchLLM:
             t = config.text_config
             self.lm_head = torch.empty(t.vocab_size, t.hidden_size, dtype=torch.float32)
             extra["lm_head.weight"] = self.lm_head
-        _check_filled(self.text, read_safetensors(self.text, model_dir, "model.", extra=extra), "text model")
+        _check_filled(self.text, read_safetensors(self.text, model_dir, prefix, extra=extra), "text model")
 
     @torch.inference_mode()
-    def prefill(self, input_ids: torch.Tensor, image_embeds: torch.Tensor, position_ids: torch.Tensor):
-        """input_ids [1, T], image_embeds [N, H], position_ids [3, 1, T] -> (logits [1, V], cache)."""
+    def prefill(self, input_ids: torch.Tensor, image_embeds: torch.Tensor, position_ids: torch.Tensor,
+                deepstack_embeds: torch.Tensor | None = None):
+        """input_ids [1, T], image_embeds [N, H], position_ids [3, 1, T] (Qwen3-VL: deepstack_embeds
+        [L, N, H]) -> (logits [1, V], cache)."""
         embeds = self.text.embed_tokens(input_ids)  # [1, T, H]
-        mask = (input_ids == self.image_token_id)[..., None].expand_as(embeds)
-        embeds = embeds.masked_scatter(mask, image_embeds)
-        out = self.text(inputs_embeds=embeds, position_ids=position_ids, use_cache=True)
+        image = input_ids == self.image_token_id
+        embeds = embeds.masked_scatter(image[..., None].expand_as(embeds), image_embeds)
+        extra = {} if deepstack_embeds is None else {"visual_pos_masks": image,
+                                                     "deepstack_visual_embeds": list(deepstack_embeds)}
+        out = self.text(inputs_embeds=embeds, position_ids=position_ids, use_cache=True, **extra)
         return out.last_hidden_state[:, -1] @ self.lm_head.t(), out.past_key_values
 
     @torch.inference_mode()

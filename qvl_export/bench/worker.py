@@ -119,6 +119,15 @@ def llm_inputs(spec, px: int, prompt_tokens: int, seed: int = 0):
     return ids, positions, int(delta), embeds, grid
 
 
+def deepstack_inputs(spec, embeds: np.ndarray, seed: int = 1) -> np.ndarray | None:
+    """Qwen3-VL: ``[L, N, H]`` float32 stand-ins for the DeepStack rows of the ``embeds`` image rows
+    (None for a model without DeepStack); both engines add them after their first L layers."""
+    layers = spec.vision.deepstack
+    if not layers:
+        return None
+    return np.random.default_rng(seed).standard_normal((layers, *embeds.shape), dtype=np.float32)
+
+
 # ----------------------------------------------------------------------------- tasks
 
 
@@ -268,15 +277,17 @@ def task_torch_llm(task: dict, sink: Sink) -> None:
     sink.put("load_s", time.perf_counter() - t0)
     sink.put("rss_after_load_mb", rss_mb())
     ids, positions, delta, embeds, _ = llm_inputs(spec, task["page"], task["prompt_tokens"])
+    deep = deepstack_inputs(spec, embeds)
     ids_t = torch.from_numpy(ids)[None]
     pos_t = torch.from_numpy(positions)[:, None, :]
     emb_t = torch.from_numpy(embeds)
+    deep_t = None if deep is None else torch.from_numpy(deep)
     sink.put("prompt_tokens_total", len(ids))
     sink.put("image_tokens", len(embeds))
 
     def generate(steps: int) -> tuple[float, float]:
         t = time.perf_counter()
-        logits, cache = llm.prefill(ids_t, emb_t, pos_t)
+        logits, cache = llm.prefill(ids_t, emb_t, pos_t, deep_t)
         token = logits.argmax(-1)
         t_prefill = time.perf_counter() - t
         t = time.perf_counter()
@@ -300,6 +311,7 @@ def task_ort_llm(task: dict, sink: Sink) -> None:
     sink.put("load_s", time.perf_counter() - t0)
     sink.put("rss_after_load_mb", rss_mb())
     ids, positions, delta, embeds, _ = llm_inputs(pipe.spec, task["page"], task["prompt_tokens"])
+    deep = deepstack_inputs(pipe.spec, embeds)
     text = pipe.spec.text
     no_image = np.zeros((0, text.hidden_size), dtype=np.float32)
     sink.put("prompt_tokens_total", len(ids))
@@ -310,7 +322,7 @@ def task_ort_llm(task: dict, sink: Sink) -> None:
         cache = pipe.new_cache(capacity=len(ids) + steps)  # as generate() sizes it
         backend.take()
         t = time.perf_counter()
-        logits = pipe.decoder_step(ids[None], embeds, positions[:, None, :], cache)
+        logits = pipe.decoder_step(ids[None], embeds, positions[:, None, :], cache, deep)
         token = int(np.argmax(logits[0]))
         t_prefill = time.perf_counter() - t
         graph["prefill"].append(backend.take())
@@ -344,11 +356,12 @@ def task_ort_profile(task: dict, sink: Sink) -> None:
     prefix = str(Path(tempfile.mkdtemp(prefix="ortprof-")) / "p")
     pipe, backend = open_profiling_pipeline(task["artifacts"], ("decoder",), threads, prefix + "-llm")
     ids, positions, delta, embeds, _ = llm_inputs(pipe.spec, task["page"], task["prompt_tokens"])
+    deep = deepstack_inputs(pipe.spec, embeds)
     text = pipe.spec.text
     no_image = np.zeros((0, text.hidden_size), dtype=np.float32)
     for n in (2, steps):  # run 0 prefill + 2 decode steps are warm-up; then prefill + ``steps`` steps
         cache = pipe.new_cache(capacity=len(ids) + n)
-        token = int(np.argmax(pipe.decoder_step(ids[None], embeds, positions[:, None, :], cache)[0]))
+        token = int(np.argmax(pipe.decoder_step(ids[None], embeds, positions[:, None, :], cache, deep)[0]))
         for _ in range(n):
             pos = indexing.decode_positions(cache.length, delta, 1)
             token = int(np.argmax(pipe.decoder_step(np.asarray([[token]], dtype=np.int64), no_image,

@@ -102,6 +102,20 @@ def test_cut_layers_keeps_full_attention_blocks():
     assert (q2.vision_depth, q2.text_layers, q2.vision_hidden, q2.text_hidden) == (2, 2, 1280, 1536)
 
 
+def test_qwen3_shapes_and_cut_deepstack():
+    """Qwen3-VL-2B / 4B at their published widths; a cut keeps DeepStack, its layers moved with the cut."""
+    from qvl_export.bench.configs import bench_model
+
+    q3 = bench_model("qwen3-vl-2b").dims
+    assert (q3.vision_depth, q3.vision_hidden, q3.vision_intermediate, q3.deepstack_visual_indexes) == \
+        (24, 1024, 4096, (5, 11, 17))
+    assert (q3.text_layers, q3.text_hidden, q3.text_heads, q3.text_kv_heads, q3.text_head_dim) == (28, 2048, 16, 8, 128)
+    q4 = bench_model("qwen3-vl-4b").dims
+    assert (q4.text_layers, q4.text_hidden, q4.text_heads, q4.text_intermediate) == (36, 2560, 32, 9728)
+    assert bench_model("qwen3-vl-2b", 2).dims.deepstack_visual_indexes == (0, 1)
+    assert bench_model("qwen3-vl-4b", 12).dims.deepstack_visual_indexes == (2, 5, 8)
+
+
 def test_decoder_weight_bytes_rule(tmp_path):
     """A Gather-only table counts 0; a table also used by a MatMul (tied lm_head) counts in full."""
     import numpy as np
