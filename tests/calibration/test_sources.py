@@ -120,3 +120,34 @@ def test_bad_clip_fails_before_anything_runs(tmp_path, content, words):
     with pytest.raises(QvlError, match=words) as err:
         folder_documents(tmp_path)
     assert "\n" not in str(err.value) and "b.mp4" in str(err.value)
+
+
+@pytest.mark.parametrize("user_clips", [False, True])
+def test_template_without_video_items(user_clips, checkpoint, tmp_path):
+    """A checkpoint whose chat template has no video items calibrates on pages only: the built-in
+    recording is dropped with a warning, user clips are refused in one line, before anything is traced."""
+    from pathlib import Path
+
+    from qvl_export.building.plan import STAGES, Stage, run_build
+    from qvl_export.building.settings import BuildOptions, Reporter
+
+    template = Path(__file__).parents[1] / "data" / "chat_templates" / "custom_reader.jinja"
+    docs = None
+    if user_clips:
+        docs = tmp_path / "docs"
+        docs.mkdir()
+        write_clip(docs / "a.mp4")
+    seen, warned = [], []
+    stages = tuple(s for s in STAGES if s.name in ("check_request", "validate_checkpoint", "load_documents"))
+    stages += (Stage("seen", lambda ctx: seen.append(ctx.documents), "test: the documents loaded"),)
+    settings = BuildOptions(precision="int8", calib_limit=3, chat_template=template, calib_docs=docs).settings()
+    run = lambda: run_build(checkpoint("qwen2_vl"), tmp_path / "out", settings,  # noqa: E731
+                            Reporter(say=lambda m: None, warn=warned.append), stages)
+    if user_clips:
+        with pytest.raises(QvlError, match=r"holds clips \(a.mp4\) but the chat template") as err:
+            run()
+        assert "\n" not in str(err.value) and not seen
+        return
+    run()
+    assert [d.name for d in seen[0]] == ["00-invoice", "02-form"]
+    assert any("without the built-in screen recording" in w for w in warned)
