@@ -11,6 +11,7 @@ import pytest
 
 from qvl_export.building.artifacts import BuildOptions, build
 from qvl_export.building.trt_lint import lint_errors, lint_model
+from qvl_export.core.devices import Ranges
 from qvl_export.core.manifest import Manifest
 from qvl_export.parity.gate import run_parity
 from qvl_export.parity.samples import ALL_CASES
@@ -23,6 +24,7 @@ CASES = [c for c in ALL_CASES if c.name == "landscape" or c.video]
 def _gate(out, checkpoint):
     report = run_parity(out, checkpoint(FAMILY), cases=CASES, max_new_tokens=16)
     assert report.passed, report.failure_summary()
+    assert [c["name"] for c in report.cases] == [c.name for c in CASES]  # none skipped
     for case in report.cases:  # the DeepStack features were compared, image and video
         assert ("deepstack" if case["images"] else "video_deepstack") in case["stages"]
     return report
@@ -31,8 +33,9 @@ def _gate(out, checkpoint):
 @pytest.mark.parametrize("precision,device", [("int8", "jetson-orin"), ("fp8", "jetson-thor")])
 def test_jetson_bundle_is_lint_clean_and_passes_its_gate(precision, device, checkpoint, tmp_path):
     out = tmp_path / device
+    ranges = Ranges(opt_pixels=448 * 448, max_pixels=640 * 640, max_images=3)  # the video case fits: 3 frame groups
     build(checkpoint(FAMILY), out, BuildOptions(precision=precision, target="trt", device=device, bundle=True,
-                                                calib_limit=3))
+                                                calib_limit=3, ranges=ranges))
     m = Manifest.read(out)
     assert m.tensorrt.device == device and {p.precision for p in m.parts.values()} == {precision}
     assert [i.name for i in m.parts["decoder"].inputs][:4] == ["input_ids", "image_embeds", "deepstack_embeds",
