@@ -33,6 +33,69 @@ def make_bench_checkpoint(out_dir: str | Path, model: BenchModel) -> Path:
     return make_checkpoint(out, replace(model.dims, vocab_size=model.vocab_size, rms_norm_eps=model.rms_norm_eps))
 
 
+def write_shards(tensors, out: Path, shard_bytes: int = 1 << 30) -> dict[str, str]:
+    """Write ``(name, torch tensor)`` pairs as safetensors shards of about ``shard_bytes`` (one shard in
+    memory at a time) plus ``model.safetensors.index.json``; returns the weight map."""
+    from safetensors.torch import save_file
+
+    index: dict[str, str] = {}
+    shard: dict = {}
+    size = count = 0
+
+    def flush():
+        nonlocal shard, size, count
+        if shard:
+            count += 1
+            name = f"model-{count:05d}.safetensors"
+            save_file(shard, str(out / name), metadata={"format": "pt"})
+            index.update({k: name for k in shard})
+            shard, size = {}, 0
+
+    for name, tensor in tensors:
+        shard[name] = tensor
+        size += tensor.numel() * tensor.element_size()
+        if size >= shard_bytes:
+            flush()
+    flush()
+    (out / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": index}, indent=1))
+    return index
+
+
+def convert_checkpoint(src: str | Path, out: str | Path, dtype: str = "bfloat16") -> Path:
+    """A copy of checkpoint ``src`` with every floating-point weight in ``dtype`` (how real Qwen
+    checkpoints ship: bf16), written shard by shard; config.json's ``dtype`` follows."""
+    import shutil
+
+    import torch
+    from safetensors import safe_open
+
+    src, out = Path(src), Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    for stale in list(out.glob("model*.safetensors")) + list(out.glob("model.safetensors.index.json")):
+        stale.unlink()
+    for path in src.iterdir():
+        if path.is_file() and not path.name.startswith("model") and path.name != "config.json":
+            shutil.copy2(path, out / path.name)
+    target = getattr(torch, dtype)
+
+    def tensors():
+        for path in weight_files(src):
+            with safe_open(str(path), "pt") as f:
+                for key in f.keys():
+                    t = f.get_tensor(key)
+                    yield key, t.to(target) if t.is_floating_point() else t
+
+    write_shards(tensors(), out)
+    config = json.loads((src / "config.json").read_text())
+    for section in (config, config.get("text_config") or {}, config.get("vision_config") or {}):
+        for key in ("dtype", "torch_dtype"):
+            if key in section:
+                section[key] = dtype
+    config.setdefault("dtype", dtype)
+    (out / "config.json").write_text(json.dumps(config, indent=2))
+    return out
+
+
 # ----------------------------------------------------------------------------- lean reader
 
 _DTYPES = {"F32": "float32", "F16": "float16", "BF16": "bfloat16", "F64": "float64", "I64": "int64"}

@@ -84,8 +84,8 @@ def text_checkpoint(checkpoint: Path, out: Path, shard_bytes: int = 1 << 30) -> 
     tokenizer files, the ``model.*`` / ``lm_head`` weights in shards of about ``shard_bytes``,
     written one shard at a time)."""
     from safetensors import safe_open
-    from safetensors.torch import save_file
 
+    from qvl_export.bench.checkpoint import weight_files, write_shards
     from qvl_export.loading.config import parse_model_config
 
     spec = parse_model_config(checkpoint)
@@ -106,39 +106,23 @@ def text_checkpoint(checkpoint: Path, out: Path, shard_bytes: int = 1 << 30) -> 
     for name in ("tokenizer.json", "tokenizer_config.json", "generation_config.json"):
         if (checkpoint / name).exists():
             shutil.copy2(checkpoint / name, out / name)
-    index: dict[str, str] = {}
-    files = sorted(checkpoint.glob("*.safetensors"))
-    shard: dict = {}
-    size = 0
-    count = 0
 
-    def flush():
-        nonlocal shard, size, count
-        if shard:
-            count += 1
-            name = f"model-{count:05d}.safetensors"
-            save_file(shard, str(out / name), metadata={"format": "pt"})
-            index.update({k: name for k in shard})
-            shard, size = {}, 0
+    def tensors():
+        for path in weight_files(checkpoint):
+            with safe_open(str(path), "pt") as f:
+                for key in f.keys():
+                    if key.startswith("model.language_model."):
+                        name = "model." + key[len("model.language_model."):]
+                    elif key.startswith(("model.layers.", "model.embed_tokens.", "model.norm.", "lm_head.")):
+                        name = key
+                    else:
+                        continue  # the vision tower
+                    tensor = f.get_tensor(key)
+                    config["torch_dtype"] = str(tensor.dtype).replace("torch.", "")
+                    yield name, tensor
 
-    for path in files:
-        with safe_open(str(path), "pt") as f:
-            for key in f.keys():
-                if key.startswith("model.language_model."):
-                    name = "model." + key[len("model.language_model."):]
-                elif key.startswith(("model.layers.", "model.embed_tokens.", "model.norm.", "lm_head.")):
-                    name = key
-                else:
-                    continue  # the vision tower
-                tensor = f.get_tensor(key)
-                config["torch_dtype"] = str(tensor.dtype).replace("torch.", "")
-                shard[name] = tensor
-                size += tensor.numel() * tensor.element_size()
-                if size >= shard_bytes:
-                    flush()
-    flush()
+    write_shards(tensors(), out, shard_bytes)
     (out / "config.json").write_text(json.dumps(config, indent=1))
-    (out / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": index}, indent=1))
     return out
 
 
