@@ -13,6 +13,7 @@ import json
 import logging
 import os
 import resource
+import shutil
 import statistics
 import sys
 import time
@@ -380,6 +381,177 @@ def task_ort_profile(task: dict, sink: Sink) -> None:
         sink.put("vision", {"px": task["vision_page"], **op_breakdown(paths["vision"], slice(1, None))})
 
 
+# ----------------------------------------------------------------------------- peers (``peers.py``)
+
+
+def prompt_ids(checkpoint: Path, page: int, prompt_tokens: int) -> np.ndarray:
+    """As many random text ids as our LLM prompt has tokens (page + text), from the regular vocabulary."""
+    from qvl_export.loading.config import parse_model_config
+
+    spec = parse_model_config(checkpoint)
+    ids = llm_inputs(spec, page, prompt_tokens)[0]
+    tok = spec.tokens
+    limit = min(t for t in (tok.image_token_id, tok.video_token_id, tok.vision_start_token_id,
+                            tok.vision_end_token_id) if t >= 0)
+    return np.random.default_rng(1).integers(0, limit, len(ids)).astype(np.int64)
+
+
+# ----------------------------------------------------------------------------- worker tasks
+
+
+def _bytes(paths) -> int:
+    return sum(p.stat().st_size for p in paths if p.is_file())
+
+
+def task_text_checkpoint(task: dict, sink) -> None:
+    t0 = time.perf_counter()
+    from qvl_export.bench.peers import text_checkpoint
+
+    out = text_checkpoint(Path(task["checkpoint"]), Path(task["out"]))
+    sink.put("seconds", time.perf_counter() - t0)
+    sink.put("bytes", _bytes(out.glob("*.safetensors")))
+
+
+def task_genai_build(task: dict, sink) -> None:
+    """onnxruntime-genai's builder command line, run in this process (so its peak RSS is this worker's)."""
+    import runpy
+
+    out = Path(task["out"])
+    shutil.rmtree(out, ignore_errors=True)
+    cache = out.parent / (out.name + "-cache")
+    sys.argv = ["builder", "-i", str(task["checkpoint"]), "-o", str(out), "-p", task["precision"], "-e", "cpu",
+                "-c", str(cache), "--extra_options", "hf_token=false"]
+    t0 = time.perf_counter()
+    _run_main(lambda: runpy.run_module("onnxruntime_genai.models.builder", run_name="__main__"))
+    sink.put("seconds", time.perf_counter() - t0)
+    shutil.rmtree(cache, ignore_errors=True)
+    config_path = out / "genai_config.json"
+    config = json.loads(config_path.read_text())
+    session = config["model"]["decoder"].setdefault("session_options", {})
+    session["intra_op_num_threads"] = int(task["threads"])  # the same threads as every engine
+    session["inter_op_num_threads"] = 1
+    config_path.write_text(json.dumps(config, indent=1))
+    sink.put("bytes", _bytes(out.glob("*.onnx*")))
+
+
+def task_genai_llm(task: dict, sink) -> None:
+    import onnxruntime_genai as og
+
+    t0 = time.perf_counter()
+    model = og.Model(task["model"])
+    sink.put("load_s", time.perf_counter() - t0)
+    sink.put("rss_after_load_mb", rss_mb())
+    ids = prompt_ids(Path(task["checkpoint"]), task["page"], task["prompt_tokens"])
+    sink.put("prompt_tokens_total", len(ids))
+
+    def generate(steps: int) -> tuple[float, float]:
+        params = og.GeneratorParams(model)
+        params.set_search_options(max_length=len(ids) + steps + 1, do_sample=False)
+        gen = og.Generator(model, params)
+        t = time.perf_counter()
+        gen.append_tokens(ids[None].astype(np.int32))
+        t_prefill = time.perf_counter() - t
+        t = time.perf_counter()
+        for _ in range(steps):
+            gen.generate_next_token()
+        return t_prefill, time.perf_counter() - t
+
+    _timed_generate(task, sink, generate)
+
+
+def task_llama_convert(task: dict, sink) -> None:
+    """llama.cpp's own converter (f32 GGUF), run in this process."""
+    import runpy
+
+    src = Path(task["source"])
+    sys.path[:0] = [str(src), str(src / "gguf-py")]
+    from conversion.base import TextModel  # llama.cpp's conversion package
+
+    # the benchmark's small trained tokenizer has no registered pre-tokenizer hash; it is Qwen2's
+    TextModel.get_vocab_base_pre = lambda self, tokenizer: "qwen2"
+    out = Path(task["out"])
+    out.unlink(missing_ok=True)
+    sys.argv = ["convert_hf_to_gguf.py", str(task["checkpoint"]), "--outfile", str(out), "--outtype", "f32"]
+    t0 = time.perf_counter()
+    _run_main(lambda: runpy.run_path(str(src / "convert_hf_to_gguf.py"), run_name="__main__"))
+    sink.put("seconds", time.perf_counter() - t0)
+    sink.put("bytes", out.stat().st_size)
+
+
+def _run_main(call) -> None:
+    """Run a tool's ``__main__`` in this process; its ``sys.exit(0)`` is success."""
+    try:
+        call()
+    except SystemExit as e:
+        if e.code not in (None, 0):
+            raise RuntimeError(f"exited with {e.code}") from None
+
+
+def task_llama_quantize(task: dict, sink) -> None:
+    import llama_cpp
+
+    params = llama_cpp.llama_model_quantize_default_params()
+    from qvl_export.bench.peers import LLAMA_FTYPES
+
+    params.ftype = LLAMA_FTYPES[task["type"]]
+    params.nthread = int(task["threads"])
+    out = Path(task["out"])
+    out.unlink(missing_ok=True)
+    t0 = time.perf_counter()
+    rc = llama_cpp.llama_model_quantize(str(task["source"]).encode(), str(out).encode(), params)
+    if rc != 0:
+        raise RuntimeError(f"llama_model_quantize returned {rc}")
+    sink.put("seconds", time.perf_counter() - t0)
+    sink.put("bytes", out.stat().st_size)
+
+
+def task_llama_llm(task: dict, sink) -> None:
+    from llama_cpp import Llama
+
+    ids = prompt_ids(Path(task["checkpoint"]), task["page"], task["prompt_tokens"])
+    steps_max = int(task["decode_tokens"])
+    t0 = time.perf_counter()
+    llm = Llama(model_path=task["model"], n_ctx=len(ids) + steps_max + 16, n_batch=512, n_ubatch=512,
+                n_threads=int(task["threads"]), n_threads_batch=int(task["threads"]), verbose=False)
+    sink.put("load_s", time.perf_counter() - t0)
+    sink.put("rss_after_load_mb", rss_mb())
+    sink.put("prompt_tokens_total", len(ids))
+    prompt = [int(i) for i in ids]
+
+    def generate(steps: int) -> tuple[float, float]:
+        llm.reset()
+        t = time.perf_counter()
+        llm.eval(prompt)
+        token = int(np.argmax(llm.scores[llm.n_tokens - 1]))
+        t_prefill = time.perf_counter() - t
+        t = time.perf_counter()
+        for _ in range(steps):
+            llm.eval([token])
+            token = int(np.argmax(llm.scores[llm.n_tokens - 1]))
+        return t_prefill, time.perf_counter() - t
+
+    _timed_generate(task, sink, generate)
+
+
+def _timed_generate(task: dict, sink, generate) -> None:
+    """Our protocol: ``warmup`` short untimed runs, then ``repeats`` timed ones, medians."""
+    for _ in range(int(task["warmup"])):
+        generate(2)
+    runs = [generate(int(task["decode_tokens"])) for _ in range(int(task["repeats"]))]
+    sink.put("llm", _llm_figures([r[0] for r in runs], [r[1] for r in runs], int(task["decode_tokens"])))
+
+
+PEER_TASKS = {
+    "peer_text_checkpoint": task_text_checkpoint,
+    "genai_build": task_genai_build,
+    "genai_llm": task_genai_llm,
+    "llama_convert": task_llama_convert,
+    "llama_quantize": task_llama_quantize,
+    "llama_llm": task_llama_llm,
+}
+
+
+
 TASKS = {
     "bandwidth": task_bandwidth,
     "checkpoint": task_checkpoint,
@@ -393,8 +565,6 @@ TASKS = {
 
 
 def main(argv: list[str]) -> int:
-    from qvl_export.bench.peers import TASKS as PEER_TASKS
-
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     task = json.loads(Path(argv[0]).read_text())
     sink = Sink(Path(argv[1]))

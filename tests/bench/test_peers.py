@@ -59,7 +59,8 @@ def test_missing_llama_cpp_source_is_a_reason(tmp_path, monkeypatch):
 @pytest.mark.skipif(importlib.util.find_spec("onnxruntime_genai") is None, reason="onnxruntime-genai not installed")
 def test_ort_genai_builds_and_decodes_the_view(checkpoint, tmp_path):
     """onnxruntime-genai's builder on the text view; its greedy tokens == transformers' on the VL model."""
-    from qvl_export.bench.peers import task_genai_build, task_genai_llm, text_checkpoint
+    from qvl_export.bench.peers import text_checkpoint
+    from qvl_export.bench.worker import task_genai_build, task_genai_llm
 
     class Sink(dict):
         def put(self, key, value):
