@@ -439,13 +439,36 @@ class Pipeline:
                                repetition_penalty=repetition_penalty, do_sample=do_sample)
         if max_new_tokens is None:
             max_new_tokens = self.spec.generation.max_new_tokens or 128
-        if max_new_tokens < 1:
-            raise QvlError("max_new_tokens must be at least 1.")
         timings: dict[str, float] = {}
         t0 = time.perf_counter()
         prep = prepared or self.prepare(images, prompt, messages=messages, system=system, min_pixels=min_pixels,
                                         max_pixels=max_pixels, videos=videos, fps=fps, max_frames=max_frames,
                                         video_min_pixels=video_min_pixels, video_max_pixels=video_max_pixels)
+        self.check_fits(prep, max_new_tokens)
+        timings["preprocess_s"] = time.perf_counter() - t0
+
+        cache = self.new_cache(capacity=len(prep.input_ids) + max_new_tokens)
+        logits = self.prefill(prep, cache, timings)
+        seq = Decoding(self, prep, params, max_new_tokens, seed, on_text=on_text, keep_logits=keep_logits)
+        t3 = time.perf_counter()
+        while True:
+            token = seq.push(logits)
+            if seq.finish == "stop":
+                break
+            yield token
+            if seq.finish:
+                break
+            pos = indexing.decode_positions(cache.length, prep.rope_delta, 1)  # [3, 1]
+            logits = self.decoder_step(np.asarray([[token]], dtype=np.int64), self.no_images()[0], pos[:, None, :],
+                                       cache)[0]
+        timings["decode_s"] = time.perf_counter() - t3
+        return seq.result(timings)
+
+    def check_fits(self, prep: Prepared, max_new_tokens: int, capacity: int | None = None) -> None:
+        """Refuse in one line a prompt that, with ``max_new_tokens``, exceeds the engines' ``max_seq`` (trt),
+        the model's context or ``capacity`` (a KV pool's rows per sequence, ``runtimes/batching.py``)."""
+        if max_new_tokens < 1:
+            raise QvlError("max_new_tokens must be at least 1.")
         total = len(prep.input_ids) + max_new_tokens
         if self.ranges and total > int(self.ranges.get("max_seq", total)):
             raise QvlError(f"The prompt is {len(prep.input_ids)} tokens and {max_new_tokens} new tokens were asked "
@@ -456,8 +479,15 @@ class Pipeline:
                            f"{max_new_tokens} new tokens were asked for; the model's context is {self.max_context}. "
                            "Use smaller images (--max-pixels), fewer images or video frames (--max-frames), a "
                            "shorter prompt or fewer new tokens.")
-        timings["preprocess_s"] = time.perf_counter() - t0
+        if capacity is not None and total > capacity:
+            raise QvlError(f"The prompt is {len(prep.input_ids)} tokens (images and videos included) and "
+                           f"{max_new_tokens} new tokens were asked for; this server holds {capacity} tokens per "
+                           "sequence (--context): use smaller or fewer images, a shorter prompt or fewer new tokens.")
 
+    def prefill(self, prep: Prepared, cache: KVCache, timings: dict[str, float] | None = None) -> np.ndarray:
+        """Vision + merger for the prompt's images and videos, then the prompt through the decoder into the empty
+        ``cache``: the last position's logits [V] float32. ``timings`` gets vision_s and prefill_s."""
+        timings = {} if timings is None else timings
         t1 = time.perf_counter()
         if prep.patches:
             vis = self.encode_images(prep.patches, prep.grids)
@@ -465,47 +495,59 @@ class Pipeline:
         else:
             embeds, deepstack = self.no_images()
         timings["vision_s"] = time.perf_counter() - t1
-
-        text = self.spec.text
-        cache = self.new_cache(capacity=total)
         t2 = time.perf_counter()
         prompt_ids = prep.input_ids if prep.decoder_ids is None else prep.decoder_ids  # video pads -> image pads
         logits = self.decoder_step(prompt_ids[None], embeds, prep.position_ids[:, None, :], cache, deepstack)[0]
         timings["prefill_s"] = time.perf_counter() - t2
+        return logits
 
-        rng = np.random.default_rng(seed)
-        eos = set(self.spec.generation.eos_token_ids or self.spec.tokens.eos_token_ids)
-        history = [int(i) for i in prep.input_ids]  # the repetition penalty sees the prompt too, as transformers
-        no_image = np.zeros((0, text.hidden_size), dtype=np.float32)
-        stream = StreamDecoder(self.codec)
-        tokens: list[int] = []
-        kept: list[np.ndarray] = []
-        finish = "length"
-        t3 = time.perf_counter()
-        for step in range(max_new_tokens):
-            if keep_logits:
-                kept.append(logits.copy())
-            token = choose_token(logits, history, params, rng)
-            history.append(token)
-            if token in eos:
-                tokens.append(token)
-                finish = "stop"
-                break
-            tokens.append(token)
-            piece = stream.push(token)
-            if piece and on_text:
-                on_text(piece)
-            yield token
-            if step == max_new_tokens - 1:
-                break
-            pos = indexing.decode_positions(cache.length, prep.rope_delta, 1)  # [3, 1]
-            logits = self.decoder_step(np.asarray([[token]], dtype=np.int64), no_image, pos[:, None, :], cache)[0]
-        timings["decode_s"] = time.perf_counter() - t3
-        decoded = len(tokens) - 1 if tokens else 0
-        timings["decode_tokens_per_s"] = decoded / timings["decode_s"] if decoded and timings["decode_s"] > 0 else 0.0
-        text_out = self.codec.decode([t for t in tokens if t not in eos])
-        return Generation(text_out, tokens, len(prep.input_ids), finish, timings, kept,
-                          [p.summary() for p in prep.videos])
+
+class Decoding:
+    """One sequence's token choices after its prefill: the sampling settings, its own generator (``seed``),
+    the history the repetition penalty sees (the prompt too, as transformers), the text stream and when it
+    stops (an end token: "stop"; ``max_new_tokens`` tokens: "length"). ``generate`` and the batched decoder
+    (``runtimes/batching.py``) both choose through it, so a row of a batch chooses exactly as it would alone."""
+
+    def __init__(self, pipe: Pipeline, prep: Prepared, params: SamplingParams, max_new_tokens: int,
+                 seed: int | None = None, on_text: Callable[[str], None] | None = None, keep_logits: bool = False):
+        self.pipe, self.prep, self.params, self.max_new_tokens = pipe, prep, params, int(max_new_tokens)
+        self.rng = np.random.default_rng(seed)
+        self.eos = set(pipe.spec.generation.eos_token_ids or pipe.spec.tokens.eos_token_ids)
+        self.history = [int(i) for i in prep.input_ids]
+        self.stream = StreamDecoder(pipe.codec)
+        self.on_text, self.keep_logits = on_text, keep_logits
+        self.tokens: list[int] = []
+        self.kept: list[np.ndarray] = []
+        self.finish: str | None = None  # None while running, then "stop" or "length"
+
+    def push(self, logits: np.ndarray) -> int:
+        """Choose the next token from ``logits [V]``; sets ``finish`` when it is the last one."""
+        if self.keep_logits:
+            self.kept.append(np.array(logits, dtype=np.float32))
+        token = choose_token(logits, self.history, self.params, self.rng)
+        self.history.append(token)
+        self.tokens.append(token)
+        if token in self.eos:
+            self.finish = "stop"
+        else:
+            self._emit(self.stream.push(token))
+            if len(self.tokens) >= self.max_new_tokens:
+                self.finish = "length"
+        if self.finish:
+            self._emit(self.stream.flush())  # the streamed pieces add up to the final text
+        return token
+
+    def _emit(self, piece: str) -> None:
+        if piece and self.on_text:
+            self.on_text(piece)
+
+    def result(self, timings: dict[str, float]) -> Generation:
+        decoded = len(self.tokens) - 1 if self.tokens else 0
+        decode_s = timings.get("decode_s", 0.0)
+        timings["decode_tokens_per_s"] = decoded / decode_s if decoded and decode_s > 0 else 0.0
+        text = self.pipe.codec.decode([t for t in self.tokens if t not in self.eos])
+        return Generation(text, list(self.tokens), len(self.prep.input_ids), self.finish or "length", timings,
+                          self.kept, [p.summary() for p in self.prep.videos])
 
 
 def _has_engines(manifest: Manifest) -> bool:

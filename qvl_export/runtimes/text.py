@@ -63,3 +63,10 @@ class StreamDecoder:
         piece = text[self.emitted:]
         self.emitted = len(text)
         return piece
+
+    def flush(self) -> str:
+        """What is held back at the end (an incomplete character, as the tokenizer decodes it)."""
+        text = self.codec.decode(self.ids)
+        piece = text[self.emitted:]
+        self.emitted = len(text)
+        return piece
