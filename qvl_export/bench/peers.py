@@ -76,7 +76,8 @@ def missing(peer: str, llama_src: str | None = None) -> str | None:
 
 
 def text_checkpoint(checkpoint: Path, out: Path, shard_bytes: int = 1 << 30) -> Path:
-    """Write ``out``: the LLM of a Qwen-VL checkpoint as a ``Qwen2ForCausalLM`` folder (config,
+    """Write ``out``: the LLM of a Qwen-VL checkpoint as a ``Qwen2ForCausalLM`` (Qwen3-VL:
+    ``Qwen3ForCausalLM``) folder (config,
     tokenizer files, the ``model.*`` / ``lm_head`` weights in shards of about ``shard_bytes``,
     written one shard at a time)."""
     from safetensors import safe_open
@@ -89,8 +90,11 @@ def text_checkpoint(checkpoint: Path, out: Path, shard_bytes: int = 1 << 30) -> 
     raw = json.loads((checkpoint / "config.json").read_text())
     text_raw = raw.get("text_config") or raw
     out.mkdir(parents=True, exist_ok=True)
+    qwen3 = t.qk_norm  # Qwen3-VL's LLM is a Qwen3 decoder (q/k RMSNorm, head_dim from the config)
     config = {
-        "architectures": ["Qwen2ForCausalLM"], "model_type": "qwen2",
+        "architectures": ["Qwen3ForCausalLM" if qwen3 else "Qwen2ForCausalLM"],
+        "model_type": "qwen3" if qwen3 else "qwen2", "head_dim": t.head_dim,
+        "attention_bias": t.qkv_bias,
         "hidden_size": t.hidden_size, "intermediate_size": t.intermediate_size,
         "num_hidden_layers": t.num_hidden_layers, "num_attention_heads": t.num_attention_heads,
         "num_key_value_heads": t.num_key_value_heads, "vocab_size": t.vocab_size,

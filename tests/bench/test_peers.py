@@ -14,7 +14,7 @@ torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
 
-@pytest.mark.parametrize("family", ["qwen2_vl", "qwen2_5_vl"])
+@pytest.mark.parametrize("family", ["qwen2_vl", "qwen2_5_vl", "qwen3_vl"])
 def test_text_view_is_the_same_llm(checkpoint, tmp_path, family):
     """Text-only logits of the Qwen-VL model (transformers) == those of the Qwen2ForCausalLM view."""
     from qvl_export.bench.peers import text_checkpoint
@@ -28,7 +28,7 @@ def test_text_view_is_the_same_llm(checkpoint, tmp_path, family):
     ids = torch.tensor([[5, 17, 42, 99, 3, 250, 7, 61]])
     vl = transformers.AutoModelForImageTextToText.from_pretrained(src, dtype=torch.float32).eval()
     lm = transformers.AutoModelForCausalLM.from_pretrained(view, dtype=torch.float32).eval()
-    assert type(lm).__name__ == "Qwen2ForCausalLM"
+    assert type(lm).__name__ == ("Qwen3ForCausalLM" if family == "qwen3_vl" else "Qwen2ForCausalLM")
     with torch.no_grad():
         a = vl(input_ids=ids).logits
         b = lm(input_ids=ids).logits
