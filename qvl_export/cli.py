@@ -372,5 +372,10 @@ def _bench_command():
 
 _bench_command()
 
+
+from qvl_export.serving.command import serve  # noqa: E402 - click only; fastapi / uvicorn load when it runs
+
+main.add_command(serve)
+
 if __name__ == "__main__":
     main()

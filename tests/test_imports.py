@@ -162,3 +162,8 @@ def test_core_is_the_bottom_layer():
 def test_runtimes_depend_on_core_only():
     bad = _outside("runtimes", {"core", "runtimes"})
     assert not bad, "runtimes import only core and runtimes:\n" + "\n".join(bad)
+
+
+def test_serving_depends_on_runtimes_and_core_only():
+    bad = _outside("serving", {"core", "runtimes", "serving"})
+    assert not bad, "serving imports only core, runtimes and serving:\n" + "\n".join(bad)

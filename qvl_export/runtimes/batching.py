@@ -121,8 +121,8 @@ class BatchDecoder:
         self.pipe, self.max_batch = pipe, int(max_batch)
         self.capacity = int(capacity or pipe.max_context)
         if self.capacity > pipe.max_context:
-            raise QvlError(f"a KV capacity of {self.capacity} tokens per sequence is over the model's context of "
-                           f"{pipe.max_context}; pass at most {pipe.max_context}.")
+            raise QvlError(f"a KV capacity (--context) of {self.capacity} tokens per sequence is over the model's "
+                           f"context of {pipe.max_context}; pass at most {pipe.max_context}.")
         self.pooled = pipe.kv_layout == KV_BUFFER and not hasattr(pipe.backend, "new_cache")
         if self.max_batch > 1 and not self.pooled:
             raise QvlError("batched decoding needs the decoder of an ort-target build (GroupQueryAttention over "
@@ -197,15 +197,33 @@ class BatchDecoder:
                 done.append(b)
         finished = []
         for b in reversed(done):  # highest first: the last row moved into a freed slot is never a finished one
-            row, last = self.rows[b], len(self.rows) - 1
-            if b != last and self.pooled:
-                self.pool.move(last, b, self.rows[last].length)
-            self.rows[b] = self.rows[last]
-            self.rows.pop()
-            self._caches.pop(id(row), None)
+            row = self._remove(b)
             self._finish(row)
             finished.append(row)
         return finished[::-1]
+
+    def drop(self, row: Row) -> None:
+        """Stop ``row`` before it finishes (its client went away); its slot is free for the next request."""
+        for b, r in enumerate(self.rows):
+            if r is row:
+                self._remove(b)
+                return
+
+    def clear(self) -> list[Row]:
+        """Drop every running row (after a failed step: their caches are in an unknown state); returns them."""
+        rows, self.rows = self.rows, []
+        self._caches.clear()
+        return rows
+
+    def _remove(self, b: int) -> Row:
+        """Take row ``b`` out; the last row moves into its slot (its valid K/V rows copied), so slots stay 0..n-1."""
+        row, last = self.rows[b], len(self.rows) - 1
+        if b != last and self.pooled:
+            self.pool.move(last, b, self.rows[last].length)
+        self.rows[b] = self.rows[last]
+        self.rows.pop()
+        self._caches.pop(id(row), None)
+        return row
 
     def _pooled_step(self) -> np.ndarray:
         """logits [n, V] float32 of one token per running row, over the pool's first n slots."""

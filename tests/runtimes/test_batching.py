@@ -42,7 +42,8 @@ def sharp_artifacts(tmp_path_factory, tiny_dims):
 
 def _images():
     rng = np.random.default_rng(0)
-    return [Image.fromarray(rng.integers(0, 255, (h, w, 3), dtype=np.uint8)) for h, w in ((56, 84), (112, 56), (84, 84))]
+    sizes = ((56, 84), (112, 56), (84, 84))
+    return [Image.fromarray(rng.integers(0, 255, (h, w, 3), dtype=np.uint8)) for h, w in sizes]
 
 
 def mixed_requests():
