@@ -169,6 +169,9 @@ _BUILD_GRAPH = [
                  help="Run the parity gate against the PyTorch reference after building."),
     click.option("--gates", type=click.Path(path_type=Path, exists=True, dir_okay=False), default=None,
                  help="JSON file overriding the parity thresholds."),
+    click.option("--eval-docs", "eval_docs", type=click.Path(path_type=Path), default=None,
+                 help="Task gate: a folder of images / PDFs with prompts.txt (and answers.jsonl); the built "
+                      "artifacts' answers must agree with transformers' (README 'Task gate')."),
     click.option("--passes", "only_passes", default=None,
                  help="Comma-separated passes to run (default: every pass of the target; 'none' for none)."),
     click.option("--skip-pass", "skip_passes", multiple=True, help="A pass to leave out; repeatable."),
@@ -195,19 +198,28 @@ _BUILD_CHECKPOINT = [
 
 @main.command()
 @_options(_BUILD_OUTPUT, _BUILD_CALIBRATION, _BUILD_GRAPH, _BUILD_TRT, _BUILD_CHECKPOINT)
-def build(model_dir, output, run_parity, gates, **options):
+def build(model_dir, output, run_parity, gates, eval_docs, **options):
     """Trace MODEL_DIR into ONNX parts (the built-in demo checkpoint when omitted), then check parity."""
     from qvl_export.building.plan import run_build
     from qvl_export.building.settings import Reporter, parity_skip_reason, resolve_model, settings_from_cli
 
+    docs = None
+    if eval_docs is not None:
+        from qvl_export.core.errors import QvlError
+        from qvl_export.parity.eval_docs import read_eval_docs
+
+        if not run_parity:
+            raise QvlError("--eval-docs is gated by the parity run; drop --no-parity or --eval-docs.")
+        docs = read_eval_docs(eval_docs)  # bad documents fail before the build
     model_dir, output = resolve_model(model_dir, output, _say)
     settings = settings_from_cli(options)
     run_build(model_dir, output, settings, Reporter(_say, _warn))
     skipped = parity_skip_reason(settings) if run_parity else None
     if skipped:
-        _say(skipped)
+        _say(skipped + (" (the --eval-docs task gate with it)" if docs else ""))
     elif run_parity:
-        _parity(output, model_dir, gates, quick=True, verify=False)  # sealed by this very build a moment ago
+        _parity(output, model_dir, gates, quick=True, verify=False,  # sealed by this very build a moment ago
+                eval_docs=docs)
 
 
 @main.command("passes")
@@ -341,15 +353,19 @@ def _read_messages(path: Path) -> list:
               help="JSON file overriding the thresholds of the precision's gates.")
 @click.option("--quick", is_flag=True, help="Fewer cases and new tokens.")
 @click.option("--skip-verify", is_flag=True, help="Do not check the artifacts' files against the manifest's sha256.")
-def parity(artifacts, reference, gates, quick, skip_verify):
+@click.option("--eval-docs", "eval_docs", type=click.Path(path_type=Path), default=None,
+              help="Task gate: a folder of images / PDFs with prompts.txt (and answers.jsonl).")
+def parity(artifacts, reference, gates, quick, skip_verify, eval_docs):
     """Compare ARTIFACTS stage by stage against the PyTorch reference; exit 1 when a gate fails."""
-    _parity(artifacts, reference, gates, quick=quick, verify=not skip_verify)
+    _parity(artifacts, reference, gates, quick=quick, verify=not skip_verify, eval_docs=eval_docs)
 
 
-def _parity(artifacts: Path, reference: Path, gates: Path | None, quick: bool, verify: bool = True) -> None:
+def _parity(artifacts: Path, reference: Path, gates: Path | None, quick: bool, verify: bool = True,
+            eval_docs=None) -> None:
     from qvl_export.parity.gate import run_parity
 
-    report = run_parity(artifacts, reference, gates_file=gates, quick=quick, progress=_say, verify=verify)
+    report = run_parity(artifacts, reference, gates_file=gates, quick=quick, progress=_say, verify=verify,
+                        eval_docs=eval_docs)
     click.echo(report.table())
     _say(f"report written to {Path(artifacts) / 'report.json'}")
     if not report.passed:

@@ -43,13 +43,17 @@ CHECKS = (
     ("video_deepstack", "finite", None, "min"),
     ("prefill", "cosine", "logits_cosine", "min"),
     ("prefill", "top1_equal", "prefill_top1", "min"),
+    ("prefill", "top1_decisive", "prefill_top1_decisive", "min"),
     ("prefill", "kl", "logits_kl", "max"),
     ("steps", "min_cosine", "logits_cosine", "min"),
     ("steps", "max_kl", "logits_kl", "max"),
     ("steps", "finite", None, "min"),
     ("steps", "top1_decisive", "logits_top1", "min"),
     ("greedy", "match_fraction", "greedy_match_fraction", "min"),
+    ("greedy", "decisive_match", "greedy_decisive_match", "min"),
     ("task", "exact_match_drop", "task_exact_match_drop", "max"),
+    ("eval", "answer_agreement", "task_answer_agreement", "min"),  # --eval-docs (parity/eval_docs.py)
+    ("eval", "exact_match_drop", "task_exact_match_drop", "max"),
 )
 
 
@@ -123,11 +127,23 @@ class Report:
         return all(c["passed"] for case in self.cases for c in case["checks"])
 
     def failures(self) -> list[str]:
-        return [f"{case['name']}/{c['stage']}.{c['metric']}={c['value']:.6g} (needs {'>=' if c['kind'] == 'min' else '<='}"
-                f" {c['threshold']:.6g})" for case in self.cases for c in case["checks"] if not c["passed"]]
+        out = []
+        for case in self.cases:
+            for c in case["checks"]:
+                if c["passed"]:
+                    continue
+                line = (f"{case['name']}/{c['stage']}.{c['metric']}={c['value']:.6g} (needs "
+                        f"{'>=' if c['kind'] == 'min' else '<='} {c['threshold']:.6g})")
+                changed = case["stages"][c["stage"]].get("changed")
+                if changed:  # --eval-docs: the documents whose answer changed, by name
+                    line += f" - answers changed on {', '.join(changed[:8])}" + (
+                        f" and {len(changed) - 8} more" if len(changed) > 8 else "")
+                out.append(line)
+        return out
 
     def failure_summary(self) -> str:
         f = self.failures()
+        f = [x for x in f if "answers changed on" in x] + [x for x in f if "answers changed on" not in x]
         return "; ".join(f[:4]) + (f" and {len(f) - 4} more" if len(f) > 4 else "")
 
     def to_json(self) -> str:
@@ -142,20 +158,29 @@ class Report:
                 cos = m.get("cosine", m.get("min_cosine"))
                 other = ""
                 if stage == "greedy":
-                    other = f"{m['matched_prefix']}/{m['ref_len']} tokens, diverge@{m['first_divergence']}"
+                    other = (f"{m['matched_prefix']}/{m['ref_len']} tokens, diverge@{m['first_divergence']}, "
+                             f"decisive lead {m.get('decisive_prefix', 0)}")
                 elif stage == "prompt":
                     other = f"{m['tokens']} tokens, ids {'=' if m['ids_equal'] else '!='}"
                 elif stage == "steps":
-                    other = (f"top1 {m['top1_decisive']:.2f} of {m['decisive_steps']} decisive "
+                    decisive = "n/a" if m["top1_decisive"] is None else f"{m['top1_decisive']:.2f}"
+                    other = (f"top1 {decisive} of {m['decisive_steps']} decisive "
                              f"({m['top1_agreement']:.2f} of {m['steps']}), kl {m['max_kl']:.1e}")
                 elif stage == "prefill":
-                    other = f"top1 {'same' if m['top1_equal'] else 'DIFFERENT'}, kl {m['kl']:.1e}"
+                    other = (f"top1 {'same' if m['top1_equal'] else 'DIFFERENT'}"
+                             f"{'' if m.get('top1_decisive') is not None else ' (near-tie: n/a)'}, kl {m['kl']:.1e}")
+                elif stage == "eval":
+                    other = f"{m['answer_agreement']:.3f} of {m['documents']} answers agree"
+                    if "exact_match" in m:
+                        other += f", exact {m['exact_match']:.3f} (ref {m['reference_exact_match']:.3f})"
                 elif stage == "task":
                     other = f"exact {m['exact_match']:.3f} (fp32 {m['reference_exact_match']:.3f})"
                 cos_s = "" if cos is None else f"{cos:.7f}"
                 abs_s = "" if "max_abs" not in m else f"{m['max_abs']:.2e}"
                 result = "FAIL" if stage in failed else "ok"
                 rows.append(f"{case['name']:<12} {stage:<10} {cos_s:>10} {abs_s:>10} {other:<40} {result}")
+            for doc in [d for d in case.get("documents", []) if not d["agree"]][:10]:
+                rows.append(f"{'':<12} changed    {doc['document']}: reference {doc['reference']!r}, ours {doc['ours']!r}")
         rows.append(f"gate ({self.precision}): {'PASSED' if self.passed else 'FAILED'}")
         return "\n".join(rows)
 
@@ -163,7 +188,7 @@ class Report:
 def _check(stages: dict, gates: dict[str, float]) -> list[dict]:
     out = []
     for stage, metric, key, kind in CHECKS:
-        if stage not in stages or metric not in stages[stage]:
+        if stage not in stages or stages[stage].get(metric) is None:  # absent or n/a: not gated
             continue
         value = float(stages[stage][metric])
         threshold = 1.0 if key is None else gates[key]
@@ -227,6 +252,9 @@ def compare_case(pipe, r, case: Case, max_new_tokens: int, t_ref: float = 0.0) -
     stages["prefill"] = compare(ours_first[None], r.prefill_logits[-1][None])
     stages["prefill"]["top1_equal"] = float(int(np.argmax(ours_first)) == int(np.argmax(r.prefill_logits[-1])))
     stages["prefill"]["kl"] = kl_divergence(ours_first, r.prefill_logits[-1])
+    # the prefill's argmax is gated where the reference is decisive about it; a near-tie is n/a (the KL judges it)
+    decisive_prefill = top2_margin(r.prefill_logits[-1]) >= DECISIVE_MARGIN
+    stages["prefill"]["top1_decisive"] = stages["prefill"]["top1_equal"] if decisive_prefill else None
     agree = token_agreement(gen.token_ids, [int(t) for t in r.generated_ids])
     # teacher-forced: our decoder fed the reference's own tokens, so every reference step is compared
     # even after a greedy divergence (a near-tie flip ends the greedy comparison, not this one)
@@ -241,8 +269,16 @@ def compare_case(pipe, r, case: Case, max_new_tokens: int, t_ref: float = 0.0) -
                        "max_kl": float(max(kl)), "mean_kl": float(np.mean(kl)),
                        "max_abs": max_abs, "top1_agreement": float(np.mean(top1)),
                        "decisive_steps": len(decisive),
-                       "top1_decisive": float(np.mean([top1[i] for i in decisive])) if decisive else 1.0,
+                       # None ("n/a"): no reference step is decisive (random weights), nothing to gate here -
+                       # the step KL and cosine gates judge those steps
+                       "top1_decisive": float(np.mean([top1[i] for i in decisive])) if decisive else None,
                        "finite": float(all(np.isfinite(f).all() for f in forced))}
+    # greedy over the reference's leading decisive steps: up to its first near-tie every token is one the
+    # reference was sure of, so ours must be the same; after it a legitimate flip may end the comparison
+    sure = set(decisive)
+    lead = next((i for i in range(n) if i not in sure), n)
+    agree["decisive_prefix"] = lead
+    agree["decisive_match"] = min(agree["matched_prefix"], lead) / lead if lead else None
     stages["greedy"] = agree
     return {"name": case.name, "images": [list(s) for s in case.sizes], "prompt": case.prompt,
             "stages": stages, "seconds": {"reference": t_ref, "artifacts": t_ours},
@@ -331,10 +367,16 @@ def check_reference(manifest: Manifest, reference_dir: Path) -> None:
 def run_parity(artifacts: str | Path, reference_dir: str | Path, gates_file: Path | None = None,
                quick: bool = False, max_new_tokens: int = 64, cases: list[Case] | None = None,
                progress: Callable[[str], None] | None = None, threads: int | None = None,
-               task_pages: int | None = None, verify: bool = True) -> Report:
+               task_pages: int | None = None, verify: bool = True, eval_docs=None,
+               reference_cache: dict | None = None) -> Report:
     """Gate ``artifacts`` against the checkpoint in ``reference_dir``. When that is a demo-task model
     (the built-in demo), the artifacts' exact match on its held-out pages is gated too, against the
-    fp32 figure of its ``eval.json`` (``task_pages``: fewer pages, default all of them; 0: skip)."""
+    fp32 figure of its ``eval.json`` (``task_pages``: fewer pages, default all of them; 0: skip).
+    ``eval_docs`` (a folder, or ``eval_docs.read_eval_docs``' list): the task gate on those documents,
+    answers of the artifacts vs the reference's (``parity/eval_docs.py``). ``reference_cache``: a dict
+    kept by the caller across calls on the same checkpoint - reference results are taken from it and
+    added to it, so gating several builds of one checkpoint runs transformers once per case."""
+    from qvl_export.parity import eval_docs as task_docs
     from qvl_export.parity.reference import TorchReference
     from qvl_export.runtimes.pipeline import Pipeline
 
@@ -347,6 +389,8 @@ def run_parity(artifacts: str | Path, reference_dir: str | Path, gates_file: Pat
                        "artifacts were built from.")
     say = progress or (lambda m: None)
     check_reference(manifest, reference_dir)
+    if eval_docs is not None and not isinstance(eval_docs, list):
+        eval_docs = task_docs.read_eval_docs(eval_docs)  # bad input fails before anything runs
     if verify:
         manifest.verify(artifacts)  # a damaged folder fails before the reference runs
     # the reference and the artifacts are never resident together: every case runs on the reference
@@ -359,19 +403,28 @@ def run_parity(artifacts: str | Path, reference_dir: str | Path, gates_file: Pat
             say(f"parity case {case.name} skipped: {why}")
         else:
             chosen.append(case)
-    say("loading the PyTorch reference (transformers)")
-    ref = TorchReference(reference_dir)
-    references = []
-    for case in chosen:
-        say(f"reference case {case.name}")
-        references.append(reference_case(ref, case, max_new_tokens))
-    del ref
+    cache = {} if reference_cache is None else reference_cache
+    key = (str(reference_dir.resolve()), max_new_tokens)
+    eval_key = (key, "eval", tuple((d.name, d.prompt) for d in eval_docs or []))
+    missing = [c for c in chosen if (key, c.name) not in cache]
+    if missing or (eval_docs and eval_key not in cache):
+        say("loading the PyTorch reference (transformers)")
+        ref = TorchReference(reference_dir)
+        for case in missing:
+            say(f"reference case {case.name}")
+            cache[(key, case.name)] = reference_case(ref, case, max_new_tokens)
+        if eval_docs and eval_key not in cache:
+            cache[eval_key] = task_docs.reference_answers(ref, eval_docs, say)
+        del ref
+    references = [cache[(key, c.name)] for c in chosen]
+    eval_ids = cache.get(eval_key) if eval_docs else None
     gc.collect()
     pipe = Pipeline.load(artifacts, threads=threads, verify=False)
     report = Report(precision=manifest.precision, gates=gates,
                     meta={"artifacts": str(artifacts), "reference": str(reference_dir),
                           "max_new_tokens": max_new_tokens, "quick": quick,
-                          "source_sha256": manifest.source.sha256, "skipped_cases": skipped})
+                          "source_sha256": manifest.source.sha256, "skipped_cases": skipped,
+                          "eval_docs": len(eval_docs or [])})
     for case, (r, t_ref) in zip(chosen, references):
         say(f"parity case {case.name}")
         result = compare_case(pipe, r, case, max_new_tokens, t_ref)
@@ -383,6 +436,12 @@ def run_parity(artifacts: str | Path, reference_dir: str | Path, gates_file: Pat
         pages = min(int(task["heldout"]), task_pages or int(task["heldout"]))
         say(f"demo task: exact match on {pages} held-out invoices")
         result = task_case(pipe, task, pages)
+        result["checks"] = _check(result["stages"], gates)
+        result["passed"] = all(c["passed"] for c in result["checks"])
+        report.cases.append(result)
+    if eval_docs:
+        say(f"eval documents: the artifacts' answers on {len(eval_docs)} documents")
+        result = task_docs.eval_case(pipe, eval_docs, eval_ids, say)
         result["checks"] = _check(result["stages"], gates)
         result["passed"] = all(c["passed"] for c in result["checks"])
         report.cases.append(result)
