@@ -61,6 +61,12 @@ OPTIONS: list[tuple[tuple[str, ...], dict]] = [
                                      "default $QVL_LLAMA_CPP_SRC.")),
     (("--memory-reserve-mb",), dict(type=float, default=1024.0, show_default=True,
                                     help="Stop a worker when available memory falls below this.")),
+    (("--serve", "serve_artifacts"), dict(type=str, default=None,
+                                          help="Load-test 'qvl-export serve' on this artifacts folder instead "
+                                               "(loopback only): batch 1 vs continuous batching, same requests.")),
+    (("--clients",), dict(type=int, default=4, show_default=True, help="--serve: concurrent clients.")),
+    (("--requests",), dict(type=int, default=32, show_default=True, help="--serve: requests in all, per setting.")),
+    (("--max-tokens",), dict(type=int, default=64, show_default=True, help="--serve: max_tokens of every request.")),
 ]
 
 
@@ -84,10 +90,20 @@ def run_bench_cli(model: str, layers: int, threads: int, out_dir: str, pixels: s
                   prompt_tokens: int, repeats: int, skip_torch: bool, no_profile: bool, reuse: bool,
                   idle_wait: float, retries: int, memory_reserve_mb: float, quantized: str = "",
                   calib_limit: int = 4, peers: str = "", llama_cpp_src: str | None = None,
-                  video: str = "16x448") -> dict:
+                  video: str = "16x448", serve_artifacts: str | None = None, clients: int = 4, requests: int = 32,
+                  max_tokens: int = 64) -> dict:
     """The CLI entry: parse the option strings, run, print the table to stdout."""
     import sys
 
+    if serve_artifacts:
+        from qvl_export.serving import loadtest
+
+        results = loadtest.run_load_test(serve_artifacts, clients=clients, requests=requests, max_tokens=max_tokens,
+                                         threads=threads, progress=lambda msg: print(f"[bench] {msg}", file=sys.stderr,
+                                                                                     flush=True))
+        print(loadtest.table(results))
+        print(f"\nwritten: {loadtest.report(results, out_dir)}")
+        return {"serve": [r.__dict__ for r in results]}
     from qvl_export.bench.harness import run_bench as impl
 
     sides = tuple(int(p) for p in str(pixels).replace(" ", "").split(",") if p)

@@ -50,19 +50,26 @@ def prepare(state: ServerState, chat: api.ChatRequest):
     return prep, max_tokens
 
 
+DRAIN_BYTES = 64 << 20  # a body over the limit by at most this much is read and dropped before the 413
+
+
 async def read_body(request, limit: int) -> bytes:
-    """The body, refused with 413 as soon as it passes ``limit`` bytes (Content-Length or counted)."""
+    """The body, refused with 413 once it passes ``limit`` bytes (Content-Length or counted). Up to
+    ``DRAIN_BYTES`` past the limit are read and dropped first, so an ordinary client that is still sending
+    gets the 413 and its reason instead of a broken connection; a larger body is cut off."""
     declared = request.headers.get("content-length")
-    if declared and declared.isdigit() and int(declared) > limit:
-        raise api.ApiError(f"the request body is {int(declared)} bytes; this server takes at most {limit} "
-                           "(--max-body-mb).", 413)
-    chunks, size = [], 0
-    async for part in request.stream():
-        size += len(part)
-        if size > limit:
-            raise api.ApiError(f"the request body is over {limit} bytes, the most this server takes (--max-body-mb).",
-                               413)
-        chunks.append(part)
+    declared = int(declared) if declared and declared.isdigit() else None
+    size, chunks = 0, []
+    if declared is None or declared <= limit + DRAIN_BYTES:
+        async for part in request.stream():
+            size += len(part)
+            if size <= limit:
+                chunks.append(part)
+            elif size > limit + DRAIN_BYTES:
+                break
+    if (declared or 0) > limit or size > limit:
+        shown = f"{declared} bytes" if declared else f"over {limit} bytes"
+        raise api.ApiError(f"the request body is {shown}; this server takes at most {limit} (--max-body-mb).", 413)
     return b"".join(chunks)
 
 

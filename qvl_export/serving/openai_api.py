@@ -27,7 +27,8 @@ from typing import Any
 
 from qvl_export.core.errors import QvlError
 from qvl_export.runtimes import preprocess
-from qvl_export.runtimes.chat import IMAGE_TYPES, ROLES, VIDEO_TYPES, image_source, item_kind, video_options
+from qvl_export.runtimes.chat import (IMAGE_TYPES, ROLES, VIDEO_TYPES, image_source, item_kind, video_options,
+                                      video_source)
 
 MiB = 1 << 20
 
@@ -175,13 +176,15 @@ def parse_chat(body: dict, model_name: str, limits: Limits) -> ChatRequest:
     if media > limits.max_images:
         raise ApiError(f"the request has {media} images and videos; this server takes at most {limits.max_images} "
                        "per request (--max-images).")
+    seed = _integer(body, "seed", -(2**63), 2**64 - 1)
     return ChatRequest(checked, max_tokens, _number(body, "temperature", 0.0, 2.0),
-                       _number(body, "top_p", 0.0, 1.0, lo_open=True), _integer(body, "seed", -(2**63), 2**64 - 1),
+                       _number(body, "top_p", 0.0, 1.0, lo_open=True), None if seed is None else seed % 2**64,
                        stream, bool(options.get("include_usage")), media)
 
 
-def local_media(source: str, limits: Limits, where: str) -> Path:
-    """A local media path, checked to resolve (links followed) inside ``limits.allowed_media``."""
+def local_media(source: str, limits: Limits, where: str, folder_ok: bool = False) -> Path:
+    """A local media path, checked to resolve (links followed) inside ``limits.allowed_media``; ``folder_ok``:
+    a folder (a video's frames) is taken too."""
     if limits.allowed_media is None:
         raise ApiError(f"{where}: local paths are not allowed on this server (start it with --allowed-media DIR), "
                        "send the image as a data: URL.")
@@ -189,7 +192,7 @@ def local_media(source: str, limits: Limits, where: str) -> Path:
     path = Path(os.path.realpath(source if os.path.isabs(source) else root / source))
     if path != root and root not in path.parents:
         raise ApiError(f"{where}: {source} is outside the folder this server may read (--allowed-media).")
-    if not path.is_file():
+    if not (path.is_file() or (folder_ok and path.is_dir() and path != root)):
         raise ApiError(f"{where}: {source} is not a file in the allowed media folder.")
     return path
 
@@ -220,15 +223,14 @@ def resolve_media(chat: ChatRequest, limits: Limits) -> list[dict]:
                     image = preprocess.load_image(source, max_image_pixels=limits.max_image_pixels)
                     items.append({"type": "image", "image": image})
                 else:
-                    from qvl_export.runtimes.chat import video_source
-
                     source = video_source(part)
                     if not isinstance(source, str):
                         raise ApiError(f"{where}: a video must be a path in the allowed media folder.")
                     opts = video_options(part)
                     opts["max_frames"] = min(int(opts.get("max_frames", limits.max_video_frames)),
                                              limits.max_video_frames)
-                    items.append({"type": "video", "video": str(local_media(source, limits, where)), **opts})
+                    items.append({"type": "video", "video": str(local_media(source, limits, where, folder_ok=True)),
+                                  **opts})
             except ApiError:
                 raise
             except QvlError as err:

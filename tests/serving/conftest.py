@@ -31,7 +31,7 @@ def serve_artifacts(tmp_path_factory, tiny_dims):
 
 @pytest.fixture(scope="session")
 def media(tmp_path_factory):
-    """The allowed media folder: three PNGs of different sizes; and a file outside it."""
+    """The allowed media folder: three PNGs of different sizes and a folder of 4 frames; a file outside it."""
     root = tmp_path_factory.mktemp("media")
     allowed = root / "allowed"
     allowed.mkdir()
@@ -39,6 +39,10 @@ def media(tmp_path_factory):
     for name, (h, w) in {"a.png": (56, 84), "b.png": (112, 56), "c.png": (84, 84)}.items():
         Image.fromarray(rng.integers(0, 255, (h, w, 3), dtype=np.uint8)).save(allowed / name)
     Image.new("RGB", (28, 28)).save(root / "outside.png")
+    clip = allowed / "clip"  # a video as a folder of frames
+    clip.mkdir()
+    for i in range(4):
+        Image.fromarray(rng.integers(0, 255, (56, 84, 3), dtype=np.uint8)).save(clip / f"{i:02d}.png")
     return allowed
 
 

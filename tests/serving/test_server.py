@@ -104,6 +104,17 @@ def test_seeded_sampling_is_reproducible(client, pipe, media):
     assert a == b == _alone(pipe, media, messages, 20, temperature=0.9, top_p=0.9, seed=5).text
 
 
+def test_video_item_and_negative_seed(client, pipe, media):
+    r = client.chat.completions.create(model=MODEL, messages=user({"type": "video", "video": "clip", "fps": 2.0},
+                                                                  text("What happens?")),
+                                       max_tokens=12, temperature=0)
+    alone = pipe.generate(videos=[str(media / "clip")], prompt="What happens?", fps=2.0, max_new_tokens=12,
+                          temperature=0)
+    assert r.choices[0].message.content == alone.text and r.usage.prompt_tokens == alone.prompt_tokens
+    r = client.chat.completions.create(model=MODEL, messages=user(text("hi")), max_tokens=4, temperature=1, seed=-3)
+    assert r.usage.completion_tokens >= 1
+
+
 BAD = [  # (body, status, words of the one-line reason)
     ({"messages": user(text("hi"))}, 400, "'model' is required"),
     ({"model": "gpt-4o", "messages": user(text("hi"))}, 404, "does not exist"),
@@ -148,6 +159,9 @@ def test_bad_requests_get_one_line_reasons(server, client):
     big = json.dumps({"model": MODEL, "messages": user(text("x" * (3 << 20)))}).encode()
     code, reply = _post(server, big)
     assert code == 413 and "at most 2097152" in reply["error"]["message"]
+    with pytest.raises(openai.APIStatusError, match="at most 2097152") as err:  # the same through the client
+        client.chat.completions.create(model=MODEL, messages=user(text("x" * (3 << 20))), max_tokens=4)
+    assert err.value.status_code == 413
     assert _post(server, b"{}", path="/v1/completions")[0] == 404
     assert _get(server, "/v1/chat/completions")[0] == 405
     with pytest.raises(openai.BadRequestError, match="outside the folder"):
