@@ -52,7 +52,7 @@ def test_gates_file_overrides(tmp_path):
     path = tmp_path / "gates.json"
     path.write_text(json.dumps({"fp32": {"vision_cosine": 0.5}}))
     assert load_gates("fp32", path)["vision_cosine"] == 0.5
-    assert load_gates("fp32")["vision_cosine"] == 0.99999
+    assert load_gates("fp32")["vision_cosine"] == 0.999999
     path.write_text(json.dumps({"vision_cosine": 0.25}))  # flat: applies to every precision
     assert load_gates("fp32", path)["vision_cosine"] == 0.25
     path.write_text(json.dumps({"vison_cosine": 0.5}))
@@ -72,6 +72,24 @@ def test_demo_task_drop_is_gated():
         ok = _check({"task": {"exact_match_drop": allowed - 0.004}}, gates)
         bad = _check({"task": {"exact_match_drop": allowed + 0.004}}, gates)
         assert [c["passed"] for c in ok] == [True] and [c["passed"] for c in bad] == [False]
+
+
+def test_no_decisive_step_is_not_a_vacuous_pass():
+    """A metric over decisive reference steps is n/a (None, null in report.json) when there are none, and
+    is then not gated; where it exists every quantized precision gates it at 1.0."""
+    from qvl_export.parity.gate import _check
+
+    for precision in ("fp32", "fp16", "int8", "fp8", "int4"):
+        gates = load_gates(precision)
+        assert gates["prefill_top1_decisive"] == gates["greedy_decisive_match"] == 1.0
+        flat = {"steps": {"top1_decisive": None, "max_kl": 1e-5}, "prefill": {"top1_decisive": None},
+                "greedy": {"decisive_match": None, "match_fraction": 1.0}}
+        checked = {(c["stage"], c["metric"]) for c in _check(flat, gates)}
+        assert ("steps", "top1_decisive") not in checked and ("prefill", "top1_decisive") not in checked
+        assert ("steps", "max_kl") in checked and ("greedy", "decisive_match") not in checked
+        sure = {"steps": {"top1_decisive": 0.9}, "prefill": {"top1_decisive": 0.0}, "greedy": {"decisive_match": 0.5}}
+        failed = {(c["stage"], c["metric"]) for c in _check(sure, gates) if not c["passed"]}
+        assert {("prefill", "top1_decisive"), ("greedy", "decisive_match")} <= failed, precision
 
 
 def test_kl_divergence():
