@@ -12,6 +12,7 @@ after its stream started ends with an ``error`` event, then ``[DONE]``.
 import asyncio
 import json
 import logging
+import os
 import time
 from dataclasses import dataclass
 
@@ -117,7 +118,8 @@ def create_app(state: ServerState):
     async def health():
         if not state.scheduler.alive:
             return error(503, "the scheduler thread is not running; restart the server.")
-        return {"status": "ok", "model": state.model_name, "running": metrics.running, "queued": metrics.queued}
+        return {"status": "ok", "model": state.model_name, "running": metrics.running, "queued": metrics.queued,
+                "pid": os.getpid()}  # which process answered (Ray Serve: which replica)
 
     @app.get("/metrics")
     async def prometheus():

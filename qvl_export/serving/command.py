@@ -36,10 +36,17 @@ from qvl_export.serving import openai_api as api
 @click.option("--threads", default=None, type=click.IntRange(1), help="onnxruntime intra-op threads.")
 @click.option("--backend", type=click.Choice(["onnxruntime", "tensorrt"]), default=None)
 @click.option("--skip-verify", is_flag=True, help="Do not check the artifacts' files against the manifest's sha256.")
+@click.option("--ray", "use_ray", is_flag=True,
+              help="Run --replicas copies of the server on Ray Serve (a local Ray instance, or RAY_ADDRESS's "
+                   "cluster); needs pip install \"ray[serve]\".")
+@click.option("--replicas", default=2, show_default=True, type=click.IntRange(1), help="--ray: server replicas.")
+@click.option("--replica-cpus", default=1.0, show_default=True, type=click.FloatRange(0.0, min_open=True),
+              help="--ray: CPUs Ray reserves per replica.")
 def serve(artifacts, host, port, max_batch, context, max_queue, allowed_media, max_images, max_image_pixels,
-          max_video_frames, max_tokens, max_body_mb, model_name, threads, backend, skip_verify):
+          max_video_frames, max_tokens, max_body_mb, model_name, threads, backend, skip_verify, use_ray, replicas,
+          replica_cpus):
     """Serve ARTIFACTS as an OpenAI-compatible chat completions endpoint (/v1/chat/completions, /v1/models,
-    /health, /metrics), decoding concurrent requests in one continuous batch."""
+    /health, /metrics), decoding concurrent requests in one continuous batch (--ray: on Ray Serve replicas)."""
     from qvl_export.serving.server import ServeOptions, require_serve_extra, serve as run_server
 
     require_serve_extra()
@@ -48,4 +55,12 @@ def serve(artifacts, host, port, max_batch, context, max_queue, allowed_media, m
                         allowed_media=allowed_media)
     options = ServeOptions(max_batch=max_batch, context=context, max_queue=max_queue, threads=threads,
                            backend=backend, verify=not skip_verify, model_name=model_name, limits=limits)
+    if use_ray:
+        from qvl_export.core.manifest import Manifest
+        from qvl_export.serving import ray as ray_serve
+
+        ray_serve.require_ray()
+        Manifest.read(artifacts)  # a bad folder is one line here, not a replica failing to start
+        ray_serve.run(artifacts, options, replicas=replicas, host=host, port=port, cpus_per_replica=replica_cpus)
+        return
     run_server(artifacts, host=host, port=port, options=options)

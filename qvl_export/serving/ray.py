@@ -1,0 +1,71 @@
+"""Scale-out on Ray Serve: N replicas of the same server app, each loading the artifacts once.
+
+    qvl-export serve ART --ray --replicas 2 [--port 8000]        # a local Ray instance, or RAY_ADDRESS's cluster
+
+Each replica is a Ray actor that builds ``create_app(state)`` - its own Pipeline, scheduler thread and
+continuous batch - when it starts (``serve.ingress`` with a builder, evaluated on the replica); Ray
+Serve's proxy spreads the HTTP requests over the replicas and restarts a replica that dies, while the
+others keep answering. The routes, limits and metrics are those of ``qvl-export serve`` (each replica's
+/metrics are its own). Imported only when used: ``pip install "ray[serve]"``.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+from qvl_export.core.errors import QvlError
+
+log = logging.getLogger(__name__)
+
+DEPLOYMENT = "QvlServer"
+
+
+def require_ray():
+    try:
+        import ray
+        from ray import serve
+    except ModuleNotFoundError as err:
+        raise QvlError(f"'qvl-export serve --ray' needs Ray Serve ({err.name} is not installed): "
+                       'pip install "ray[serve]"') from None
+    return ray, serve
+
+
+def application(artifacts: str | Path, options, replicas: int = 2, cpus_per_replica: float = 1.0):
+    """The Ray Serve application: ``replicas`` copies of the server app over ``artifacts``."""
+    _, serve = require_ray()
+    artifacts = str(Path(artifacts).resolve())
+
+    def build_app():  # runs on each replica when it starts: the artifacts load once per replica
+        from qvl_export.serving.app import create_app
+        from qvl_export.serving.server import build_state
+
+        state = build_state(artifacts, options)
+        state.scheduler.start()
+        return create_app(state)
+
+    deployment = serve.deployment(serve.ingress(build_app)(), name=DEPLOYMENT, num_replicas=replicas,
+                                  ray_actor_options={"num_cpus": cpus_per_replica},
+                                  max_ongoing_requests=max(16, 4 * options.max_batch),
+                                  health_check_period_s=2, health_check_timeout_s=30)
+    return deployment.bind()
+
+
+def run(artifacts: str | Path, options, replicas: int = 2, host: str = "127.0.0.1", port: int = 8000,
+        cpus_per_replica: float = 1.0, blocking: bool = True):
+    """Start Serve's proxy on ``host:port`` and deploy the application (blocks until interrupted when
+    ``blocking``). Connects to the cluster in RAY_ADDRESS when set, else starts a local Ray instance."""
+    ray, serve = require_ray()
+    if not ray.is_initialized():
+        ray.init(include_dashboard=False, log_to_driver=False)
+    serve.start(http_options={"host": host, "port": port})
+    serve.run(application(artifacts, options, replicas, cpus_per_replica), name="qvl", route_prefix="/",
+              blocking=blocking)
+
+
+def replica_actors() -> list:
+    """The replicas' actor handles (named actors in Serve's namespace), e.g. to stop one."""
+    ray, _ = require_ray()
+    names = [a["name"] for a in ray.util.list_named_actors(all_namespaces=True)
+             if a.get("namespace") == "serve" and a["name"].startswith("SERVE_REPLICA") and DEPLOYMENT in a["name"]]
+    return [ray.get_actor(name, namespace="serve") for name in sorted(names)]
