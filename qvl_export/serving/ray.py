@@ -51,6 +51,29 @@ def application(artifacts: str | Path, options, replicas: int = 2, cpus_per_repl
     return deployment.bind()
 
 
+def build(args: dict):
+    """Application builder for Ray Serve's config files and CLI (KubeRay's RayService uses the same):
+    ``serve run qvl_export.serving.ray:build artifacts=/models/q25 replicas=2 max_batch=8``. Keys: artifacts
+    (required), replicas, replica_cpus, max_batch, context, threads, model_name, allowed_media."""
+    from qvl_export.serving import openai_api as api
+    from qvl_export.serving.server import ServeOptions
+
+    if not args.get("artifacts"):
+        raise QvlError("the Ray Serve application needs artifacts=PATH (an artifacts folder on every node).")
+
+    def number(key, kind, default):
+        try:
+            return kind(args[key]) if args.get(key) not in (None, "") else default
+        except (TypeError, ValueError):
+            raise QvlError(f"{key}={args[key]!r} must be {'an integer' if kind is int else 'a number'}.") from None
+
+    limits = api.Limits(allowed_media=Path(args["allowed_media"]) if args.get("allowed_media") else None)
+    options = ServeOptions(max_batch=number("max_batch", int, 8), context=number("context", int, None),
+                           threads=number("threads", int, None), model_name=args.get("model_name") or None,
+                           limits=limits)
+    return application(args["artifacts"], options, number("replicas", int, 2), number("replica_cpus", float, 1.0))
+
+
 def run(artifacts: str | Path, options, replicas: int = 2, host: str = "127.0.0.1", port: int = 8000,
         cpus_per_replica: float = 1.0, blocking: bool = True):
     """Start Serve's proxy on ``host:port`` and deploy the application (blocks until interrupted when

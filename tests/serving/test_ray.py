@@ -90,3 +90,16 @@ def test_two_replicas_share_requests_and_survive_a_killed_one(ray_app, serve_art
     while len(qray.replica_actors()) < 2 and time.monotonic() < deadline:
         time.sleep(0.5)
     assert _chat(ray_app) == expected
+
+
+def test_application_builder_reads_its_args(serve_artifacts):
+    from qvl_export.core.errors import QvlError
+    from qvl_export.serving import ray as qray
+
+    app = qray.build({"artifacts": str(serve_artifacts), "replicas": "3", "max_batch": "4"})
+    assert isinstance(app, serve.Application)
+    with pytest.raises(QvlError, match="artifacts=PATH"):
+        qray.build({})
+    with pytest.raises(QvlError, match="replicas='two' must be an integer"):
+        qray.build({"artifacts": "x", "replicas": "two"})
+
