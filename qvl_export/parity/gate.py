@@ -129,13 +129,15 @@ class Report:
     def failures(self) -> list[str]:
         out = []
         for case in self.cases:
+            named = False
             for c in case["checks"]:
                 if c["passed"]:
                     continue
                 line = (f"{case['name']}/{c['stage']}.{c['metric']}={c['value']:.6g} (needs "
                         f"{'>=' if c['kind'] == 'min' else '<='} {c['threshold']:.6g})")
                 changed = case["stages"][c["stage"]].get("changed")
-                if changed:  # --eval-docs: the documents whose answer changed, by name
+                if changed and not named:  # --eval-docs: the documents whose answer changed, by name, once
+                    named = True
                     line += f" - answers changed on {', '.join(changed[:8])}" + (
                         f" and {len(changed) - 8} more" if len(changed) > 8 else "")
                 out.append(line)
