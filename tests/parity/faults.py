@@ -70,5 +70,6 @@ def scale_activation_ranges(folder: Path, factor: float, parts=("vision", "merge
         model = onnx.load(path)
         inits = {i.name for i in model.graph.initializer}
         scales = {n.input[1] for n in model.graph.node if n.op_type == "QuantizeLinear" and n.input[0] not in inits}
-        changed += edit_initializers(folder, part, lambda n, a: a * np.float32(factor) if n in scales else None)
+        changed += edit_initializers(folder, part, lambda n, a, scales=scales: a * np.float32(factor) if n in scales
+                                     else None)
     return changed

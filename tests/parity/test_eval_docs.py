@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
-
 from faults import copy_artifacts, scale_activation_ranges
+
 from qvl_export.building.artifacts import BuildOptions, build
 from qvl_export.cli import main
 from qvl_export.core.errors import QvlError

@@ -6,8 +6,13 @@ cases, default thresholds of the part precisions); transformers runs once per ca
 from __future__ import annotations
 
 import pytest
+from faults import (
+    copy_artifacts,
+    permute_mrope_section,
+    perturb_vision_weight,
+    zero_decoder_layer,
+)
 
-from faults import copy_artifacts, perturb_vision_weight, permute_mrope_section, zero_decoder_layer
 from qvl_export.building.artifacts import BuildOptions, build
 from qvl_export.core.manifest import Manifest
 from qvl_export.parity.gate import run_parity
