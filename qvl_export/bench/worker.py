@@ -518,16 +518,23 @@ def task_llama_llm(task: dict, sink) -> None:
     sink.put("prompt_tokens_total", len(ids))
     prompt = [int(i) for i in ids]
 
+    import llama_cpp
+
+    n_vocab = llm.n_vocab()
+
+    def last_logits() -> np.ndarray:  # the last evaluated token's row (Llama keeps no scores without logits_all)
+        return np.ctypeslib.as_array(llama_cpp.llama_get_logits_ith(llm.ctx, -1), shape=(n_vocab,))
+
     def generate(steps: int) -> tuple[float, float]:
         llm.reset()
         t = time.perf_counter()
         llm.eval(prompt)
-        token = int(np.argmax(llm.scores[llm.n_tokens - 1]))
+        token = int(np.argmax(last_logits()))
         t_prefill = time.perf_counter() - t
         t = time.perf_counter()
         for _ in range(steps):
             llm.eval([token])
-            token = int(np.argmax(llm.scores[llm.n_tokens - 1]))
+            token = int(np.argmax(last_logits()))
         return t_prefill, time.perf_counter() - t
 
     _timed_generate(task, sink, generate)
