@@ -160,6 +160,11 @@ _BUILD_CALIBRATION = [
     click.option("--calibrator", type=click.Choice(["percentile", "max", "entropy", "distribution"]),
                  default="percentile", show_default=True,
                  help="int8 activation calibrator (fp8 always uses max: amax / 448 per tensor)."),
+    click.option("--activations", type=click.Choice(["auto", "static", "dynamic"]), default="auto",
+                 show_default=True,
+                 help="int8 activation scales: static (calibrated, in the graph) or dynamic (per run, "
+                      "onnxruntime's DynamicQuantizeMatMul); auto: dynamic for the ort target's decoder, "
+                      "static elsewhere (TensorRT and fp8 take static scales only)."),
     click.option("--sensitivity", is_flag=True, help="Print every quantized op's local quantization error."),
 ]
 _BUILD_GRAPH = [

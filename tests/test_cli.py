@@ -142,3 +142,13 @@ def test_run_json(artifacts, tmp_path):
     assert 1 <= len(data["token_ids"]) <= 8
     assert data["finish_reason"] in ("stop", "length")
     assert isinstance(data["text"], str)
+
+
+@pytest.mark.parametrize("args", [("--target", "trt", "--bundle", "--precision", "int8"),
+                                  ("--precision", "decoder=fp8")])
+def test_dynamic_activations_where_only_static_scales_exist(args, checkpoint, tmp_path):
+    """TensorRT's int8 and every fp8 GEMM take static scales: refused before anything is traced."""
+    out = tmp_path / "out"
+    code, _, err = invoke("build", checkpoint("qwen2_vl"), "-o", out, *args, "--activations", "dynamic")
+    assert_one_line_error(code, err, "--activations dynamic", "--activations static")
+    assert not out.exists() and not no_leftovers(tmp_path)

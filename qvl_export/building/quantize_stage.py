@@ -91,7 +91,7 @@ def quantize_calibrated(ctx: BuildContext, name: str, prec: Precision):
     fragile ones in float (the precision guard), place Q/DQ on the rest. The float part is read
     lazily and the quantized weights are computed when the part is saved."""
     from qvl_export.calibration.guard import guard, measure, sensitivity_table
-    from qvl_export.calibration.qdq import place_qdq
+    from qvl_export.calibration.qdq import activation_mode, place_qdq
 
     c = ctx.settings.calibration
     stats = ctx.stats[name]
@@ -106,10 +106,12 @@ def quantize_calibrated(ctx: BuildContext, name: str, prec: Precision):
         ranges = {n: (-t.abs_max, t.abs_max) for n, t in stats.tensors.items()}
     else:
         ranges = stats.ranges()
+    mode = activation_mode(c.activations, ctx.settings.target, prec.name, name)
     report = place_qdq(model, ranges, prec.name, name, calibrator=c.calibrator, exclude=keep,
-                       target=ctx.settings.target)
+                       target=ctx.settings.target, activations=mode)
     worst = sorted(sens, key=lambda s: -s.rel_error)[:5]
-    ctx.say(f"{name}: {prec.name}, {len(report.quantized)} ops quantized, {len(report.kept)} kept in float")
+    ctx.say(f"{name}: {prec.name}, {len(report.quantized)} ops quantized ({mode} activation scales), "
+            f"{len(report.kept)} kept in float")
     return model, {**report.to_dict(), "calibration_runs": stats.runs,
                    "worst_ops": {s.scope: round(s.rel_error, 4) for s in worst}}
 

@@ -29,6 +29,7 @@ class CalibrationSettings:
     cache: Path | None = None  # reuse / store the calibration feeds here
     calibrator: str = "percentile"  # int8 activation calibrator (fp8 is always max-calibrated)
     sensitivity: bool = False  # print every quantized op's local error
+    activations: str = "auto"  # int8 activation scales: auto / static / dynamic (calibration.qdq.activation_mode)
 
 
 @dataclass(frozen=True)
@@ -92,6 +93,7 @@ class BuildOptions:
     calib_cache: Path | None = None
     calibrator: str = "percentile"
     sensitivity: bool = False
+    activations: str = "auto"
     force: bool = False
     chat_template: Path | None = None
     assume_default_preprocessing: bool = False
@@ -105,7 +107,7 @@ class BuildOptions:
             force=self.force, chat_template=self.chat_template,
             assume_default_preprocessing=self.assume_default_preprocessing,
             calibration=CalibrationSettings(self.calib_docs, self.calib_limit, self.calib_cache, self.calibrator,
-                                            self.sensitivity),
+                                            self.sensitivity, self.activations),
             tensorrt=TrtSettings(self.device, self.bundle, self.ranges))
 
     def reporter(self) -> Reporter:
@@ -124,7 +126,8 @@ def settings_from_cli(params: dict) -> Settings:
         chat_template=params.get("chat_template"),
         assume_default_preprocessing=params["assume_default_preprocessing"],
         calibration=CalibrationSettings(params.get("calib_docs"), params.get("calib_limit"),
-                                        params.get("calib_cache"), params["calibrator"], params["sensitivity"]),
+                                        params.get("calib_cache"), params["calibrator"], params["sensitivity"],
+                                        params.get("activations") or "auto"),
         tensorrt=TrtSettings(params["device"], params["bundle"],
                              Ranges(min_pixels=params["engine_min_pixels"], opt_pixels=params["engine_opt_pixels"],
                                     max_pixels=params["engine_max_pixels"], max_images=params["max_images"],

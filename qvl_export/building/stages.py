@@ -49,6 +49,12 @@ def check_request(ctx: BuildContext) -> None:
 
         require_tensorrt()  # fail before any tracing when engines cannot be built here
     registry.check(ctx.precisions, s.target)
+    if s.calibration.activations != "auto":  # an impossible --activations fails here, not after tracing
+        from qvl_export.calibration.qdq import activation_mode
+
+        for part, name in ctx.precisions.items():
+            if registry.get(name).calibrated:
+                activation_mode(s.calibration.activations, s.target, name, part)
     if s.calibration.docs is not None and not ctx.of_kind(registry.CALIBRATED):
         ctx.warn("--calib-docs is only used by int8/fp8 builds; ignoring it")
 

@@ -33,6 +33,7 @@ from qvl_export.core.errors import QvlError
 log = logging.getLogger(__name__)
 
 CALIBRATORS = ("max", "percentile", "entropy", "distribution")
+ACTIVATIONS = ("auto", "static", "dynamic")
 FP8_MAX = 448.0  # largest finite float8e4m3fn
 INT8_QMIN, INT8_QMAX = -127, 127  # symmetric int8 (onnxruntime's get_qmin_qmax_for_qType(INT8, symmetric=True))
 
@@ -44,10 +45,12 @@ class QuantReport:
     calibrator: str
     quantized: list[str] = field(default_factory=list)  # scopes
     kept: dict[str, str] = field(default_factory=dict)  # scope -> why it stays in float
+    activations: str = "static"  # or "dynamic" (activation_mode)
 
     def to_dict(self) -> dict:
         return {"part": self.part, "precision": self.precision, "calibrator": self.calibrator,
-                "quantized_count": len(self.quantized), "kept_high_precision": self.kept}
+                "activations": self.activations, "quantized_count": len(self.quantized),
+                "kept_high_precision": self.kept}
 
 
 def activation_scale(precision: str, low: float, high: float) -> np.ndarray:
@@ -105,18 +108,48 @@ def quantize_bias(bias: np.ndarray, x_scale: np.ndarray, w_scale: np.ndarray) ->
     return np.clip(q, info.min, info.max).astype(np.int32), scale.reshape(-1)
 
 
+def activation_mode(requested: str, target: str, precision: str, part: str) -> str:
+    """How a quantized part's activations get their scales: ``"static"`` (calibrated, per tensor, in the
+    graph) or ``"dynamic"`` (``DynamicQuantizeLinear``: per tensor, computed from each run's own values).
+
+    ``auto``: dynamic for an int8 decoder on the ort target, static everywhere else. One static scale
+    per tensor has to cover every prompt the decoder will see - a text-only turn of 40 tokens and a page
+    of 1000 image tokens whose hidden states sit on another scale - and in decode (one token a step) a
+    dynamic scale is that token's own. onnxruntime runs the dynamic form as an integer kernel too
+    (DynamicQuantizeLinear -> DequantizeLinear -> MatMul fuses into ``DynamicQuantizeMatMul``; a biased
+    Gemm - the vision tower's - it leaves in float on the dequantized weight, so ``auto`` keeps the
+    vision parts static).
+    TensorRT's int8 and every fp8 GEMM take static scales: asking for dynamic there is refused."""
+    if requested not in ACTIVATIONS:
+        raise QvlError(f"Unknown --activations {requested!r}; use one of {', '.join(ACTIVATIONS)}.")
+    static_only = precision != "int8" or target != "ort"
+    if requested == "dynamic" and static_only:
+        why = "TensorRT's int8 takes static Q/DQ scales" if target != "ort" else f"{precision} takes static scales"
+        raise QvlError(f"--activations dynamic is for int8 on the ort target; {why}: use --activations static "
+                       "(or auto).")
+    if requested == "auto":
+        return "dynamic" if not static_only and part == "decoder" else "static"
+    return requested
+
+
 def place_qdq(model, ranges: dict[str, tuple[float, float]], precision: str, part: str,
               calibrator: str = "percentile", exclude: dict[str, str] | None = None,
-              target: str = "trt") -> QuantReport:
+              target: str = "trt", activations: str = "static") -> QuantReport:
     """Quantize the weighted ops of the onnx-ir ``model`` (a float part, weights lazy or in memory) in
-    place. ``ranges``: activation tensor -> calibrated (low, high); ``exclude``: scope -> why an op
-    stays in float."""
+    place. ``ranges``: activation tensor -> calibrated (low, high), unused by ``activations="dynamic"``
+    (see ``activation_mode``); ``exclude``: scope -> why an op stays in float."""
     if not registry.get(precision).calibrated:
         raise ValueError(precision)
     if calibrator not in CALIBRATORS:
         raise QvlError(f"Unknown calibrator {calibrator!r}; use one of {', '.join(CALIBRATORS)}.")
     exclude = exclude or {}
-    report = QuantReport(part, precision, "max" if precision == "fp8" else calibrator)
+    if activations not in ("static", "dynamic"):
+        raise ValueError(activations)
+    dynamic = activations == "dynamic"
+    if dynamic and (precision != "int8" or target != "ort"):
+        raise QvlError("dynamic activation scales are for int8 on the ort target.")
+    report = QuantReport(part, precision, "dynamic" if dynamic else "max" if precision == "fp8" else calibrator,
+                         activations=activations)
     chosen: list[WeightedNode] = []
     for n in weighted_nodes(model):
         reason = exclude.get(n.scope) or exclude.get(n.name)
@@ -128,12 +161,13 @@ def place_qdq(model, ranges: dict[str, tuple[float, float]], precision: str, par
     if not chosen:
         raise QvlError(f"Nothing to quantize in {part}: every weighted op is guarded.")
     missing = sorted({n.activation for n in chosen} - set(ranges))
-    if missing:
+    if missing and not dynamic:
         raise QvlError(f"No calibration range for {missing[0]} in {part}; rebuild without --calib-cache.")
-    writer = _Writer(model, precision, int8_bias=target == "ort" and precision == "int8")
+    writer = _Writer(model, precision, int8_bias=target == "ort" and precision == "int8" and not dynamic,
+                     dynamic=dynamic)
     nodes = {n.name: n for n in model.graph}
     for n in chosen:
-        writer.quantize(nodes[n.name], n, ranges[n.activation])
+        writer.quantize(nodes[n.name], n, None if dynamic else ranges[n.activation])
     writer.drop_unused_weights()
     if precision == "fp8":
         for opsets in (model.opset_imports, model.graph.opset_imports):
@@ -146,13 +180,14 @@ class _Writer:
     """Builds the Q/DQ nodes and quantized initializers of one model; one activation Q/DQ pair and one
     weight DQ per tensor, shared by its quantized consumers, as ``quantize_static`` writes them."""
 
-    def __init__(self, model, precision: str, int8_bias: bool):
+    def __init__(self, model, precision: str, int8_bias: bool, dynamic: bool = False):
         import onnx_ir as ir
 
         self.ir = ir
         self.model, self.graph = model, model.graph
         self.precision = precision
         self.int8_bias = int8_bias
+        self.dynamic = dynamic
         self.qtype = ir.DataType.FLOAT8E4M3FN if precision == "fp8" else ir.DataType.INT8
         self.activations: dict[str, tuple] = {}  # tensor -> (dequantized value, scale)
         self.weights: dict[str, tuple] = {}  # weight -> (dequantized value, scale [N] or [])
@@ -195,13 +230,15 @@ class _Writer:
             if user is not keep:
                 user.replace_input_with(index, new)
 
-    def quantize(self, node, info: WeightedNode, rng: tuple[float, float]) -> None:
+    def quantize(self, node, info: WeightedNode, rng: tuple[float, float] | None) -> None:
         _, x_scale = self._activation(node, info.activation, rng)
         _, w_scale = self._weight(node, info.weight, 0 if info.trans_b else 1)
         if self.int8_bias and info.has_bias:
             self._bias(node, x_scale, w_scale)
 
     def _activation(self, node, name: str, rng):
+        if name not in self.activations and self.dynamic:
+            self.activations[name] = (self._dynamic_activation(node, name), None)
         if name not in self.activations:
             x = node.inputs[0]
             scale = activation_scale(self.precision, *rng)
@@ -213,6 +250,24 @@ class _Writer:
             self._reroute(x, dq.outputs[0], keep=q)
             self.activations[name] = (dq.outputs[0], scale)
         return self.activations[name]
+
+    def _dynamic_activation(self, node, name: str):
+        """uint8 with a scale and zero point computed per run (asymmetric, over the whole tensor), then
+        dequantized: the pair onnxruntime fuses with the weight's DequantizeLinear into an integer
+        kernel. The op's output names follow the static pair's."""
+        ir = self.ir
+        x = node.inputs[0]
+        q = ir.Node("", "DynamicQuantizeLinear", [x], name=f"{name}_DynamicQuantizeLinear", num_outputs=3)
+        for out, suffix in zip(q.outputs, ("QuantizeLinear_Output", "scale", "zero_point")):
+            out.name = f"{name}_{suffix}"
+        if x.producer() is not None:
+            self.graph.insert_after(x.producer(), q)
+        else:
+            self.graph.insert_before(next(iter(self.graph)), q)
+        dq = self._node("DequantizeLinear", list(q.outputs), f"{name}_DequantizeLinear_Output", after=q)
+        dq.outputs[0].shape, dq.outputs[0].type = x.shape, x.type
+        self._reroute(x, dq.outputs[0], keep=q)
+        return dq.outputs[0]
 
     def _weight(self, node, name: str, axis: int):
         ir = self.ir

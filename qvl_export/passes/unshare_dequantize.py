@@ -6,7 +6,9 @@ has three consumers, and onnxruntime's QDQ fusion (Q -> DQ -> MatMul into MatMul
 takes a pair only when it belongs to one node: the three projections stayed float MatMuls on
 dequantized weights, every step (measured: 9 of 19 weighted MatMuls of a 3-layer decoder). This
 pass gives each consumer its own QuantizeLinear -> DequantizeLinear copy (same inputs, same
-numbers). onnxruntime's common-subexpression elimination would merge the copies back, so the
+numbers); a dynamically quantized activation (``DynamicQuantizeLinear``, int8 decoders on the ort
+target) gets its own DynamicQuantizeLinear -> DequantizeLinear, which onnxruntime fuses with the
+MatMul into ``DynamicQuantizeMatMul``. onnxruntime's common-subexpression elimination would merge the copies back, so the
 runtime opens quantized parts with that optimizer off (``runtimes/onnxrt.py``).
 
 Skipped (no change) when no DequantizeLinear has more than one consumer.
@@ -31,6 +33,7 @@ class UnshareDequantize(GraphPass, name="unshare_dequantize", targets=("ort",)):
             uses = list(dq.outputs[0].uses())
             q = dq.inputs[0].producer() if dq.inputs[0] is not None else None
             pair = q is not None and q.op_type == "QuantizeLinear"
+            dynamic = q is not None and q.op_type == "DynamicQuantizeLinear"
             for k, use in enumerate(uses[1:], start=1):
                 new = []
                 source = dq.inputs[0]
@@ -39,7 +42,13 @@ class UnshareDequantize(GraphPass, name="unshare_dequantize", targets=("ort",)):
                                      name=f"{dq.outputs[0].name}_quantize_for_{k}")
                     new.append(q_twin)
                     source = q_twin.outputs[0]
-                twin = ir.node("DequantizeLinear", [source, *dq.inputs[1:]], attributes=dict(dq.attributes),
+                params = list(dq.inputs[1:])
+                if dynamic:  # the activation's scale and zero point come from its own run
+                    q_twin = ir.node("DynamicQuantizeLinear", list(q.inputs), num_outputs=3,
+                                     name=f"{dq.outputs[0].name}_quantize_for_{k}")
+                    new.append(q_twin)
+                    source, params = q_twin.outputs[0], list(q_twin.outputs[1:])
+                twin = ir.node("DequantizeLinear", [source, *params], attributes=dict(dq.attributes),
                                name=f"{dq.outputs[0].name}_dequantize_for_{k}")
                 new.append(twin)
                 graph.insert_before(use.node, new)

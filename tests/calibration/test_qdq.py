@@ -133,3 +133,65 @@ def test_tap_graph_keeps_weights_in_the_part_file(tmp_path):
     assert taps == ["x", "r1", "h2"]
     assert [o.name for o in tap.graph.output][2:7] == [f"x.tap_{k}" for k in TAP_OUTPUTS]
     assert [n.activation for n in weighted_nodes(ir.load(tmp_path / "part.onnx"))] == ["x", "r1", "h2"]
+
+
+def _dequantized_weight(init: dict, name: str, axis: int) -> np.ndarray:
+    q, s = init[f"{name}_quantized"].astype(np.float32), init[f"{name}_scale"]
+    return q * (s[None, :] if axis == 1 else s[:, None])
+
+
+def test_dynamic_activations_compute_their_scale_per_run_and_fuse(tmp_path):
+    """``activations="dynamic"`` (int8 decoders on the ort target): no calibrated activation scale in the
+    graph; each run quantizes its own input to uint8 (DynamicQuantizeLinear: per tensor, asymmetric), and
+    the outputs are those of that rule on the same per-channel int8 weights; onnxruntime runs a weighted
+    MatMul as one integer kernel (DynamicQuantizeMatMul) - a biased Gemm it leaves in float on the
+    dequantized weight, which is why ``auto`` keeps dynamic scales to the decoder (MatMuls only)."""
+    rng = np.random.default_rng(5)
+    src = tmp_path / "float.onnx"
+    _model(src, rng)
+    model = ir.load(src)
+    report = place_qdq(model, {}, "int8", "test", target="ort", activations="dynamic")  # no ranges needed
+    assert report.quantized == ["gemm1", "mm2", "gemm3"] and report.to_dict()["activations"] == "dynamic"
+    out = tmp_path / "dynamic.onnx"
+    ir.save(model, out)
+    saved = onnx.load(str(out))
+    ops = [n.op_type for n in saved.graph.node]
+    assert ops.count("DynamicQuantizeLinear") == 3 and "QuantizeLinear" not in ops
+    init = {i.name: numpy_helper.to_array(i) for i in saved.graph.initializer}
+    assert "b1_quantized" not in init  # a per-run activation scale leaves the bias in float
+
+    def dq(x):  # the ONNX DynamicQuantizeLinear rule, then dequantized
+        lo, hi = min(float(x.min()), 0.0), max(float(x.max()), 0.0)
+        scale = np.float32((hi - lo) / 255.0)
+        zero = np.clip(np.round(-lo / scale), 0, 255)
+        return ((np.clip(np.round(x / scale) + zero, 0, 255) - zero) * scale).astype(np.float32)
+
+    w1 = _dequantized_weight(init, "w1", 0)
+    w2 = _dequantized_weight(init, "w2", 1)
+    w3 = _dequantized_weight(init, "w3", 1)
+    for n in (1, 7):  # a decode step's single row, and a prefill
+        x = (rng.standard_normal((n, 16)) * 3).astype(np.float32)
+        h1 = np.maximum(dq(x) @ w1.T + init["b1"], 0)
+        h2 = dq(h1) @ w2
+        want = dq(h2) @ w3
+        opts = ort.SessionOptions()
+        opts.optimized_model_filepath = str(tmp_path / f"opt{n}.onnx")
+        y, _ = ort.InferenceSession(str(out), opts, providers=["CPUExecutionProvider"]).run(None, {"x": x})
+        np.testing.assert_allclose(y, want, rtol=1e-4, atol=1e-4 * np.abs(want).max())
+    fused = [n.op_type for n in onnx.load(str(tmp_path / "opt7.onnx")).graph.node]
+    assert fused.count("DynamicQuantizeMatMul") == 1 and "MatMul" not in fused  # mm2 (the weighted MatMul)
+
+
+def test_activation_mode_rules():
+    from qvl_export.calibration.qdq import activation_mode
+    from qvl_export.core.errors import QvlError
+
+    assert activation_mode("auto", "ort", "int8", "decoder") == "dynamic"
+    assert activation_mode("auto", "ort", "int8", "vision") == "static"
+    assert activation_mode("auto", "trt", "int8", "decoder") == "static"
+    assert activation_mode("auto", "ort", "fp8", "decoder") == "static"
+    assert activation_mode("dynamic", "ort", "int8", "vision") == "dynamic"
+    assert activation_mode("static", "ort", "int8", "decoder") == "static"
+    for target, precision in (("trt", "int8"), ("ort", "fp8")):
+        with pytest.raises(QvlError, match="--activations static"):
+            activation_mode("dynamic", target, precision, "decoder")

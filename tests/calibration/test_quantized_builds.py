@@ -54,7 +54,8 @@ def test_quantized_build_passes_its_gates(family, precision, quantized, checkpoi
     for part in m.parts.values():
         model = onnx.load(art / part.file, load_external_data=False)
         ops = {n.op_type for n in model.graph.node}
-        assert "DequantizeLinear" in ops and "QuantizeLinear" in ops
+        dynamic = precision == "int8" and part.name == "decoder"  # per-run activation scales (ort target)
+        assert "DequantizeLinear" in ops and ("DynamicQuantizeLinear" if dynamic else "QuantizeLinear") in ops
         assert q[part.name]["quantized_count"] > 0
     report = run_parity(art, checkpoint(family), quick=True, max_new_tokens=32)  # the build's own gate
     assert report.passed, report.failure_summary()
@@ -124,8 +125,9 @@ def test_int8_token_table_is_looked_up_before_dequantizing(family, quantized):
 @pytest.mark.parametrize("family", ["qwen2_vl", "qwen2_5_vl"])
 def test_int8_parts_run_integer_kernels(family, quantized, tmp_path):
     """After onnxruntime's own optimizations (as the runtime opens the parts), every quantized weighted
-    op is an integer kernel (MatMulIntegerToFloat / QGemm): no float MatMul or Gemm on dequantized
-    weights is left - the q/k/v projections sharing one activation and the biased vision Gemms included."""
+    op is an integer kernel (MatMulIntegerToFloat / QGemm, DynamicQuantizeMatMul in the decoder, whose
+    activation scales are dynamic): no float MatMul or Gemm on dequantized weights is left - the q/k/v
+    projections sharing one activation and the biased vision Gemms included."""
     import onnxruntime as ort
 
     from qvl_export.runtimes.onnxrt import session_options
@@ -141,8 +143,10 @@ def test_int8_parts_run_integer_kernels(family, quantized, tmp_path):
         producers = {o: n.op_type for n in model.graph.node for o in n.output}
         float_on_dq = [n.name for n in model.graph.node if n.op_type in ("MatMul", "Gemm")
                        and len(n.input) > 1 and producers.get(n.input[1]) == "DequantizeLinear"]
-        integer = [n for n in model.graph.node if n.op_type in ("MatMulIntegerToFloat", "QGemm")]
+        kernels = ("DynamicQuantizeMatMul",) if name == "decoder" else ("MatMulIntegerToFloat", "QGemm")
+        integer = [n for n in model.graph.node if n.op_type in kernels]
         assert not float_on_dq, (name, float_on_dq)
+        assert m.calibration.quantization[name]["activations"] == ("dynamic" if name == "decoder" else "static")
         assert len(integer) == m.calibration.quantization[name]["quantized_count"], name
 
 

@@ -67,3 +67,32 @@ def test_each_consumer_gets_its_own_pair_and_the_numbers_stay(tmp_path):
     fused = [n.op_type for n in onnx.load(tmp_path / "opt.onnx").graph.node]
     assert fused.count("MatMulIntegerToFloat") == 3 and "MatMul" not in fused
     assert not UnshareDequantize()(ir.from_proto(after)).modified  # nothing left to do
+
+
+def _dynamic_qkv_graph() -> onnx.ModelProto:
+    """The same three projections behind one DynamicQuantizeLinear -> DQ (an int8 decoder's dynamic
+    activation scales, ``calibration/qdq.py``)."""
+    model = _qkv_graph()
+    nodes = list(model.graph.node)
+    del model.graph.node[:]
+    model.graph.node.extend([helper.make_node("DynamicQuantizeLinear", ["x"], ["xq", "xqs", "xqz"]),
+                             helper.make_node("DequantizeLinear", ["xq", "xqs", "xqz"], ["xd"]), *nodes[2:]])
+    keep = [i for i in model.graph.initializer if i.name not in ("xs", "xz")]
+    del model.graph.initializer[:]
+    model.graph.initializer.extend(keep)
+    return model
+
+
+def test_dynamic_activation_gets_its_own_quantize_step_per_consumer(tmp_path):
+    before = _dynamic_qkv_graph()
+    result = UnshareDequantize()(ir.from_proto(before))
+    assert result.modified and result.details["copies"] == 2
+    after = ir.to_proto(result.model)
+    ops = [n.op_type for n in after.graph.node]
+    assert ops.count("DynamicQuantizeLinear") == 3 and ops.count("DequantizeLinear") == 6
+    x = np.random.default_rng(2).normal(size=(1, 5, 64)).astype(np.float32)
+    for a, b in zip(_run(before, x), _run(after, x)):
+        np.testing.assert_array_equal(a, b)
+    _run(after, x, optimized=str(tmp_path / "opt.onnx"), disabled=["CommonSubexpressionElimination"])
+    fused = [n.op_type for n in onnx.load(tmp_path / "opt.onnx").graph.node]
+    assert fused.count("DynamicQuantizeMatMul") == 3 and "MatMul" not in fused
