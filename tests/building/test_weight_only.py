@@ -46,3 +46,62 @@ def test_int4_is_decoder_and_ort_only(checkpoint, tmp_path):
         build(checkpoint("qwen2_vl"), tmp_path / "b", BuildOptions(precision="decoder=int4", target="trt",
                                                                    bundle=True))
     assert not list(tmp_path.iterdir())  # refused before any work
+
+
+def test_streaming_packer_writes_what_onnxruntime_writes(tmp_path):
+    """``pack_weights`` streams one weight at a time; onnxruntime's ``MatMulNBitsQuantizer`` loads the whole
+    part. Same nodes (MatMulNBits, its attributes), same packed blocks and scales, same outputs - a weight
+    read by two MatMuls packed once, one also read by a Gather (a tied token table) kept for it."""
+    import numpy as np
+    import onnx_ir as ir
+    import onnxruntime as ort
+    from onnx import TensorProto, helper, numpy_helper
+    from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
+
+    from qvl_export.building.weight_only import ACCURACY_LEVEL, BLOCK_SIZE, pack_weights
+    from qvl_export.core import precisions
+
+    rng = np.random.default_rng(7)
+    w1 = rng.standard_normal((96, 80)).astype(np.float32)  # K = 96: three blocks of 32
+    w2 = rng.standard_normal((80, 50)).astype(np.float32)  # K = 80: a padded last block
+    table = rng.standard_normal((80, 40)).astype(np.float32)  # [H, V]: a tied lm_head, looked up on axis 1
+    g = helper.make_graph([
+        helper.make_node("MatMul", ["x", "w1"], ["h"], name="mm1"),
+        helper.make_node("MatMul", ["h", "w2"], ["y"], name="mm2"),
+        helper.make_node("MatMul", ["h", "w2"], ["y2"], name="mm2_again"),
+        helper.make_node("MatMul", ["h", "table"], ["logits"], name="lm_head"),
+        helper.make_node("Gather", ["table", "ids"], ["rows"], name="lookup", axis=1),
+    ], "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", 96]),
+             helper.make_tensor_value_info("ids", TensorProto.INT64, ["t"])],
+        [helper.make_tensor_value_info(o, TensorProto.FLOAT, None) for o in ("y", "y2", "logits", "rows")],
+        [numpy_helper.from_array(a, n) for a, n in ((w1, "w1"), (w2, "w2"), (table, "table"))])
+    src = tmp_path / "float.onnx"
+    model = helper.make_model(g, opset_imports=[helper.make_opsetid("", 19)])
+    model.ir_version = 9
+    onnx.save(model, str(src), save_as_external_data=True, location="float.onnx.data", size_threshold=0)
+
+    ours, summary = pack_weights(src, precisions.get("int4"), "decoder")
+    ir.save(ours, tmp_path / "ours.onnx")
+    ref = MatMulNBitsQuantizer(onnx.load(str(src)), bits=4, block_size=BLOCK_SIZE, is_symmetric=True,
+                               accuracy_level=ACCURACY_LEVEL)
+    ref.process()
+    theirs = ref.model.model
+    onnx.save(theirs, str(tmp_path / "theirs.onnx"))
+    a, b = onnx.load(str(tmp_path / "ours.onnx")), onnx.load(str(tmp_path / "theirs.onnx"))
+
+    def nbits(m):
+        return sorted((tuple(n.input[1:]), tuple(sorted((x.name, helper.get_attribute_value(x)) for x in n.attribute)))
+                      for n in m.graph.node if n.op_type == "MatMulNBits")
+
+    assert summary["quantized_count"] == 4 and nbits(a) == nbits(b)
+    ia = {i.name: numpy_helper.to_array(i) for i in a.graph.initializer}
+    ib = {i.name: numpy_helper.to_array(i) for i in b.graph.initializer}
+    assert "table" in ia and "w1" not in ia and "w2" not in ia  # the Gather keeps its table; packed weights go
+    for name in ib:
+        if name in ia:
+            np.testing.assert_array_equal(ia[name], ib[name], err_msg=name)
+    feeds = {"x": rng.standard_normal((3, 96)).astype(np.float32), "ids": np.array([0, 7, 39])}
+    ya = ort.InferenceSession(str(tmp_path / "ours.onnx"), providers=["CPUExecutionProvider"]).run(None, feeds)
+    yb = ort.InferenceSession(str(tmp_path / "theirs.onnx"), providers=["CPUExecutionProvider"]).run(None, feeds)
+    for u, v in zip(ya, yb):
+        np.testing.assert_array_equal(u, v)
