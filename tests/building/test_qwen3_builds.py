@@ -46,29 +46,6 @@ def test_jetson_bundle_is_lint_clean_and_passes_its_gate(precision, device, chec
     _gate(out, checkpoint)
 
 
-def _integer_kernels(out, m, tmp_path) -> dict[str, list[str]]:
-    """part -> the float MatMul/Gemm ops left on dequantized weights after onnxruntime's own
-    optimizations (as the runtime opens the part), and checks every quantized op became an integer kernel."""
-    import onnxruntime as ort
-
-    from qvl_export.runtimes.onnxrt import session_options
-
-    left = {}
-    for name, part in m.parts.items():
-        opts, disabled = session_options(part, 1)
-        opts.optimized_model_filepath = str(tmp_path / f"{name}.opt.onnx")
-        ort.InferenceSession(str(out / part.file), opts, providers=["CPUExecutionProvider"],
-                             disabled_optimizers=disabled)
-        model = onnx.load(tmp_path / f"{name}.opt.onnx", load_external_data=False)
-        producers = {o: n.op_type for n in model.graph.node for o in n.output}
-        left[name] = [n.name for n in model.graph.node if n.op_type in ("MatMul", "Gemm") and len(n.input) > 1
-                      and producers.get(n.input[1]) == "DequantizeLinear"]
-        kernels = [n for n in model.graph.node
-                   if n.op_type in ("DynamicQuantizeMatMul", "MatMulIntegerToFloat", "QGemm")]
-        assert len(kernels) == m.calibration.quantization[name]["quantized_count"], name
-    return left
-
-
 @pytest.mark.parametrize("precision", ["fp16", "int8", "vision=fp32,merger=fp32,decoder=int4"])
 def test_ort_build_passes_its_gate(precision, checkpoint, tmp_path):
     out = tmp_path / "art"
@@ -80,7 +57,10 @@ def test_ort_build_passes_its_gate(precision, checkpoint, tmp_path):
         assert {"MatMulNBits", "GroupQueryAttention"} <= ops and m.parts["decoder"].precision == "int4"
     elif precision == "int8":  # W8A8 on integer kernels in every part, the decoder's activation scales dynamic
         assert "DynamicQuantizeLinear" in ops and m.calibration.quantization["decoder"]["activations"] == "dynamic"
-        assert _integer_kernels(out, m, tmp_path) == {name: [] for name in m.parts}
+        from ort_kernels import optimized_ops
+
+        for name, (float_on_dq, kernels) in optimized_ops(out, m, tmp_path).items():
+            assert not float_on_dq and sum(kernels.values()) == m.calibration.quantization[name]["quantized_count"]
     else:
         assert m.parts["decoder"].input("deepstack_embeds").dtype == "float16"
     _gate(out, checkpoint)

@@ -128,26 +128,16 @@ def test_int8_parts_run_integer_kernels(family, quantized, tmp_path):
     op is an integer kernel (MatMulIntegerToFloat / QGemm, DynamicQuantizeMatMul in the decoder, whose
     activation scales are dynamic): no float MatMul or Gemm on dequantized weights is left - the q/k/v
     projections sharing one activation and the biased vision Gemms included."""
-    import onnxruntime as ort
-
-    from qvl_export.runtimes.onnxrt import session_options
+    from ort_kernels import optimized_ops
 
     art = quantized(family, "int8")
     m = Manifest.read(art)
-    for name, part in m.parts.items():
-        opts, disabled = session_options(part, 1)
-        opts.optimized_model_filepath = str(tmp_path / f"{name}.opt.onnx")
-        ort.InferenceSession(str(art / part.file), opts, providers=["CPUExecutionProvider"],
-                             disabled_optimizers=disabled)
-        model = onnx.load(tmp_path / f"{name}.opt.onnx", load_external_data=False)
-        producers = {o: n.op_type for n in model.graph.node for o in n.output}
-        float_on_dq = [n.name for n in model.graph.node if n.op_type in ("MatMul", "Gemm")
-                       and len(n.input) > 1 and producers.get(n.input[1]) == "DequantizeLinear"]
-        kernels = ("DynamicQuantizeMatMul",) if name == "decoder" else ("MatMulIntegerToFloat", "QGemm")
-        integer = [n for n in model.graph.node if n.op_type in kernels]
+    for name, (float_on_dq, kernels) in optimized_ops(art, m, tmp_path).items():
+        want = "DynamicQuantizeMatMul" if name == "decoder" else None
         assert not float_on_dq, (name, float_on_dq)
-        assert m.calibration.quantization[name]["activations"] == ("dynamic" if name == "decoder" else "static")
-        assert len(integer) == m.calibration.quantization[name]["quantized_count"], name
+        assert m.calibration.quantization[name]["activations"] == ("dynamic" if want else "static")
+        assert sum(kernels.values()) == m.calibration.quantization[name]["quantized_count"], name
+        assert (set(kernels) == {want}) if want else (want not in kernels), (name, kernels)
 
 
 def test_int8_artifacts_shrink(quantized, artifacts):
