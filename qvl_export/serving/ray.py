@@ -74,12 +74,27 @@ def build(args: dict):
     return application(args["artifacts"], options, number("replicas", int, 2), number("replica_cpus", float, 1.0))
 
 
+PROXY_READY_S = "60"  # Serve's default is 5 s
+
+
+def allow_slow_proxy_start() -> None:
+    """Give Serve's HTTP proxy a minute to report ready before its controller kills and restarts it.
+    On a small, busy machine (2 cores, a model loading beside it) the proxy's worker process takes more
+    than Serve's default 5 s to start, and ``serve.start`` fails with the killed proxy. Read by the
+    Ray processes started after this call (set before ``ray.init``); a value already in the
+    environment is kept."""
+    import os
+
+    os.environ.setdefault("RAY_SERVE_PROXY_READY_CHECK_TIMEOUT_S", PROXY_READY_S)
+
+
 def run(artifacts: str | Path, options, replicas: int = 2, host: str = "127.0.0.1", port: int = 8000,
         cpus_per_replica: float = 1.0, blocking: bool = True):
     """Start Serve's proxy on ``host:port`` and deploy the application (blocks until interrupted when
     ``blocking``). Connects to the cluster in RAY_ADDRESS when set, else starts a local Ray instance."""
     ray, serve = require_ray()
     if not ray.is_initialized():
+        allow_slow_proxy_start()
         ray.init(include_dashboard=False, log_to_driver=False)
     serve.start(http_options={"host": host, "port": port})
     serve.run(application(artifacts, options, replicas, cpus_per_replica), name="qvl", route_prefix="/",

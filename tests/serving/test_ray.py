@@ -21,6 +21,7 @@ def ray_app(serve_artifacts):
     from qvl_export.serving import ray as qray
     from qvl_export.serving.server import ServeOptions
 
+    qray.allow_slow_proxy_start()  # as `serve --ray` starts its local instance: a busy CI machine is slow
     ray.init(num_cpus=2, include_dashboard=False, object_store_memory=100 << 20, log_to_driver=False)
     try:
         with socket.socket() as s:
