@@ -1,4 +1,8 @@
-"""Static W8A8 Q/DQ placement by TensorRT's rules, written without a copy of the part in memory.
+"""W8A8 Q/DQ placement by TensorRT's rules, written without a copy of the part in memory.
+
+Activation scales are static (calibrated) everywhere but in the int8 decoder on the ort target, whose
+activations are quantized per run (``activation_mode``: ``DynamicQuantizeLinear``); what follows
+describes the static form, which TensorRT takes.
 
 Placement (TensorRT explicit quantization): only weighted MatMul/Gemm nodes (B is a constant) are
 quantized - both inputs, weights per output channel for int8 (axis 1 of a [K, N] MatMul weight,
@@ -148,8 +152,7 @@ def place_qdq(model, ranges: dict[str, tuple[float, float]], precision: str, par
     dynamic = activations == "dynamic"
     if dynamic and (precision != "int8" or target != "ort"):
         raise QvlError("dynamic activation scales are for int8 on the ort target.")
-    report = QuantReport(part, precision, "dynamic" if dynamic else "max" if precision == "fp8" else calibrator,
-                         activations=activations)
+    report = QuantReport(part, precision, "max" if precision == "fp8" else calibrator, activations=activations)
     chosen: list[WeightedNode] = []
     for n in weighted_nodes(model):
         reason = exclude.get(n.scope) or exclude.get(n.name)
