@@ -112,6 +112,11 @@ def quantize_bias(bias: np.ndarray, x_scale: np.ndarray, w_scale: np.ndarray) ->
     return np.clip(q, info.min, info.max).astype(np.int32), scale.reshape(-1)
 
 
+def dynamic_allowed(precision: str, target: str) -> bool:
+    """Per-run activation scales exist only for int8 on onnxruntime (TensorRT and fp8 take static ones)."""
+    return precision == "int8" and target == "ort"
+
+
 def activation_mode(requested: str, target: str, precision: str, part: str) -> str:
     """How a quantized part's activations get their scales: ``"static"`` (calibrated, per tensor, in the
     graph) or ``"dynamic"`` (``DynamicQuantizeLinear``: per tensor, computed from each run's own values).
@@ -126,7 +131,7 @@ def activation_mode(requested: str, target: str, precision: str, part: str) -> s
     TensorRT's int8 and every fp8 GEMM take static scales: asking for dynamic there is refused."""
     if requested not in ACTIVATIONS:
         raise QvlError(f"Unknown --activations {requested!r}; use one of {', '.join(ACTIVATIONS)}.")
-    static_only = precision != "int8" or target != "ort"
+    static_only = not dynamic_allowed(precision, target)
     if requested == "dynamic" and static_only:
         why = "TensorRT's int8 takes static Q/DQ scales" if target != "ort" else f"{precision} takes static scales"
         raise QvlError(f"--activations dynamic is for int8 on the ort target; {why}: use --activations static "
@@ -150,7 +155,7 @@ def place_qdq(model, ranges: dict[str, tuple[float, float]], precision: str, par
     if activations not in ("static", "dynamic"):
         raise ValueError(activations)
     dynamic = activations == "dynamic"
-    if dynamic and (precision != "int8" or target != "ort"):
+    if dynamic and not dynamic_allowed(precision, target):
         raise QvlError("dynamic activation scales are for int8 on the ort target.")
     report = QuantReport(part, precision, "max" if precision == "fp8" else calibrator, activations=activations)
     chosen: list[WeightedNode] = []
@@ -219,6 +224,10 @@ class _Writer:
         attrs = [ir.AttrInt64("axis", axis)] if axis is not None else []
         node = ir.Node("", op, inputs, attributes=attrs, name=output.removesuffix("_Output"), num_outputs=1)
         node.outputs[0].name = output
+        return self._insert(node, after)
+
+    def _insert(self, node, after):
+        """``node`` right after ``after`` (a producer), else at the start of the graph."""
         if after is not None:
             self.graph.insert_after(after, node)
         else:
@@ -263,10 +272,7 @@ class _Writer:
         q = ir.Node("", "DynamicQuantizeLinear", [x], name=f"{name}_DynamicQuantizeLinear", num_outputs=3)
         for out, suffix in zip(q.outputs, ("QuantizeLinear_Output", "scale", "zero_point")):
             out.name = f"{name}_{suffix}"
-        if x.producer() is not None:
-            self.graph.insert_after(x.producer(), q)
-        else:
-            self.graph.insert_before(next(iter(self.graph)), q)
+        self._insert(q, x.producer())
         dq = self._node("DequantizeLinear", list(q.outputs), f"{name}_DequantizeLinear_Output", after=q)
         dq.outputs[0].shape, dq.outputs[0].type = x.shape, x.type
         self._reroute(x, dq.outputs[0], keep=q)

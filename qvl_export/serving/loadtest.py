@@ -55,12 +55,10 @@ class LoadResult:
 
 
 def _percentile(values: list[float], q: float) -> float:
-    if not values:
-        return float("nan")
-    ordered = sorted(values)
-    k = (len(ordered) - 1) * q
-    lo, hi = int(k), min(int(k) + 1, len(ordered) - 1)
-    return ordered[lo] + (ordered[hi] - ordered[lo]) * (k - lo)
+    """numpy's linear-interpolation percentile (q in 0..1); nan when nothing was measured."""
+    import numpy as np
+
+    return float(np.percentile(values, 100 * q)) if values else float("nan")
 
 
 def request_mix(model: str, max_tokens: int) -> list[dict]:
@@ -110,7 +108,8 @@ def stream_request(port: int, body: dict) -> tuple[float, float, int]:
     return end - start, (first or end) - start, tokens
 
 
-def _free_port() -> int:
+def free_port() -> int:
+    """A port free on 127.0.0.1 now (the OS picks it)."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
@@ -137,7 +136,7 @@ class ServerProcess:
     """``qvl-export serve`` in a child process on a free loopback port; stopped (terminate, then kill) on exit."""
 
     def __init__(self, artifacts: Path, max_batch: int, threads: int, context: int, model_name: str):
-        self.port = _free_port()
+        self.port = free_port()
         cmd = [sys.executable, "-m", "qvl_export.cli", "serve", str(artifacts), "--host", "127.0.0.1", "--port",
                str(self.port), "--max-batch", str(max_batch), "--threads", str(threads), "--context", str(context),
                "--model-name", model_name, "--skip-verify"]

@@ -5,7 +5,6 @@ with a timeout; Ray is shut down at the end."""
 from __future__ import annotations
 
 import json
-import socket
 import threading
 import time
 import urllib.request
@@ -19,14 +18,13 @@ serve = pytest.importorskip("ray.serve")
 @pytest.fixture(scope="module")
 def ray_app(serve_artifacts):
     from qvl_export.serving import ray as qray
+    from qvl_export.serving.loadtest import free_port
     from qvl_export.serving.server import ServeOptions
 
     qray.allow_slow_proxy_start()  # as `serve --ray` starts its local instance: a busy CI machine is slow
     ray.init(num_cpus=2, include_dashboard=False, object_store_memory=100 << 20, log_to_driver=False)
     try:
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
+        port = free_port()
         serve.start(http_options={"host": "127.0.0.1", "port": port})
         options = ServeOptions(max_batch=2, context=256, threads=1, model_name="m", verify=False)
         serve.run(qray.application(serve_artifacts, options, replicas=2, cpus_per_replica=0.5), name="qvl",
