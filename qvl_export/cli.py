@@ -166,6 +166,9 @@ _BUILD_CALIBRATION = [
                       "onnxruntime's DynamicQuantizeMatMul); auto: dynamic for the ort target's decoder, "
                       "static elsewhere (TensorRT and fp8 take static scales only)."),
     click.option("--sensitivity", is_flag=True, help="Print every quantized op's local quantization error."),
+    click.option("--int4-method", type=click.Choice(["rtn", "awq"]), default="rtn", show_default=True,
+                 help="int4 weights: rtn (round to nearest, no calibration) or awq (activation-aware scales and "
+                      "clipping searched on the calibration documents: pass --calib-docs with your own)."),
 ]
 _BUILD_GRAPH = [
     click.option("--window-attention", type=click.Choice(["fused", "dense"]), default="fused", show_default=True,

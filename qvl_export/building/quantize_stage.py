@@ -3,7 +3,8 @@ quantizer per precision kind.
 
 ``QUANTIZERS`` is the one table from a ``core.precisions`` kind to its quantizer: calibrated W8A8
 (int8, fp8: feeds -> precision guard -> Q/DQ placement, ``calibration/qdq.py``) and weight-only
-(int4: ``building/weight_only.py``). A quantizer reads the part's saved float graph and returns the
+(int4: ``building/weight_only.py``, its AWQ scales searched on the same calibration statistics,
+``calibration/awq.py``). A quantizer reads the part's saved float graph and returns the
 quantized onnx-ir model with a summary for the manifest; the ``save_part`` stage writes it. Adding a
 precision means a registry row and, for a new kind, a quantizer here.
 """
@@ -25,8 +26,18 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 
+def calibrated_parts(ctx: BuildContext) -> dict[str, str]:
+    """part -> calibrator of every part that needs activation statistics: int8 / fp8 parts (the
+    build's calibrator) and weight-only parts with AWQ scales (``awq``: channel means and rows spread
+    over every run; no histogram)."""
+    parts = {p: ctx.settings.calibration.calibrator for p in ctx.of_kind(registry.CALIBRATED)}
+    if ctx.settings.calibration.int4_method == "awq":
+        parts.update({p: "awq" for p in ctx.of_kind(registry.WEIGHT_ONLY)})
+    return {p: parts[p] for p in sorted(parts)}
+
+
 def is_calibrated(ctx: BuildContext, part: str | None = None) -> bool:
-    return bool(ctx.of_kind(registry.CALIBRATED))
+    return bool(calibrated_parts(ctx))
 
 
 def load_documents(ctx: BuildContext) -> None:
@@ -55,15 +66,16 @@ def calibrate(ctx: BuildContext) -> None:
     from qvl_export.calibration import collect
 
     c = ctx.settings.calibration
-    parts = tuple(ctx.of_kind(registry.CALIBRATED))
+    methods = calibrated_parts(ctx)
+    parts = tuple(methods)
     settings = collect.CalibSettings()
-    key = collect.documents_key(ctx.documents, settings, ctx.manifest.source.sha256, c.calibrator, parts)
+    key = collect.documents_key(ctx.documents, settings, ctx.manifest.source.sha256, repr(methods), parts)
     stats = collect.load_cache(Path(c.cache), key) if c.cache else None
     if stats is None:
         ctx.say(f"calibrating on {len(ctx.documents)} documents (float artifacts with activation taps: "
                 f"{', '.join(parts)})")
         stats = collect.collect_stats(ctx.store.path, ctx.manifest, list(parts), ctx.documents, settings,
-                                      c.calibrator, progress=lambda i, n: ctx.say(f"calibration document {i}/{n}"))
+                                      methods, progress=lambda i, n: ctx.say(f"calibration document {i}/{n}"))
         if c.cache:
             collect.save_cache(Path(c.cache), key, stats)
             ctx.say(f"calibration statistics cached in {c.cache}")
@@ -117,10 +129,23 @@ def quantize_calibrated(ctx: BuildContext, name: str, prec: Precision):
 
 
 def quantize_weight_only(ctx: BuildContext, name: str, prec: Precision):
-    """int4: the decoder's weights packed into MatMulNBits blocks (no calibration)."""
-    from qvl_export.building.weight_only import ACCURACY_LEVEL, BLOCK_SIZE, pack_weights
+    """int4: the decoder's weights packed into MatMulNBits blocks, through AWQ scales searched on the
+    calibration statistics (``--int4-method awq``) or rounded to nearest (``rtn``)."""
+    import onnx_ir as ir
 
-    model, summary = pack_weights(ctx.store.file(ctx.store.part(name).file), prec, name)
+    from qvl_export.building.weight_only import ACCURACY_LEVEL, BLOCK_SIZE, pack_weights
+    from qvl_export.calibration import awq
+    from qvl_export.calibration.taps import release
+
+    model = ir.load(ctx.store.file(ctx.store.part(name).file))
+    plan = None
+    if ctx.stats is not None and name in ctx.stats:
+        plan = awq.search(model, ctx.stats[name], prec.bits, BLOCK_SIZE, release=release)
+        info = plan.summary()
+        ctx.say(f"{name}: AWQ scales for {info['groups']} weight groups (mean alpha {info['alpha_mean']}, "
+                f"median output error {info['error_ratio_rtn_to_awq_median']}x lower than round to nearest on "
+                f"the calibration rows), clipping ranges for {info['weights_clipped']} weights")
+    model, summary = pack_weights(model, prec, name, plan)
     ctx.say(f"{name}: {prec.name} weight-only, {summary['quantized_count']} MatMuls packed into MatMulNBits "
             f"(blocks of {BLOCK_SIZE}, accuracy level {ACCURACY_LEVEL})")
     return model, summary

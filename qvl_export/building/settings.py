@@ -22,7 +22,7 @@ log = logging.getLogger("qvl_export.building")
 
 @dataclass(frozen=True)
 class CalibrationSettings:
-    """int8 / fp8 builds: where the calibration documents come from and how ranges are measured."""
+    """int8 / fp8 builds (and AWQ int4): where the calibration documents come from and how ranges are measured."""
 
     docs: Path | None = None  # folder of PNG/JPEG/WebP/PDF (None: the built-in documents)
     limit: int | None = None  # at most this many documents
@@ -30,6 +30,7 @@ class CalibrationSettings:
     calibrator: str = "percentile"  # int8 activation calibrator (fp8 is always max-calibrated)
     sensitivity: bool = False  # print every quantized op's local error
     activations: str = "auto"  # int8 activation scales: auto / static / dynamic (calibration.qdq.activation_mode)
+    int4_method: str = "rtn"  # int4 weights: "rtn" (round to nearest) or "awq" (activation-aware, calibrated)
 
 
 @dataclass(frozen=True)
@@ -94,6 +95,7 @@ class BuildOptions:
     calibrator: str = "percentile"
     sensitivity: bool = False
     activations: str = "auto"
+    int4_method: str = "rtn"
     force: bool = False
     chat_template: Path | None = None
     assume_default_preprocessing: bool = False
@@ -107,7 +109,7 @@ class BuildOptions:
             force=self.force, chat_template=self.chat_template,
             assume_default_preprocessing=self.assume_default_preprocessing,
             calibration=CalibrationSettings(self.calib_docs, self.calib_limit, self.calib_cache, self.calibrator,
-                                            self.sensitivity, self.activations),
+                                            self.sensitivity, self.activations, self.int4_method),
             tensorrt=TrtSettings(self.device, self.bundle, self.ranges))
 
     def reporter(self) -> Reporter:
@@ -127,7 +129,7 @@ def settings_from_cli(params: dict) -> Settings:
         assume_default_preprocessing=params["assume_default_preprocessing"],
         calibration=CalibrationSettings(params.get("calib_docs"), params.get("calib_limit"),
                                         params.get("calib_cache"), params["calibrator"], params["sensitivity"],
-                                        params.get("activations") or "auto"),
+                                        params.get("activations") or "auto", params.get("int4_method") or "rtn"),
         tensorrt=TrtSettings(params["device"], params["bundle"],
                              Ranges(min_pixels=params["engine_min_pixels"], opt_pixels=params["engine_opt_pixels"],
                                     max_pixels=params["engine_max_pixels"], max_images=params["max_images"],

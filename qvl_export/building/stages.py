@@ -55,8 +55,11 @@ def check_request(ctx: BuildContext) -> None:
         for part, name in ctx.precisions.items():
             if registry.get(name).calibrated:
                 activation_mode(s.calibration.activations, s.target, name, part)
-    if s.calibration.docs is not None and not ctx.of_kind(registry.CALIBRATED):
-        ctx.warn("--calib-docs is only used by int8/fp8 builds; ignoring it")
+    if s.calibration.docs is not None and not ctx.of_kind(registry.CALIBRATED) and not (
+            ctx.of_kind(registry.WEIGHT_ONLY) and s.calibration.int4_method == "awq"):
+        ctx.warn("--calib-docs is only used by int8/fp8 and AWQ int4 builds; ignoring it")
+    if s.calibration.int4_method != "rtn" and not ctx.of_kind(registry.WEIGHT_ONLY):
+        ctx.warn(f"--int4-method {s.calibration.int4_method} applies to int4 parts only; no part is int4")
 
 
 def validate_checkpoint(ctx: BuildContext) -> None:

@@ -5,7 +5,9 @@ speed. onnxruntime's ``MatMulNBitsQuantizer`` stores each weighted MatMul's weig
 ``Precision.bits``-bit blocks (``BLOCK_SIZE`` values share an fp32 scale, symmetric, round to
 nearest) in one ``MatMulNBits`` contrib op; ``accuracy_level`` 4 lets the CPU kernel quantize the
 activations to int8 per block and run integer dot products (VNNI/AMX). No calibration data is
-needed. The token table is looked up as int8 rows by the ``quantize_embeddings`` pass that follows.
+needed for round to nearest; ``--int4-method awq`` first searches activation-aware scales on the
+calibration documents (``calibration/awq.py``) and quantizes each weight through them. The token
+table is looked up as int8 rows by the ``quantize_embeddings`` pass that follows.
 
 onnxruntime only (a contrib op): TensorRT takes int8 / fp8 Q/DQ graphs instead. The registry's
 weight-only precisions come here (``building/quantize_stage.QUANTIZERS``); this module reads a
@@ -22,9 +24,21 @@ BLOCK_SIZE = 32  # values per fp32 scale (demo model: exact match 0.896 vs fp32 
 ACCURACY_LEVEL = 4  # int8 activations inside the kernel
 
 
-def pack_weights(src: Path, precision: Precision, name: str):
-    """The part at ``src`` with every constant 2-D MatMul weight packed into MatMulNBits -> (onnx-ir model,
-    quantization summary for the manifest).
+def block_quantizer(precision: Precision):
+    """onnxruntime's weight-only block quantizer with the settings the packed weights use."""
+    from onnxruntime.quantization.matmul_nbits_quantizer import (DefaultWeightOnlyQuantConfig,
+                                                                 DefaultWeightOnlyQuantizer)
+
+    config = DefaultWeightOnlyQuantConfig(block_size=BLOCK_SIZE, is_symmetric=True, accuracy_level=ACCURACY_LEVEL,
+                                          bits=precision.bits)
+    return DefaultWeightOnlyQuantizer(config)
+
+
+def pack_weights(src: Path, precision: Precision, name: str, plan=None):
+    """The part at ``src`` (a path, or an onnx-ir model read lazily) with every constant 2-D MatMul
+    weight packed into MatMulNBits -> (onnx-ir model, quantization summary for the manifest). With an
+    AWQ ``plan`` (``calibration.awq.AwqPlan``) each weight is quantized as the plan scales it and the
+    inverse scales are written into the norms / projections it names.
 
     Streamed, one weight in flight: the part is read lazily (``onnx_ir.load``: external tensors are
     memory maps), each weight is packed by onnxruntime's own block quantizer
@@ -35,15 +49,11 @@ def pack_weights(src: Path, precision: Precision, name: str):
     same nodes and bytes."""
     import numpy as np
     import onnx_ir as ir
-    from onnxruntime.quantization.matmul_nbits_quantizer import (DefaultWeightOnlyQuantConfig,
-                                                                 DefaultWeightOnlyQuantizer)
 
     from qvl_export.calibration.taps import release
 
-    model = ir.load(str(src))
-    config = DefaultWeightOnlyQuantConfig(block_size=BLOCK_SIZE, is_symmetric=True, accuracy_level=ACCURACY_LEVEL,
-                                          bits=precision.bits)
-    quantizer = DefaultWeightOnlyQuantizer(config)
+    model = src if isinstance(src, ir.Model) else ir.load(str(src))
+    quantizer = block_quantizer(precision)
     graph = model.graph
     packed: dict[str, tuple] = {}  # weight -> (blocks value, scales value, K, N)
     matmuls = [n for n in graph if n.op_type == "MatMul" and n.domain in ("", "ai.onnx")]
@@ -54,7 +64,9 @@ def pack_weights(src: Path, precision: Precision, name: str):
         if w.name not in packed:
             k, n = (int(d) for d in w.const_value.shape)
             weight = np.asarray(w.const_value.numpy(), dtype=np.float32)
-            blocks, scales, _ = quantizer.qbits_block_quant(weight)
+            if plan is not None:
+                weight = plan.weight(w.name, weight)
+            blocks, scales, _ = quantizer.qbits_block_quant(np.ascontiguousarray(weight))
             del weight
             release(w.const_value)
             values = []
@@ -80,9 +92,18 @@ def pack_weights(src: Path, precision: Precision, name: str):
         value = graph.initializers.get(weight)
         if value is not None and not value.uses() and not value.is_graph_output():
             del graph.initializers[weight]
+    if plan is not None:
+        from qvl_export.calibration.awq import divided
+
+        for vector, s in plan.vector_divide.items():  # the norms that read 1 / s into the activation
+            value = graph.initializers[vector]
+            value.const_value = ir.tensor(divided(value.const_value.numpy(), s), name=vector)
     model.opset_imports.setdefault("com.microsoft", 1)
     count = sum(1 for n in graph if n.op_type == "MatMulNBits")
-    summary = {"part": name, "precision": precision.name, "method": "MatMulNBits weight-only (RTN, symmetric)",
+    method = "AWQ scales, symmetric" if plan is not None else "RTN, symmetric"
+    summary = {"part": name, "precision": precision.name, "method": f"MatMulNBits weight-only ({method})",
                "bits": precision.bits, "block_size": BLOCK_SIZE, "accuracy_level": ACCURACY_LEVEL,
                "quantized_count": count, "kept_high_precision": {}}
+    if plan is not None:
+        summary["awq"] = plan.summary()
     return model, summary

@@ -28,7 +28,7 @@ from qvl_export.calibration.taps import ActivationStats, TappingBackend, write_t
 from qvl_export.core.errors import QvlError
 
 log = logging.getLogger(__name__)
-CACHE_FORMAT = "qvl-calib/2"  # statistics (format 1 held recorded feeds)
+CACHE_FORMAT = "qvl-calib/3"  # statistics with per-channel |x| sums (2: without; 1: recorded feeds)
 
 
 @dataclass
@@ -59,10 +59,11 @@ def documents_key(docs: list[Document], settings: CalibSettings, source_sha: str
 
 
 def collect_stats(folder: Path, manifest, parts: list[str], docs: list[Document], settings: CalibSettings,
-                  method: str, threads: int | None = None,
+                  method: str | dict[str, str], threads: int | None = None,
                   progress: Callable[[int, int], None] | None = None) -> dict[str, ActivationStats]:
     """Run the float artifacts in ``folder`` over ``docs`` with the tap graphs of ``parts``; returns
-    part -> ActivationStats. The tap graphs are written beside the parts and removed afterwards."""
+    part -> ActivationStats. ``method`` is the calibrator, or part -> calibrator. The tap graphs are
+    written beside the parts and removed afterwards."""
     from qvl_export.runtimes.onnxrt import OrtBackend
     from qvl_export.runtimes.pipeline import Pipeline
 
@@ -77,7 +78,8 @@ def collect_stats(folder: Path, manifest, parts: list[str], docs: list[Document]
         # weights mapped once, taps reduced early; one part's session open at a time, so the vision
         # tower's weights and attention activations are never resident beside the decoder's
         backend = OrtBackend(folder, tapped, threads=threads, lean=True, max_open=1)
-        stats = {n: ActivationStats(taps[n], method) for n in parts}
+        methods = method if isinstance(method, dict) else dict.fromkeys(parts, method)
+        stats = {n: ActivationStats(taps[n], methods[n]) for n in parts}
         plain = {n: len(manifest.parts[n].outputs) for n in parts}
         step = {"n": 0}
 

@@ -8,10 +8,12 @@ resident once, as when the artifacts run - and every tapped activation goes stra
 ``ActivationStats``:
 
 - its absolute max and RMS (the precision guard, fp8's max calibration),
+- the sum of |x| per input channel over every row (AWQ's activation-aware int4 scales),
 - onnxruntime's own calibration collectors (``MinMax`` / ``HistogramCollector`` for the
   percentile, entropy and distribution methods: the int8 ranges), fed one run at a time exactly as
   ``quantize_static`` feeds them with ``CalibStridedMinMax=1``,
-- an evenly spaced sample of rows, bounded in bytes per tensor, for the guard's local error.
+- an evenly spaced sample of rows, bounded in bytes per tensor, for the guard's local error (rows
+  of the first runs), or, for AWQ (``method="awq"``), spread evenly over every row of every run.
 
 So memory is the parts' weights plus the statistics, whatever the number of documents; the decoder's
 KV caches are never copied (they were what made recorded feeds grow with the documents).
@@ -69,14 +71,15 @@ def _scope(node) -> str | None:
 
 
 TAP_BYTES = 2 << 20  # rows of an activation a tap returns per run, at most (float32)
-TAP_OUTPUTS = ("max", "min", "sumsq", "count", "rows")  # per tapped activation, in this order
+TAP_OUTPUTS = ("max", "min", "sumsq", "count", "abssum", "rows")  # per tapped activation, in this order
 
 
 def write_tap_graph(part_path: Path, tap_path: Path) -> list[str]:
     """Write the part's graph with taps on its weighted ops' activation inputs to ``tap_path`` (same
     folder: the weights stay in the part's data file, nothing is copied). Returns the tapped
     activations; each adds the outputs ``TAP_OUTPUTS``: its exact max, min, sum of squares and
-    element count, reduced in the graph, and every k-th of its rows (k so that at most
+    element count, the sum of |x| per channel (last axis) over all rows, reduced in the graph, and
+    every k-th of its rows (k so that at most
     ``TAP_BYTES`` come back), so a run returns a bounded amount whatever the page size and depth."""
     import onnx_ir as ir
 
@@ -114,13 +117,15 @@ def _tap(model, x) -> list:
     outs = [op("ReduceMax", [x], "max", keepdims=0), op("ReduceMin", [x], "min", keepdims=0),
             op("ReduceSumSquare", [x], "sumsq", keepdims=0), op("Size", [x], "count")]
     flat = op("Flatten", [x], axis=max(1, rank - 1))  # [rows, width]
+    outs.append(op("ReduceSum", [op("Abs", [flat]), const("rows_axis", np.array([0], np.int64))], "abssum",
+                   keepdims=0))  # [width]
     rows = op("Gather", [op("Shape", [flat]), const("zero", np.array([0], np.int64))])
     step = op("Max", [op("Div", [op("Add", [rows, const("cap_less_one", np.array([cap - 1], np.int64))]),
                                  const("cap", np.array([cap], np.int64))]), const("one", np.array([1], np.int64))])
     outs.append(op("Slice", [flat, const("start", np.array([0], np.int64)), rows, const("zero_axis", np.array([0], np.int64)),
                              step], "rows"))
     x_dtype = x.dtype or ir.DataType.FLOAT
-    for v, dtype in zip(outs, (x_dtype, x_dtype, x_dtype, ir.DataType.INT64, x_dtype)):
+    for v, dtype in zip(outs, (x_dtype, x_dtype, x_dtype, ir.DataType.INT64, x_dtype, x_dtype)):
         v.type = ir.TensorType(dtype)
     return outs
 
@@ -137,10 +142,31 @@ class TensorStats:
     sum_sq: float = 0.0
     count: int = 0
     rows: list[np.ndarray] = field(default_factory=list)
+    abs_sum: np.ndarray | None = None  # sum of |x| per channel over every row seen [width], float64
+    row_count: int = 0  # rows behind abs_sum
+    stride: int = 1  # spread sampling: every stride-th row of the whole stream is kept
+    phase: int = 0  # spread sampling: rows of the stream to skip before the next one kept
+
+    def keep_spread(self, rows: np.ndarray, cap: int) -> None:
+        """Keep every ``stride``-th row of the stream of all runs' rows; when more than ``cap`` are
+        kept, drop every other one and double the stride - an even sample of everything seen."""
+        if self.phase < len(rows):
+            self.rows.append(np.array(rows[self.phase::self.stride], copy=True))
+        self.phase = (self.phase - len(rows)) % self.stride
+        while sum(len(r) for r in self.rows) > cap:
+            kept = self.sample()
+            self.rows = [kept[::2]]
+            # the next kept row of the new stream: the old next row if kept rows were even, else one stride on
+            self.phase += self.stride * (len(kept) % 2)
+            self.stride *= 2
 
     @property
     def rms(self) -> float:
         return float(np.sqrt(self.sum_sq / self.count)) if self.count else 0.0
+
+    def channel_mean(self) -> np.ndarray | None:
+        """Mean |x| per channel over every calibration row (AWQ's activation salience), or None."""
+        return None if self.abs_sum is None or not self.row_count else self.abs_sum / self.row_count
 
     def sample(self) -> np.ndarray:
         return np.concatenate(self.rows, axis=0) if self.rows else np.zeros((0, 0), np.float32)
@@ -153,20 +179,21 @@ class ActivationStats:
         from onnxruntime.quantization.calibrate import HistogramCollector
 
         self.names = list(names)
-        self.method = method  # max, percentile, entropy, distribution
+        self.method = method  # max, percentile, entropy, distribution; awq: max, rows spread over every run
         self.tensors = {n: TensorStats() for n in self.names}
         self.runs = 0
         self._minmax: dict[str, tuple[float, float]] = {}
         self._histograms = None
         self._fixed: dict[str, tuple[float, float]] | None = None
-        if method != "max":
+        if method not in ("max", "awq"):
             self._histograms = HistogramCollector(method=method, symmetric=True, num_bins=2048,
                                                   num_quantized_bins=128, percentile=99.999, scenario="same")
 
     def update(self, taps: dict[str, list[np.ndarray]]) -> None:
-        """One run's tap outputs: activation -> [max, min, sum of squares, count, rows] (``TAP_OUTPUTS``)."""
+        """One run's tap outputs: activation -> [max, min, sum of squares, count, |x| sums, rows]
+        (``TAP_OUTPUTS``)."""
         rows_by_name = {}
-        for name, (hi, lo, sumsq, count, rows) in taps.items():
+        for name, (hi, lo, sumsq, count, abssum, rows) in taps.items():
             t = self.tensors[name]
             rows = np.asarray(rows, dtype=np.float32)
             rows_by_name[name] = rows
@@ -175,9 +202,14 @@ class ActivationStats:
                 t.abs_max = max(t.abs_max, abs(hi), abs(lo))
                 t.sum_sq += float(sumsq)
                 t.count += int(count)
+                abssum = np.asarray(abssum, dtype=np.float64).reshape(-1)
+                t.abs_sum = abssum if t.abs_sum is None else t.abs_sum + abssum
+                t.row_count += int(count) // max(1, abssum.size)
                 old_lo, old_hi = self._minmax.get(name, (np.inf, -np.inf))
                 self._minmax[name] = (min(old_lo, lo), max(old_hi, hi))
-            if self.runs < SAMPLE_FEEDS and rows.size:
+            if self.method == "awq" and rows.size:
+                t.keep_spread(rows, max(1, min(MAX_ROWS, SAMPLE_BYTES // (4 * rows.shape[1]))))
+            elif self.runs < SAMPLE_FEEDS and rows.size:
                 cap = max(1, min(MAX_ROWS, SAMPLE_BYTES // (4 * rows.shape[1])) // SAMPLE_FEEDS)
                 if len(rows) > cap:  # even sample: the error estimate needs rows, not all of them
                     rows = rows[np.linspace(0, len(rows) - 1, cap).astype(int)]
@@ -204,7 +236,8 @@ class ActivationStats:
     def describe(self) -> dict:
         hist = self._histograms.histogram_dict if self._histograms is not None else {}
         return {"names": self.names, "method": self.method, "runs": self.runs,
-                "tensors": {n: [t.abs_max, t.sum_sq, t.count, len(t.rows)] for n, t in self.tensors.items()},
+                "tensors": {n: [t.abs_max, t.sum_sq, t.count, len(t.rows), t.row_count]
+                            for n, t in self.tensors.items()},
                 "minmax": self._minmax, "fixed": self._fixed,
                 "histograms": {n: len(v) for n, v in hist.items()}}
 
@@ -213,6 +246,8 @@ class ActivationStats:
         for i, (name, t) in enumerate(self.tensors.items()):
             for j, r in enumerate(t.rows):
                 out[f"rows_{i}_{j}"] = r
+            if t.abs_sum is not None:
+                out[f"abssum_{i}"] = t.abs_sum
         if self._histograms is not None:
             for i, name in enumerate(self.names):
                 for j, item in enumerate(self._histograms.histogram_dict.get(name, ())):
@@ -224,9 +259,10 @@ class ActivationStats:
         st = cls(info["names"], info["method"])
         st.runs = int(info["runs"])
         for i, name in enumerate(st.names):
-            abs_max, sum_sq, count, chunks = info["tensors"][name]
+            abs_max, sum_sq, count, chunks, row_count = info["tensors"][name]
             st.tensors[name] = TensorStats(float(abs_max), float(sum_sq), int(count),
-                                           [arrays[f"rows_{i}_{j}"] for j in range(int(chunks))])
+                                           [arrays[f"rows_{i}_{j}"] for j in range(int(chunks))],
+                                           arrays.get(f"abssum_{i}"), int(row_count))
             n = info["histograms"].get(name)
             if n and st._histograms is not None:
                 items = [arrays[f"hist_{i}_{j}"] for j in range(int(n))]
@@ -242,6 +278,8 @@ class ActivationStats:
             t.abs_max *= factor
             t.sum_sq *= factor * factor
             t.rows = [r * factor for r in t.rows]
+            if t.abs_sum is not None:
+                t.abs_sum = t.abs_sum * abs(factor)
 
 
 def release(tensor) -> None:

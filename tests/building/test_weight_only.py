@@ -39,6 +39,24 @@ def test_int4_decoder_builds_shrinks_and_passes_its_gate(family, checkpoint, art
     assert report.passed, report.failure_summary()
 
 
+def test_awq_int4_build_calibrates_records_and_passes_its_gate(checkpoint, tmp_path):
+    """``--int4-method awq``: the decoder is calibrated (the built-in documents), the manifest records the
+    groups scaled and the weights clipped, every weight is still packed, and the gate passes."""
+    out = tmp_path / "awq"
+    build(checkpoint("qwen2_5_vl"), out, BuildOptions(precision="decoder=int4", int4_method="awq", calib_limit=3))
+    m = Manifest.read(out)
+    summary = m.calibration.quantization["decoder"]
+    assert len(m.calibration.documents) == 3
+    assert "AWQ" in summary["method"] and summary["awq"]["weights_clipped"] > 0
+    assert summary["awq"]["groups"] + sum("round to nearest was best" in why
+                                          for why in summary["awq"]["kept_rtn"].values()) > 0
+    model = onnx.load(out / m.parts["decoder"].file)
+    inits = {i.name for i in model.graph.initializer}
+    assert not any(n.op_type == "MatMul" and n.input[1] in inits for n in model.graph.node)
+    report = run_parity(out, checkpoint("qwen2_5_vl"), cases=CASES, max_new_tokens=16)
+    assert report.passed, report.failure_summary()
+
+
 def test_int4_is_decoder_and_ort_only(checkpoint, tmp_path):
     with pytest.raises(QvlError, match="decoder=int4"):
         build(checkpoint("qwen2_vl"), tmp_path / "a", BuildOptions(precision="int4"))

@@ -35,6 +35,10 @@ def test_clip_patches_reach_the_vision_taps(artifacts):
     assert tapped.abs_max == pytest.approx(float(np.abs(patches).max()), rel=1e-6)
     # reduced in float32 by onnxruntime over 4.5M values: agrees to float32 accumulation error
     assert tapped.sum_sq == pytest.approx(float(np.square(patches, dtype=np.float64).sum()), rel=2e-3)
+    # AWQ's salience: mean |x| per channel over every row (the windows' zero rows count as rows)
+    assert tapped.row_count == padded
+    want = np.abs(patches, dtype=np.float64).sum(axis=0) / padded
+    np.testing.assert_allclose(tapped.channel_mean(), want, rtol=2e-4)
     # rows are (C, tp, p, p): the two frames of a temporal patch differ, unlike a still image's
     rows = tapped.sample().reshape(-1, 3, 2, dim // 6)
     assert (np.abs(rows[:, :, 0] - rows[:, :, 1]).max(axis=(1, 2)) > 1e-3).mean() > 0.05

@@ -1,0 +1,346 @@
+"""AWQ: activation-aware scales for the decoder's int4 weights (``--int4-method awq``).
+
+Round-to-nearest int4 gives every input channel of a weight the same grid, yet a few channels carry
+most of the activation mass (SwiGLU down-projections, the channels a norm amplifies). AWQ (Lin et
+al., 2023) scales those weight rows up before quantizing - ``W' = diag(s) W``, so their rounding
+error shrinks relative to their size - and divides the activation by the same ``s``, so the float
+function is unchanged. ``s = mean|x|^alpha`` per input channel, ``alpha`` searched on a grid per
+group of weights that read the same activation, minimising the output error of the quantized group
+on the calibration rows; ``alpha = 0`` is round to nearest, so the search never picks worse than RTN
+on its own rows.
+
+The division is folded into whatever produces the activation, so the graph gains no op:
+
+- a norm (``SimplifiedLayerNormalization``, ``SkipSimplifiedLayerNormalization``, their LayerNorm
+  forms, or a ``Mul`` by a constant vector): its scale (and bias) is divided by ``s``
+  (q/k/v after the input norm, gate/up after the post-attention norm);
+- the SwiGLU product ``act(gate) * up``: the up projection's output columns are divided by ``s``
+  (down_proj). A column scale leaves int4 blocks along K unchanged, so the up weight quantizes
+  exactly as before.
+
+Then, as AWQ does, each block's clipping range is searched (``clip``: the weights of a block are
+clamped to ``ratio x`` its largest magnitude before quantizing, the ratio per block and output
+column minimising that block's output error on the calibration rows); q/k projections keep their
+full range (their errors pass through the softmax), as in AWQ.
+
+Groups whose producer is neither (o_proj after attention) and the lm_head stay round to nearest, but
+still get the clipping search.
+Inputs: the decoder's calibration statistics (``taps.ActivationStats``: mean |x| per channel over
+every calibration row, and the sampled rows); weights are read one group at a time from the lazy
+float part. The grid searched is the packer's (``building/weight_only.py``: onnxruntime's block
+quantizer), written here in numpy (``round_trip``; a test holds the two equal).
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from typing import Callable
+
+import numpy as np
+
+log = logging.getLogger(__name__)
+
+GRID = 20  # alphas 0, 0.05, ..., 0.95
+CLIP_GRID = 20  # clipping ratios 1.0, 0.975, ..., 0.525
+MAX_ROWS = 512  # calibration rows per group in the search (evenly spaced over the sample)
+CLIP_COLUMNS = 1024  # output columns per step of the clipping search (bounds its memory)
+NO_CLIP = ("q_proj", "k_proj")  # scopes whose range is kept whole
+NORMS = {"SimplifiedLayerNormalization": (1, None), "SkipSimplifiedLayerNormalization": (2, None),
+         "LayerNormalization": (1, 2), "SkipLayerNormalization": (2, 3)}  # op -> (scale input, bias input)
+
+
+@dataclass
+class Fold:
+    """Where a group's ``1 / s`` goes: a norm's scale (and bias) vectors, or a slice of columns of the
+    MatMul weight that produces the activation."""
+
+    kind: str  # "norm" or "columns"
+    targets: tuple[str, ...]  # norm: scale (and bias) initializers; columns: the producing weight
+    start: int = 0  # columns: first column of the slice that becomes this activation
+
+
+@dataclass
+class Group:
+    activation: str
+    weights: list[str]
+    scopes: list[str]
+    fold: Fold
+    alpha: float = 0.0
+    loss_rtn: float = 0.0
+    loss_awq: float = 0.0
+
+
+@dataclass
+class AwqPlan:
+    """The scales found: weights to quantize as ``W * s[:, None]`` with ``1 / s`` folded upstream."""
+
+    row_scale: dict[str, np.ndarray] = field(default_factory=dict)  # weight -> s [K]
+    column_divide: dict[str, list[tuple[int, np.ndarray]]] = field(default_factory=dict)  # weight -> (start, s)
+    vector_divide: dict[str, np.ndarray] = field(default_factory=dict)  # norm scale / bias -> s
+    clip: dict[str, np.ndarray] = field(default_factory=dict)  # weight -> largest magnitude kept [blocks, N]
+    block_size: int = 32
+    groups: list[Group] = field(default_factory=list)
+    skipped: dict[str, str] = field(default_factory=dict)  # activation -> why it stays round to nearest
+
+    def weight(self, name: str, w: np.ndarray) -> np.ndarray:
+        """Weight ``name`` [K, N] as it is to be quantized (float function unchanged with the folds)."""
+        s = self.row_scale.get(name)
+        slices = self.column_divide.get(name, ())
+        if s is None and not slices and name not in self.clip:
+            return w
+        w = np.array(w, dtype=np.float32, copy=True)
+        if s is not None:
+            w *= s[:, None]
+        bound = self.clip.get(name)  # found on the row-scaled weight
+        if bound is not None:
+            limit = np.repeat(bound, self.block_size, axis=0)[:w.shape[0]]  # [K, N]
+            np.clip(w, -limit, limit, out=w)
+        for start, d in slices:  # a column scale moves each block's grid with it
+            w[:, start:start + d.size] /= d[None, :]
+        return w
+
+    def summary(self) -> dict:
+        gain = [g.loss_rtn / g.loss_awq for g in self.groups if g.loss_awq > 0]
+        return {"groups": len(self.groups), "weights_scaled": len(self.row_scale), "weights_clipped": len(self.clip),
+                "alpha_mean": round(float(np.mean([g.alpha for g in self.groups])), 3) if self.groups else None,
+                "error_ratio_rtn_to_awq_median": round(float(np.median(gain)), 3) if gain else None,
+                "kept_rtn": dict(self.skipped),
+                "per_group": {g.scopes[0]: {"alpha": g.alpha, "loss_rtn": float(f"{g.loss_rtn:.4g}"),
+                                            "loss_awq": float(f"{g.loss_awq:.4g}")} for g in self.groups}}
+
+
+def search(model, stats, bits: int = 4, block_size: int = 32, grid: int = GRID, clip_grid: int = CLIP_GRID,
+           max_rows: int = MAX_ROWS, release: Callable = lambda t: None) -> AwqPlan:
+    """AWQ scales and clipping ranges for ``model``'s constant 2-D MatMul weights (an onnx-ir model,
+    read lazily, one group's weights at a time), from the part's calibration ``stats``, for symmetric
+    ``bits``-bit blocks of ``block_size`` along K (the packer's grid: ``round_trip``)."""
+    from qvl_export.calibration.taps import weighted_nodes
+
+    plan = AwqPlan(block_size=block_size)
+    nodes = {n.name: n for n in model.graph}
+    by_activation: dict[str, list] = {}
+    for wn in weighted_nodes(model):
+        node = nodes[wn.name]
+        if wn.op_type == "MatMul" and len(node.inputs[1].const_value.shape) == 2:
+            by_activation.setdefault(wn.activation, []).append((wn, node))
+    for activation, members in by_activation.items():
+        why = _refuse(members, stats, activation)
+        if why:
+            plan.skipped[activation] = why
+            continue
+        fold = _fold(members[0][1].inputs[0])
+        t = stats.tensors[activation]
+        rows = t.sample()
+        if len(rows) > max_rows:
+            rows = rows[np.linspace(0, len(rows) - 1, max_rows).astype(int)]
+        weights: dict[str, np.ndarray] = {}
+        scopes: dict[str, str] = {}
+        for wn, node in members:
+            if wn.weight not in weights:
+                weights[wn.weight] = np.asarray(node.inputs[1].const_value.numpy(), dtype=np.float32)
+                scopes[wn.weight] = wn.scope
+                release(node.inputs[1].const_value)
+        s = np.ones(rows.shape[1], np.float32)
+        if fold is None:
+            plan.skipped[activation] = "scales: its producer takes none (not a norm or the SwiGLU product)"
+        else:
+            group = Group(activation, list(weights), [wn.scope for wn, _ in members], fold)
+            mean = np.maximum(t.channel_mean().astype(np.float32), 1e-8)
+            s = _search_scales(group, rows, mean, list(weights.values()), bits, block_size, grid)
+            if group.alpha == 0.0:
+                plan.skipped[activation] = "scales: round to nearest was best on the calibration rows"
+                s = np.ones_like(s)
+            else:
+                plan.groups.append(group)
+                for w in group.weights:
+                    plan.row_scale[w] = s
+                if fold.kind == "norm":
+                    for target in fold.targets:
+                        plan.vector_divide[target] = s
+                else:
+                    plan.column_divide.setdefault(fold.targets[0], []).append((fold.start, s))
+        xs = rows / s[None, :]
+        for name, w in weights.items():
+            if clip_grid and not any(k in scopes[name] for k in NO_CLIP):
+                plan.clip[name] = _search_clip(xs, w * s[:, None], bits, block_size, clip_grid)
+        del weights
+    return plan
+
+
+def round_trip(blocks: np.ndarray, bits: int = 4) -> np.ndarray:
+    """Symmetric ``bits``-bit round trip of weight blocks ``[..., block, N]`` (each block and column
+    its own scale), as onnxruntime's block quantizer rounds: the block's largest-magnitude value maps
+    to ``-2^(bits-1)`` (its signed value / -2^(bits-1) is the scale), the rest round to nearest and
+    clip to ``[-2^(bits-1), 2^(bits-1) - 1]``."""
+    half = float(1 << (bits - 1))
+    at = np.abs(blocks).argmax(axis=-2)[..., None, :]
+    scale = np.take_along_axis(blocks, at, axis=-2) / -half
+    safe = np.where(scale == 0, 1.0, scale)
+    q = np.clip(np.rint(blocks / safe), -half, half - 1)
+    return (q * scale).astype(np.float32)
+
+
+def _blocks(w: np.ndarray, block_size: int) -> np.ndarray:
+    """``w [K, N]`` -> ``[K / block, block, N]`` (K zero-padded to a whole block, as the packer pads)."""
+    k, n = w.shape
+    pad = -k % block_size
+    if pad:
+        w = np.concatenate([w, np.zeros((pad, n), w.dtype)], axis=0)
+    return w.reshape(-1, block_size, n)
+
+
+def quantized(w: np.ndarray, bits: int, block_size: int) -> np.ndarray:
+    """``w [K, N]`` through the packer's grid (round to nearest per block along K)."""
+    return round_trip(_blocks(w, block_size), bits).reshape(-1, w.shape[1])[:w.shape[0]]
+
+
+def _search_scales(group: Group, rows: np.ndarray, mean: np.ndarray, mats: list[np.ndarray], bits: int,
+                   block_size: int, grid: int) -> np.ndarray:
+    """Best ``s`` on the grid for the group's weights, recording alpha and both losses."""
+    refs = [rows @ w for w in mats]
+    best_s, best_loss = np.ones_like(mean), None
+    for i in range(grid):
+        alpha = i / grid
+        s = np.power(mean, alpha, dtype=np.float32)
+        s = s / np.sqrt(s.max() * s.min())
+        xs = rows / s[None, :]
+        loss = sum(float(np.mean(np.square(xs @ quantized(w * s[:, None], bits, block_size) - r)))
+                   for w, r in zip(mats, refs))
+        if i == 0:
+            group.loss_rtn = loss
+        if best_loss is None or loss < best_loss:
+            best_s, best_loss, group.alpha = s, loss, alpha
+    group.loss_awq = best_loss
+    return best_s.astype(np.float32)
+
+
+def _search_clip(xs: np.ndarray, w: np.ndarray, bits: int, block_size: int, grid: int) -> np.ndarray:
+    """Per block and output column, the largest magnitude to keep ``[K / block, N]``: the ratio of the
+    block's own largest magnitude (1.0 down to 0.525) whose rounding error, seen through that block's
+    calibration inputs, is smallest."""
+    wb = _blocks(w, block_size)  # [B, bs, N]
+    xb = _blocks(xs.T, block_size).transpose(0, 2, 1)  # [B, R, bs]
+    amax = np.abs(wb).max(axis=1)  # [B, N]
+    best = amax.copy()
+    for c0 in range(0, wb.shape[2], CLIP_COLUMNS):
+        part = wb[:, :, c0:c0 + CLIP_COLUMNS]
+        top = amax[:, c0:c0 + CLIP_COLUMNS]
+        lowest = np.full(top.shape, np.inf, np.float32)
+        for i in range(grid):
+            bound = top * (1.0 - 0.5 * i / grid)  # [B, n]
+            clipped = np.clip(part, -bound[:, None, :], bound[:, None, :])
+            err = np.matmul(xb, round_trip(clipped, bits) - part)  # [B, R, n]
+            loss = np.mean(np.square(err), axis=1)  # [B, n]
+            better = loss < lowest
+            lowest = np.where(better, loss, lowest)
+            best[:, c0:c0 + CLIP_COLUMNS] = np.where(better, bound, best[:, c0:c0 + CLIP_COLUMNS])
+    return best.astype(np.float32)
+
+
+def _refuse(members, stats, activation: str) -> str | None:
+    if any(wn.scope == "lm_head" or wn.scope.endswith(".lm_head") for wn, _ in members):
+        return "lm_head (its table may be shared with the token embedding)"
+    t = stats.tensors.get(activation)
+    if t is None or t.channel_mean() is None or not t.rows:
+        return "no calibration statistics for its activation"
+    if any(len(node.inputs[1].uses()) != 1 for _, node in members):
+        return "a weight shared with another op"
+    readers = {node.name for node, _ in members[0][1].inputs[0].uses()}
+    if readers != {node.name for _, node in members}:
+        return "its activation is also read by an op without weights"
+    return None
+
+
+def _fold(x) -> Fold | None:
+    """Where ``1 / s`` can go for activation ``x`` (an onnx-ir value), or None."""
+    p = x.producer()
+    if p is None:
+        return None
+    if p.op_type in NORMS and p.outputs[0] is x:
+        scale_at, bias_at = NORMS[p.op_type]
+        targets = [p.inputs[scale_at]]
+        if bias_at is not None and len(p.inputs) > bias_at and p.inputs[bias_at] is not None:
+            targets.append(p.inputs[bias_at])
+        if all(_private_vector(v) for v in targets):
+            return Fold("norm", tuple(v.name for v in targets))
+        return None
+    if p.op_type != "Mul" or len(p.inputs) != 2:
+        return None
+    for v in p.inputs:  # Mul by a constant vector: an unfused norm's scale
+        if _private_vector(v) and _width(x) == v.const_value.shape[-1]:
+            return Fold("norm", (v.name,))
+    for v in p.inputs:  # act(gate) * up: divide the up projection's columns
+        columns = _producing_columns(v)
+        if columns is not None:
+            return columns
+    return None
+
+
+def _private_vector(v) -> bool:
+    return (v is not None and v.is_initializer() and v.const_value is not None
+            and len(v.const_value.shape) == 1 and len(v.uses()) == 1)
+
+
+def _width(x) -> int | None:
+    return x.shape[-1] if x.shape is not None and isinstance(x.shape[-1], int) else None
+
+
+def _producing_columns(v) -> Fold | None:
+    """``v`` is (a last-axis Split slice of) a constant-weight MatMul's output read by one op only."""
+    if len(v.uses()) != 1:
+        return None
+    p = v.producer()
+    start = 0
+    if p is not None and p.op_type == "Split":
+        axis = p.attributes.get_int("axis", 0)
+        src = p.inputs[0]
+        shaped = src if src.shape is not None else v  # a pass may leave the split input unshaped
+        rank = len(shaped.shape) if shaped.shape is not None else None
+        if axis != -1 and (rank is None or axis != rank - 1) or len(src.uses()) != 1:
+            return None
+        sizes = _split_sizes(p)
+        if sizes is None:
+            return None
+        start = sum(sizes[:list(p.outputs).index(v)])
+        v, p = src, src.producer()
+    if p is None or p.op_type != "MatMul" or p.domain not in ("", "ai.onnx"):
+        return None
+    w = p.inputs[1]
+    if w is None or not w.is_initializer() or w.const_value is None or len(w.const_value.shape) != 2:
+        return None
+    if len(w.uses()) != 1:
+        return None
+    return Fold("columns", (w.name,), start)
+
+
+def _split_sizes(split) -> list[int] | None:
+    if len(split.inputs) > 1 and split.inputs[1] is not None:
+        sizes = split.inputs[1].const_value
+        return None if sizes is None else [int(s) for s in sizes.numpy().reshape(-1)]
+    src = split.inputs[0]
+    width = _width(src)
+    n = len(split.outputs)
+    if width is None or width % n:
+        return None
+    return [width // n] * n
+
+
+def fold_into_float(model, plan: AwqPlan) -> None:
+    """Write ``plan`` into ``model``'s float weights, unquantized: each weight as ``plan.weight`` gives
+    it, each norm vector divided by its scales. Without clipping the function is unchanged (a test
+    holds the logits equal); the int4 packer does the same on its way to the blocks."""
+    import onnx_ir as ir
+
+    for value in list(model.graph.initializers.values()):
+        if value.name in plan.row_scale or value.name in plan.column_divide or value.name in plan.clip:
+            old = np.asarray(value.const_value.numpy(), dtype=np.float32)
+            value.const_value = ir.tensor(plan.weight(value.name, old), name=value.name)
+        elif value.name in plan.vector_divide:
+            value.const_value = ir.tensor(divided(value.const_value.numpy(), plan.vector_divide[value.name]),
+                                          name=value.name)
+
+
+def divided(vector: np.ndarray, s: np.ndarray) -> np.ndarray:
+    """A norm's scale or bias vector divided by the group's scales, in its own dtype."""
+    return (np.asarray(vector, dtype=np.float32) / s).astype(vector.dtype)

@@ -1,0 +1,131 @@
+"""AWQ int4 (calibration/awq.py): its grid is the packer's, its folds keep the float function, it lowers the
+output error where activations have salient channels, its calibration rows cover every run, and a build
+with it packs, records and passes its gate."""
+
+from __future__ import annotations
+
+import shutil
+
+import numpy as np
+import onnx_ir as ir
+import pytest
+
+from qvl_export.calibration import awq
+from qvl_export.calibration.taps import TensorStats
+
+
+def test_round_trip_is_the_packers_grid():
+    """The numpy round trip the search uses equals onnxruntime's packed blocks, unpacked (K not a whole block)."""
+    from qvl_export.building.weight_only import block_quantizer
+    from qvl_export.core import precisions
+
+    quantizer = block_quantizer(precisions.get("int4"))
+    rng = np.random.default_rng(0)
+    for k, n in ((64, 6), (100, 7), (416, 33)):
+        w = (rng.standard_normal((k, n)) * rng.random((k, 1)) * 3).astype(np.float32)
+        blocks, scales, _ = quantizer.qbits_block_quant(w)
+        values = np.stack([blocks & 0xF, blocks >> 4], -1).reshape(blocks.shape[0], blocks.shape[1], -1)
+        theirs = ((values.astype(np.float32) - 8) * scales.reshape(blocks.shape[0], blocks.shape[1], 1))
+        theirs = theirs.reshape(blocks.shape[0], -1)[:, :k].T
+        np.testing.assert_array_equal(awq.quantized(w, 4, 32), theirs)
+
+
+def test_spread_sample_is_even_over_every_run():
+    """AWQ's rows: an even stride over the whole stream of runs (prefills of hundreds of rows, decode
+    steps of one), within the cap - not the first runs only."""
+    rng = np.random.default_rng(1)
+    t, seen = TensorStats(), 0
+    for _ in range(300):
+        n = int(rng.choice([1, 1, 1, int(rng.integers(50, 400))]))
+        t.keep_spread((np.arange(n) + seen)[:, None].astype(np.float32), cap=100)
+        seen += n
+    kept = t.sample()[:, 0]
+    assert 50 <= len(kept) <= 100
+    assert kept[0] == 0 and np.all(np.diff(kept) == t.stride)
+    assert kept[-1] > seen - 2 * t.stride  # reaches the last runs
+
+
+def _salient(rng, rows: int, k: int) -> np.ndarray:
+    """Activations whose first 8 channels are 30x the rest (a norm-amplified channel, as in LLMs)."""
+    x = rng.standard_normal((rows, k)).astype(np.float32)
+    x[:, :8] *= 30
+    return x
+
+
+def test_awq_lowers_the_error_on_salient_channels():
+    """Scales and clipping searched on calibration rows lower the int4 output error on other rows drawn
+    the same way, relative to round to nearest; alpha 0 (RTN) is the search's first point."""
+    rng = np.random.default_rng(2)
+    k, n = 256, 96
+    w = (rng.standard_normal((k, n)) / np.sqrt(k)).astype(np.float32)
+    calib, held = _salient(rng, 512, k), _salient(rng, 512, k)
+    group = awq.Group("x", ["w"], ["layers.0.mlp.down_proj"], awq.Fold("norm", ("g",)))
+    s = awq._search_scales(group, calib, np.abs(calib).mean(0), [w], 4, 32, awq.GRID)
+    assert group.alpha > 0 and group.loss_awq < group.loss_rtn
+    plan = awq.AwqPlan(row_scale={"w": s}, clip={"w": awq._search_clip(calib / s, w * s[:, None], 4, 32, 20)})
+
+    def error(out):
+        return float(np.mean(np.square(out - held @ w)))
+
+    rtn = error(held @ awq.quantized(w, 4, 32))
+    scaled = error((held / s) @ awq.quantized(w * s[:, None], 4, 32))
+    clipped = error((held / s) @ awq.quantized(plan.weight("w", w), 4, 32))
+    assert scaled < 0.8 * rtn, (scaled, rtn)
+    assert clipped < scaled, (clipped, scaled)
+
+
+@pytest.mark.parametrize("family", ["qwen2_vl", "qwen3_vl"])
+def test_folds_keep_the_float_function(family, artifacts, tmp_path):
+    """Every q/k/v group folds into its input norm and every down_proj into the up projection's columns
+    (o_proj and lm_head stay round to nearest); written into the float graph unquantized (clipping off),
+    the decoder's logits are those of the original artifacts."""
+    from qvl_export.calibration.collect import CalibSettings, collect_stats
+    from qvl_export.calibration.documents import builtin_documents
+    from qvl_export.core.manifest import Manifest
+    from qvl_export.parity.gate import forced_logits
+    from qvl_export.runtimes.pipeline import Pipeline
+
+    src = artifacts(family)
+    folded = tmp_path / "folded"
+    shutil.copytree(src, folded)
+    manifest = Manifest.read(folded)
+    stats = collect_stats(folded, manifest, ["decoder"], builtin_documents(3), CalibSettings(max_new_tokens=4),
+                          "awq")["decoder"]
+    model = ir.load(folded / manifest.parts["decoder"].file)
+    layers = manifest.spec.text.num_hidden_layers
+    plan = awq.search(model, stats, clip_grid=0)
+    kinds = {}
+    for g in plan.groups:
+        kinds.setdefault(g.fold.kind, []).append(g.scopes)
+    skipped = "\n".join(plan.skipped.values())
+    found = len(plan.groups) + skipped.count("round to nearest was best")
+    assert found == 2 * layers + layers, (plan.groups, plan.skipped)  # q/k/v, gate/up, down per layer
+    assert skipped.count("takes none") == layers  # o_proj after attention
+    assert "lm_head" in skipped
+    assert kinds.get("columns") and kinds.get("norm")
+    rng = np.random.default_rng(3)
+    for g in plan.groups:  # make every scale count: far from 1, different per channel
+        s = np.exp(rng.uniform(-1.5, 1.5, len(plan.row_scale[g.weights[0]]))).astype(np.float32)
+        for w in g.weights:
+            plan.row_scale[w] = s
+        if g.fold.kind == "norm":
+            plan.vector_divide.update(dict.fromkeys(g.fold.targets, s))
+        else:
+            plan.column_divide[g.fold.targets[0]] = [(g.fold.start, s)]
+    awq.fold_into_float(model, plan)
+    part = manifest.parts["decoder"]
+    if part.external_data:  # the lazily read weights are in memory now: write the part afresh
+        model = ir.from_proto(ir.to_proto(model))
+        (folded / part.external_data).unlink()
+    ir.save(model, folded / part.file, external_data=part.external_data)
+
+    def logits(folder):
+        pipe = Pipeline.load(folder, verify=False)
+        from PIL import Image
+
+        image = Image.new("RGB", (84, 56), (200, 30, 90))
+        prep = pipe.prepare(images=[image], prompt="What colour is it?")
+        return np.stack(forced_logits(pipe, prep, [5, 9, 11]))
+
+    ref, ours = logits(src), logits(folded)
+    np.testing.assert_allclose(ours, ref, rtol=1e-4, atol=1e-4 * float(np.abs(ref).max()))
