@@ -173,12 +173,20 @@ def round_trip(blocks: np.ndarray, bits: int = 4) -> np.ndarray:
     its own scale), as onnxruntime's block quantizer rounds: the block's largest-magnitude value maps
     to ``-2^(bits-1)`` (its signed value / -2^(bits-1) is the scale), the rest round to nearest and
     clip to ``[-2^(bits-1), 2^(bits-1) - 1]``."""
+    hi = blocks.max(axis=-2, keepdims=True)
+    lo = blocks.min(axis=-2, keepdims=True)
+    return _on_grid(blocks, np.where(hi >= -lo, hi, lo) / -float(1 << (bits - 1)), bits)
+
+
+def _on_grid(blocks: np.ndarray, scale: np.ndarray, bits: int) -> np.ndarray:
+    """``blocks`` rounded onto ``scale`` x the integers of ``bits`` bits (a value past the range clips)."""
     half = float(1 << (bits - 1))
-    at = np.abs(blocks).argmax(axis=-2)[..., None, :]
-    scale = np.take_along_axis(blocks, at, axis=-2) / -half
-    safe = np.where(scale == 0, 1.0, scale)
-    q = np.clip(np.rint(blocks / safe), -half, half - 1)
-    return (q * scale).astype(np.float32)
+    safe = np.where(scale == 0, 1.0, scale).astype(np.float32)
+    q = np.divide(blocks, safe, dtype=np.float32)
+    np.rint(q, out=q)
+    np.clip(q, -half, half - 1, out=q)
+    q *= scale
+    return q
 
 
 def _blocks(w: np.ndarray, block_size: int) -> np.ndarray:
@@ -218,23 +226,28 @@ def _search_scales(group: Group, rows: np.ndarray, mean: np.ndarray, mats: list[
 def _search_clip(xs: np.ndarray, w: np.ndarray, bits: int, block_size: int, grid: int) -> np.ndarray:
     """Per block and output column, the largest magnitude to keep ``[K / block, N]``: the ratio of the
     block's own largest magnitude (1.0 down to 0.525) whose rounding error, seen through that block's
-    calibration inputs, is smallest."""
+    calibration inputs, is smallest. The error of a block's column ``d`` over the rows is ``d' G d``
+    with ``G`` the block's input Gram matrix (``bs x bs``), so the rows are read once."""
     wb = _blocks(w, block_size)  # [B, bs, N]
-    xb = _blocks(xs.T, block_size).transpose(0, 2, 1)  # [B, R, bs]
-    amax = np.abs(wb).max(axis=1)  # [B, N]
-    best = amax.copy()
+    xb = _blocks(xs.T, block_size)  # [B, bs, R]
+    gram = np.matmul(xb, xb.transpose(0, 2, 1)) / max(1, xs.shape[0])  # [B, bs, bs]
+    hi, lo = wb.max(axis=1), wb.min(axis=1)  # [B, N]
+    top = np.maximum(hi, -lo)
+    sign = np.where(hi >= -lo, 1.0, -1.0).astype(np.float32)  # which end maps to -2^(bits-1)
+    best = top.copy()
+    half = float(1 << (bits - 1))
     for c0 in range(0, wb.shape[2], CLIP_COLUMNS):
-        part = wb[:, :, c0:c0 + CLIP_COLUMNS]
-        top = amax[:, c0:c0 + CLIP_COLUMNS]
-        lowest = np.full(top.shape, np.inf, np.float32)
+        cols = slice(c0, c0 + CLIP_COLUMNS)
+        part = wb[:, :, cols]
+        lowest = np.full(part.shape[::2], np.inf, np.float32)
         for i in range(grid):
-            bound = top * (1.0 - 0.5 * i / grid)  # [B, n]
-            clipped = np.clip(part, -bound[:, None, :], bound[:, None, :])
-            err = np.matmul(xb, round_trip(clipped, bits) - part)  # [B, R, n]
-            loss = np.mean(np.square(err), axis=1)  # [B, n]
+            bound = top[:, cols] * (1.0 - 0.5 * i / grid)  # [B, n]
+            d = _on_grid(part, (sign[:, cols] * bound / -half)[:, None, :], bits)  # values past bound clip
+            d -= part
+            loss = np.einsum("bkn,bkn->bn", d, np.matmul(gram, d))
             better = loss < lowest
             lowest = np.where(better, loss, lowest)
-            best[:, c0:c0 + CLIP_COLUMNS] = np.where(better, bound, best[:, c0:c0 + CLIP_COLUMNS])
+            best[:, cols] = np.where(better, bound, best[:, cols])
     return best.astype(np.float32)
 
 
