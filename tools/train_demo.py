@@ -1,23 +1,33 @@
-"""Train the built-in demo checkpoint: a tiny Qwen2.5-VL that reads the total off rendered invoices.
+"""Train our tiny document readers: the built-in demo checkpoint (invoices) or the form reader.
 
-    python tools/train_demo.py --out DIR [--minutes 18] [--threads 2] [--samples DIR]
+    python tools/train_demo.py --out DIR [--task invoice|form] [--minutes 18] [--threads 2] [--samples DIR]
 
-Random weights cannot tell whether a quantized build still reads documents; this model can. It is
-a real ``Qwen2_5_VLForConditionalGeneration`` (windowed + full-attention ViT, merger, Qwen2
-decoder with M-RoPE), trained on CPU in two phases, as FIELD_NOTES.md ("Training a tiny demo
-checkpoint on CPU") found necessary - end-to-end training from scratch stalls at chance because
-the decoder learns the answer prior long before the ViT gets a useful gradient:
+Random weights cannot tell whether a quantized build still reads documents; these models can.
+
+- ``--task invoice`` (default): the demo checkpoint, a ``Qwen2_5_VLForConditionalGeneration``
+  (windowed + full-attention ViT, merger, Qwen2 decoder with M-RoPE, untied embeddings, the
+  Qwen2-VL chat template with its default system turn) that reads the total off rendered invoices
+  (``qvl_export.demo.documents``).
+- ``--task form``: the form reader (``tests/data/trained/form_reader``), a
+  ``Qwen2VLForConditionalGeneration`` (full-attention ViT, 4 decoder layers, head dim 48, tied
+  embeddings, a chat template without a default system turn) that reads the account number or the
+  amount off a rendered form, whichever the question asks (``qvl_export.demo.forms``).
+
+Both are trained on CPU in two phases, as FIELD_NOTES.md ("Training a tiny demo checkpoint on CPU")
+found necessary - end-to-end training from scratch stalls at chance because the decoder learns
+the answer prior long before the ViT gets a useful gradient:
 
 1. **Vision tower + merger** with direct, dense heads on the merger outputs (one row per image
-   token): for every token, which digit of the total it holds (slot 0-3 and value 0-9), and the
-   value of the total's digit centred in each of its 2x2 patches. The heads are thrown away
-   afterwards. (A head on pooled features alone stayed near chance for 150+ steps.)
+   token): for every token, which digit of which numeric field it holds (field, slot 0-3 and
+   value 0-9; the invoice has one field, the total, the form two), and the value of the digit
+   centred in each of its 2x2 patches. The heads are thrown away afterwards. (A head on pooled
+   features alone stayed near chance for 150+ steps.)
 2. **Decoder, then the whole model**, with the language-model loss on the answer tokens of the
    chat-formatted prompt, built as ``Qwen2VLProcessor`` builds it (chat template,
    ``<|image_pad|>`` expanded to ``t*h*w/4`` copies, ``mm_token_type_ids`` so transformers applies
    M-RoPE to image tokens). 2a keeps the ViT frozen and runs it once over a pool of pages, so
    decoder steps are cheap; one attention head of the last decoder layer is also told which image
-   token holds the next digit (routing loss: without it the decoder was at 44% token accuracy
+   token holds the next digit of the asked field (routing loss: without it the decoder was at 44% token accuracy
    after 300 steps). 2b fine-tunes everything on fresh pages, the ViT at a lower rate.
 
 Step counts are fixed (the run is deterministic for a given thread count); ``--minutes`` is a
@@ -37,16 +47,17 @@ import math
 import os
 import random
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from qvl_export.demo import TASK
-from qvl_export.demo.documents import (HELDOUT_SEED_OFFSET, MAX_ANSWER_DIGITS, PAGE_SIZE, make_example, question,
-                                       render_invoice)
-from qvl_export.loading.synthetic import CheckpointDims, build_model_config, train_tokenizer, write_processing_files
+from qvl_export.demo import TASKS, Task, forms
+from qvl_export.demo.documents import MAX_ANSWER_DIGITS, PAGE_SIZE, question, render_invoice
+from qvl_export.documents.render import FORM_FIELDS, FORM_SIZE, render_form
+from qvl_export.loading.synthetic import (QWEN3_CHAT_TEMPLATE, CheckpointDims, build_model_config, train_tokenizer,
+                                          write_processing_files)
 
 log = logging.getLogger("train_demo")
 
@@ -56,6 +67,15 @@ DEMO_TRAINED_DIMS = CheckpointDims(
     fullatt_block_indexes=(1, 3), window_size=112, text_hidden=128, text_layers=3, text_heads=4,
     text_kv_heads=2, text_intermediate=384, mrope_section=(4, 6, 6), tie_word_embeddings=False,
     tokenizer_vocab=640, max_position_embeddings=4096, init_std=0.02, seed=2024,
+)
+# The form reader: a Qwen2-VL (full-attention ViT), deeper and wider decoder with head dim 48
+# (mrope 8+8+8), one KV head, tied embeddings, another tokenizer and a template without a system
+# turn; ~1.7 M parameters.
+FORM_TRAINED_DIMS = CheckpointDims(
+    family="qwen2_vl", vision_depth=4, vision_hidden=96, vision_heads=3, vision_intermediate=288,
+    text_hidden=144, text_layers=4, text_heads=3, text_kv_heads=1, text_intermediate=384,
+    mrope_section=(8, 8, 8), tie_word_embeddings=True, tokenizer_vocab=768, max_position_embeddings=4096,
+    init_std=0.02, seed=2025, chat_template=QWEN3_CHAT_TEMPLATE,
 )
 DIGIT_SLOTS = MAX_ANSWER_DIGITS
 ROUTE_HEAD = 0  # decoder head (last layer) trained to attend to the image token of the next digit
@@ -83,15 +103,64 @@ class Schedule:
     heldout: int = 250
 
 
+@dataclass
+class Example:
+    """One training page: the question and its answer, and every numeric field on the page (digits,
+    pixel centres of the digits) with the index of the asked one."""
+
+    image: Any
+    prompt: str
+    answer: str
+    fields: list[str]
+    centres: list[list[tuple[float, float]]]
+    asked: int
+
+
+def invoice_example(seed: int) -> Example:
+    page = render_invoice(seed)
+    answer = str(page.total)
+    return Example(page.image, question(seed), answer, [answer], [page.total_digits], 0)
+
+
+def form_example(seed: int) -> Example:
+    page = render_form(seed)
+    field = forms.asked_field(seed)
+    return Example(page.image, forms.question(seed), page.fields[field], [page.fields[f] for f in FORM_FIELDS],
+                   [page.digits[f] for f in FORM_FIELDS], FORM_FIELDS.index(field))
+
+
+@dataclass(frozen=True)
+class TrainTask:
+    """What the script trains for one task: the registry's task, the architecture, the page size,
+    the numeric fields per page, the example maker and the default schedule."""
+
+    task: Task
+    dims: CheckpointDims
+    page_size: tuple[int, int]
+    fields: int
+    example: Any
+    schedule: Schedule
+    sample_name: str
+
+
+TRAIN_TASKS = {
+    "invoice": TrainTask(TASKS["invoice"], DEMO_TRAINED_DIMS, PAGE_SIZE, 1, invoice_example, Schedule(), "invoice"),
+    # Two fields to tell apart by the question: more routing steps on more pages.
+    "form": TrainTask(TASKS["form"], FORM_TRAINED_DIMS, FORM_SIZE, 2, form_example,
+                      Schedule(phase1_steps=300, route_pages=4800, route_steps=1500, joint_steps=100), "form"),
+}
+
+
 # ---------------------------------------------------------------------------------------------- data
 
 class Batcher:
     """Renders pages for training seeds and turns them into model inputs (patches, prompt ids)."""
 
-    def __init__(self, tok_fast: Any, spec: Any):
+    def __init__(self, tok_fast: Any, spec: Any, task: TrainTask = TRAIN_TASKS["invoice"]):
         import torch
 
         self.torch = torch
+        self.task = task
         self.spec = spec
         self.tok = tok_fast
         self.image_token_id = spec.tokens.image_token_id
@@ -125,35 +194,38 @@ class Batcher:
     def examples(self, seeds: list[int]) -> dict[str, Any]:
         """Model inputs and training targets for the pages of ``seeds`` (batch B = len(seeds))."""
         torch = self.torch
-        pages = [render_invoice(s) for s in seeds]
-        prompts = [question(s) for s in seeds]
-        answers = [str(p.total) for p in pages]
+        pages = [self.task.example(s) for s in seeds]
+        answers = [p.answer for p in pages]
         pixel_values, grid_thw = self.pixels([p.image for p in pages])
         merge = self.spec.vision.merge_unit
         unit = self.spec.vision.patch_size * self.spec.vision.spatial_merge_size  # 28 px per image token
-        cols, rows = PAGE_SIZE[0] // unit, PAGE_SIZE[1] // unit
-        n = len(pages)
+        cols, rows = self.task.page_size[0] // unit, self.task.page_size[1] // unit
+        n, slots = len(pages), self.task.fields * DIGIT_SLOTS
         assert grid_thw.tolist() == [[1, 2 * rows, 2 * cols]] * n, "pages must not be resized"
-        digits = torch.full((n, DIGIT_SLOTS), NONE_CLASS, dtype=torch.long)  # [B, slots]
-        # Where the total's digits are: [B, rows*cols, slots] = digit k's value in the image token
-        # whose 28x28 cell holds its centre, NONE_CLASS everywhere else.
-        where = torch.full((n, rows * cols, DIGIT_SLOTS), NONE_CLASS, dtype=torch.long)
-        # The same digits per 14x14 patch: [B, rows*cols, 4] = the value of the total's digit whose
-        # centre is in patch (i, j) of the token's 2x2, NONE_CLASS elsewhere (no slot to infer).
+        digits = torch.full((n, slots), NONE_CLASS, dtype=torch.long)  # [B, fields*slots]
+        # Where the fields' digits are: [B, rows*cols, fields*slots] = digit k of field f's value in
+        # the image token whose 28x28 cell holds its centre (column f*DIGIT_SLOTS + k), NONE_CLASS
+        # everywhere else.
+        where = torch.full((n, rows * cols, slots), NONE_CLASS, dtype=torch.long)
+        # The same digits per 14x14 patch: [B, rows*cols, 4] = the value of the digit whose centre
+        # is in patch (i, j) of the token's 2x2, NONE_CLASS elsewhere (no field or slot to infer).
         chars = torch.full((n, rows * cols, merge), NONE_CLASS, dtype=torch.long)
         half = unit // 2
         seqs, labels, route = [], [], []
-        for i, (page, prompt, answer) in enumerate(zip(pages, prompts, answers)):
-            digits[i, :len(answer)] = torch.tensor([int(c) for c in answer])
-            for k, (x, y) in enumerate(page.total_digits):
-                where[i, min(int(y) // unit, rows - 1) * cols + min(int(x) // unit, cols - 1), k] = int(answer[k])
-                r, c = min(int(y) // half, 2 * rows - 1), min(int(x) // half, 2 * cols - 1)
-                chars[i, (r // 2) * cols + c // 2, (r % 2) * 2 + c % 2] = int(answer[k])
-            ids = self.prompt_ids(prompt, rows * cols)
-            ans = self.answer_ids(answer)
+        for i, page in enumerate(pages):
+            for f, (value, centres) in enumerate(zip(page.fields, page.centres)):
+                base = f * DIGIT_SLOTS
+                digits[i, base:base + len(value)] = torch.tensor([int(c) for c in value])
+                for k, (x, y) in enumerate(centres):
+                    where[i, min(int(y) // unit, rows - 1) * cols + min(int(x) // unit, cols - 1), base + k] = \
+                        int(value[k])
+                    r, c = min(int(y) // half, 2 * rows - 1), min(int(x) // half, 2 * cols - 1)
+                    chars[i, (r // 2) * cols + c // 2, (r % 2) * 2 + c % 2] = int(value[k])
+            ids = self.prompt_ids(page.prompt, rows * cols)
+            ans = self.answer_ids(page.answer)
             first_image = ids.index(self.image_token_id)
-            for k in range(len(answer)):  # (page, position predicting answer digit k, image token holding it)
-                cell = int((where[i, :, k] != NONE_CLASS).nonzero()[0])
+            for k in range(len(page.answer)):  # (page, position predicting answer digit k, image token holding it)
+                cell = int((where[i, :, page.asked * DIGIT_SLOTS + k] != NONE_CLASS).nonzero()[0])
                 route.append((i, len(ids) + k - 1, first_image + cell))
             seqs.append(ids + ans)
             labels.append([-100] * len(ids) + ans)
@@ -211,8 +283,9 @@ def run_phase1(model, batcher: Batcher, sched: Schedule, val: dict[str, Any], de
                curve: list[dict[str, Any]]) -> dict[str, Any]:
     import torch
 
-    width = model.config.vision_config.out_hidden_size
-    locate = torch.nn.Linear(width, DIGIT_SLOTS * (NONE_CLASS + 1))  # per token: which digit of the total
+    width = model.config.text_config.hidden_size  # the merger's output
+    slots = batcher.task.fields * DIGIT_SLOTS
+    locate = torch.nn.Linear(width, slots * (NONE_CLASS + 1))  # per token: which digit of which field
     glyphs = torch.nn.Linear(width, 4 * (NONE_CLASS + 1))  # per token: the digit in each of its 2x2 patches
     params = [p for m in (model.model.visual, locate, glyphs) for p in m.parameters()]
     opt = torch.optim.AdamW(params, lr=sched.phase1_lr, weight_decay=0.01, betas=(0.9, 0.98))
@@ -427,37 +500,38 @@ def phase2_metrics(model, val_batches: list[dict[str, Any]]) -> dict[str, float]
 
 # ---------------------------------------------------------------------------------------------- eval
 
-def evaluate(model_dir: Path, n: int, threads: int) -> dict[str, Any]:
-    """Exact match of transformers' greedy ``generate`` on ``n`` held-out pages (parity reference inputs)."""
-    from qvl_export.demo.accuracy import MAX_NEW_TOKENS, exact_match
+def evaluate(model_dir: Path, n: int, threads: int, task: Task = TASKS["invoice"]) -> dict[str, Any]:
+    """Exact match of transformers' greedy ``generate`` on ``n`` held-out pages of ``task`` (parity
+    reference inputs)."""
+    from qvl_export.demo.accuracy import exact_match
     from qvl_export.parity.reference import ReferenceCase, TorchReference
 
     ref = TorchReference(model_dir, num_threads=threads)
 
     def read(image, prompt: str) -> tuple[str, bool]:
         inputs = ref.prepare(ReferenceCase("heldout", [image], prompt))
-        ids, _ = ref.generate(inputs, max_new_tokens=MAX_NEW_TOKENS)
+        ids, _ = ref.generate(inputs, max_new_tokens=task.max_new_tokens)
         return ref.tokenizer.decode(ids, skip_special_tokens=True), int(ids[-1]) in ref.eos_token_ids
 
-    result = exact_match(read, n)
+    result = exact_match(read, n, task=task)
     result.pop("seconds")
     return result
 
 
-def write_sample(sample_dir: Path, index: int) -> None:
-    """Ship held-out page ``index`` (one the model reads right) as invoice.png + invoice.json."""
-    seed = HELDOUT_SEED_OFFSET + index
-    image, prompt, answer = make_example(seed)
+def write_sample(sample_dir: Path, index: int, task: Task = TASKS["invoice"], name: str = "invoice") -> None:
+    """Ship held-out page ``index`` (one the model reads right) as NAME.png + NAME.json."""
+    seed = task.heldout_seed_offset + index
+    image, prompt, answer = task.make_example(seed)
     sample_dir.mkdir(parents=True, exist_ok=True)
-    image.save(sample_dir / "invoice.png")
-    (sample_dir / "invoice.json").write_text(json.dumps({"seed": seed, "prompt": prompt, "answer": answer},
+    image.save(sample_dir / f"{name}.png")
+    (sample_dir / f"{name}.json").write_text(json.dumps({"seed": seed, "prompt": prompt, "answer": answer},
                                                         indent=2) + "\n")
 
 
 # ---------------------------------------------------------------------------------------------- main
 
-def train(out: Path, minutes: float, threads: int, sched: Schedule, dims: CheckpointDims = DEMO_TRAINED_DIMS,
-          sample_dir: Path | None = None) -> dict:
+def train(out: Path, minutes: float, threads: int, sched: Schedule, dims: CheckpointDims | None = None,
+          sample_dir: Path | None = None, task: TrainTask = TRAIN_TASKS["invoice"]) -> dict:
     import torch
     import transformers
     from transformers import PreTrainedTokenizerFast
@@ -465,6 +539,7 @@ def train(out: Path, minutes: float, threads: int, sched: Schedule, dims: Checkp
     from qvl_export.loading.config import parse_model_config
     from qvl_export.loading.synthetic import CHAT_TEMPLATE
 
+    dims = dims or task.dims
     t_start = time.monotonic()
     cpu_start = time.process_time()
     load_start = os.getloadavg()[0]
@@ -481,7 +556,8 @@ def train(out: Path, minutes: float, threads: int, sched: Schedule, dims: Checkp
     config.save_pretrained(out)  # so our parser gives the specs the runtime will use
     write_processing_files(out, tok, dims)
     spec = parse_model_config(out)
-    tok_fast = PreTrainedTokenizerFast(tokenizer_file=str(out / "tokenizer.json"), chat_template=CHAT_TEMPLATE,
+    tok_fast = PreTrainedTokenizerFast(tokenizer_file=str(out / "tokenizer.json"),
+                                       chat_template=dims.chat_template or CHAT_TEMPLATE,
                                        eos_token="<|im_end|>", pad_token="<|endoftext|>")
 
     # sdpa for training speed (the same math as eager, see parity/reference.py)
@@ -490,7 +566,7 @@ def train(out: Path, minutes: float, threads: int, sched: Schedule, dims: Checkp
     n_params = sum(p.numel() for p in model.parameters())
     log.info("model: %d parameters (%.1f MB fp32)", n_params, n_params * 4 / 1e6)
 
-    batcher = Batcher(tok_fast, spec)
+    batcher = Batcher(tok_fast, spec, task)
     chunks = [batcher.examples(list(range(s, s + sched.batch)))
               for s in range(VAL_SEED_OFFSET, VAL_SEED_OFFSET + sched.val_size, sched.batch)]
     val = {"digits": torch.cat([c["digits"] for c in chunks]), "chunks": chunks}
@@ -507,10 +583,10 @@ def train(out: Path, minutes: float, threads: int, sched: Schedule, dims: Checkp
     model.save_pretrained(out)
     write_processing_files(out, tok, dims)
     t4 = time.monotonic()
-    result = evaluate(out, sched.heldout, threads)
+    result = evaluate(out, sched.heldout, threads, task.task)
     t5 = time.monotonic()
     report = {
-        "task": TASK,
+        "task": task.task.name,
         "metric": "exact match of transformers greedy generate (fp32) on held-out pages",
         **result,
         "phase1": p1,
@@ -530,7 +606,7 @@ def train(out: Path, minutes: float, threads: int, sched: Schedule, dims: Checkp
     correct = report.pop("correct_indices")
     (out / "eval.json").write_text(json.dumps(report, indent=2) + "\n")
     if sample_dir is not None and correct:
-        write_sample(sample_dir, correct[0])
+        write_sample(sample_dir, correct[0], task.task, task.sample_name)
     log.info("held-out exact match %.3f on %d pages; total %.0f s", result["exact_match"], sched.heldout,
              t5 - t_start)
     return report
@@ -539,17 +615,20 @@ def train(out: Path, minutes: float, threads: int, sched: Schedule, dims: Checkp
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", type=Path, required=True, help="checkpoint folder to write")
+    parser.add_argument("--task", choices=sorted(TRAIN_TASKS), default="invoice",
+                        help="invoice: the built-in demo checkpoint (default); form: the form reader")
     parser.add_argument("--minutes", type=float, default=18.0, help="wall-time guard for training (default 18)")
     parser.add_argument("--threads", type=int, default=2, help="torch threads (default 2)")
     parser.add_argument("--samples", type=Path, default=None,
-                        help="also write a held-out invoice the model reads right here (invoice.png/.json)")
-    defaults = Schedule()
-    for name, value in asdict(defaults).items():
-        parser.add_argument(f"--{name.replace('_', '-')}", type=type(value), default=value)
+                        help="also write a held-out page the model reads right here (TASK.png/.json)")
+    for name, value in asdict(Schedule()).items():  # default: the task's schedule
+        parser.add_argument(f"--{name.replace('_', '-')}", type=type(value), default=None)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
-    sched = Schedule(**{k: getattr(args, k) for k in asdict(defaults)})
-    train(args.out, args.minutes, args.threads, sched, sample_dir=args.samples)
+    task = TRAIN_TASKS[args.task]
+    sched = replace(task.schedule, **{k: getattr(args, k) for k in asdict(task.schedule)
+                                      if getattr(args, k) is not None})
+    train(args.out, args.minutes, args.threads, sched, sample_dir=args.samples, task=task)
     return 0
 
 

@@ -1,6 +1,7 @@
 """Every synthetic page the package draws, in one place: Pillow, seeded, deterministic.
 
 - ``render_invoice(seed)``: the demo model's task page (``demo.documents`` asks for its total);
+- ``render_form(seed)``: the form reader's task page (``demo.forms`` asks for one of its two fields);
 - ``sample_page(width, height, seed)``: the parity runs' document-like pages of any size
   (``parity.samples`` picks the sizes);
 - ``KINDS``: the built-in calibration documents - invoices, a screen recording (a clip: an editor
@@ -10,8 +11,9 @@
 
 Each is a pure function of its arguments (and of Pillow's version: its built-in FreeType font keeps
 pages identical on every machine with the same Pillow). The demo model was trained on
-``render_invoice`` pages and the parity figures were measured on these pages: a change to any
-drawing call here changes those numbers. Chinese glyphs need a CJK font (Debian
+``render_invoice`` pages, the form reader (tests/data/trained/form_reader) on ``render_form`` pages
+and the parity figures were measured on these pages: a change to any drawing call here changes
+those numbers. Chinese glyphs need a CJK font (Debian
 ``fonts-wqy-microhei`` or ``fonts-noto-cjk``); without one they render as boxes and the page keeps its
 layout.
 """
@@ -96,6 +98,25 @@ def _amounts(rng: random.Random) -> tuple[list[tuple[str, int, int]], int, int, 
             return items, subtotal, tax, total
 
 
+def digit_boxes(draw: ImageDraw.ImageDraw, rng: random.Random, c0: int, y: int, value: str,
+                digit_font: ImageFont.ImageFont, ink: tuple[int, int, int]) -> list[tuple[float, float]]:
+    """``value`` in a row of digit boxes ("comb" field) from cell column ``c0`` at pixel row ``y`` (a
+    multiple of CELL): one box per CELL x CELL cell, one faux-bold digit per box jittered by up to
+    2 px. Returns the pixel centre (x, y) of each digit, left to right."""
+    top, bottom = digit_font.getbbox("0")[1::2]
+    centres = []
+    for k, ch in enumerate(value):
+        x0 = (c0 + k) * CELL
+        draw.rectangle([x0 + 1, y + 1, x0 + CELL - 2, y + CELL - 2], outline=ink)
+        dx, dy = rng.randint(-2, 2), rng.randint(-2, 2)
+        w = draw.textlength(ch, font=digit_font)
+        draw.text((x0 + (CELL - w) / 2 + dx, y + (CELL - top - bottom) / 2 + dy), ch, fill=ink, font=digit_font)
+        draw.text((x0 + (CELL - w) / 2 + dx + 1, y + (CELL - top - bottom) / 2 + dy), ch, fill=ink,
+                  font=digit_font)
+        centres.append((x0 + CELL / 2 + dx + 0.5, y + CELL / 2 + dy))
+    return centres
+
+
 @dataclass
 class Page:
     """A rendered invoice and where its total's digits are (pixel centres, for training supervision)."""
@@ -151,19 +172,7 @@ def render_invoice(seed: int) -> Page:
         y = y_row
         first = -(-(left + int(draw.textlength("TOTAL", font=f)) + 6) // CELL)
         c0 = rng.randint(min(first, width // CELL - len(value)), width // CELL - len(value))
-        size = rng.randint(DIGIT_MIN, DIGIT_MAX)
-        digit_font = font(size)
-        top, bottom = digit_font.getbbox("0")[1::2]
-        centres = []
-        for k, ch in enumerate(value):
-            x0 = (c0 + k) * CELL
-            draw.rectangle([x0 + 1, y + 1, x0 + CELL - 2, y + CELL - 2], outline=ink)
-            dx, dy = rng.randint(-2, 2), rng.randint(-2, 2)
-            w = draw.textlength(ch, font=digit_font)
-            draw.text((x0 + (CELL - w) / 2 + dx, y + (CELL - top - bottom) / 2 + dy), ch, fill=ink, font=digit_font)
-            draw.text((x0 + (CELL - w) / 2 + dx + 1, y + (CELL - top - bottom) / 2 + dy), ch, fill=ink,
-                      font=digit_font)
-            centres.append((x0 + CELL / 2 + dx + 0.5, y + CELL / 2 + dy))
+        centres = digit_boxes(draw, rng, c0, y, value, font(rng.randint(DIGIT_MIN, DIGIT_MAX)), ink)
         y += CELL + 3
         return centres
 
@@ -192,6 +201,137 @@ def render_invoice(seed: int) -> Page:
     if footer:
         row(footer)
     return Page(img, total, total_digits)
+
+
+# -- the form task's page ------------------------------------------------------------------------
+
+FORM_SIZE = (252, 252)  # (width, height) px -> 18 x 18 patches = 81 image tokens after the 2x2 merge
+FORM_FIELDS = ("account", "amount")  # the two numeric fields, in reading order on every page
+_FORM_TITLES = ("PAYMENT FORM", "TRANSFER ORDER", "DEPOSIT SLIP", "REQUEST FORM", "REMITTANCE")
+_FORM_LABELS = {"account": ("Account No.", "Acct No.", "Account"), "amount": ("Amount", "Sum", "Amount due")}
+_FORM_BOXES = ("Cash", "Cheque", "Card", "Urgent", "Copy", "Online")
+
+
+@dataclass
+class FormPage:
+    """A rendered form and its two numeric fields: ``fields[name]`` the digits written in boxes,
+    ``digits[name]`` the pixel centre (x, y) of each of them, left to right (training supervision)."""
+
+    image: Image.Image
+    fields: dict[str, str]
+    digits: dict[str, list[tuple[float, float]]]
+    layout: str  # "stacked" (one field per row, label on its left) or "columns" (side by side, labels above)
+
+
+def render_form(seed: int) -> FormPage:
+    """The form page of ``seed``: a bordered form with a title, a reference code, a date, a phone
+    number, a row of checkboxes, a signature line and the account number and amount (3-4 digits
+    each, never equal) in digit boxes, either stacked or side by side; all positions, sizes, colours
+    and numbers follow the seed."""
+    rng = random.Random(seed)
+    width, height = FORM_SIZE
+    cols = width // CELL
+    ink = rng.choice(_INK)
+    img = Image.new("RGB", FORM_SIZE, rng.choice(_PAPER))
+    draw = ImageDraw.Draw(img)
+    values = {}
+    for name in FORM_FIELDS:
+        while True:
+            v = str(rng.randint(100, 9999) if rng.random() < 0.5 else rng.randint(1000, 9999))
+            if v not in values.values():
+                values[name] = v
+                break
+    layout = rng.choice(("stacked", "columns"))
+    labels = {name: rng.choice(_FORM_LABELS[name]) for name in FORM_FIELDS}
+    body = font(rng.randint(11, 13))
+    title_font = font(rng.randint(13, 16))
+    line = rng.randint(14, 16)
+    inset = rng.randint(1, 4)
+    left = rng.randint(inset + 4, 14)
+    right = width - rng.randint(inset + 4, 14)
+    draw.rectangle([inset, inset, width - 1 - inset, height - 1 - inset], outline=ink)  # the form's border
+    ref = f"Ref {rng.choice('ABCDEFGHKLMNPRSTUVWXYZ')}{rng.choice('ABCDEFGHKLMNPRSTUVWXYZ')}-{rng.randint(10, 9999)}"
+    date = f"Date {rng.randint(1, 28):02d}/{rng.randint(1, 12):02d}/{rng.randint(2015, 2025)}"
+    phone = f"Tel {rng.randint(100, 999)} {rng.randint(1000, 9999)}"
+    ticks = rng.sample(_FORM_BOXES, 3)
+    checked = rng.randrange(3)
+    digit_font = font(rng.randint(DIGIT_MIN, DIGIT_MAX))
+    stacked = layout == "stacked"
+    # rows of text above, between and below the fields (heights in px)
+    used = 2 * line + 4 + (2 * (CELL + 3) + 2 * line if stacked else line + CELL + 3 + line) + 2 * line
+    y = rng.randint(inset + 3, max(inset + 3, height - used - 2 * CELL - inset))
+    centres: dict[str, list[tuple[float, float]]] = {}
+
+    def text(x: float, value: str, f: ImageFont.ImageFont = body) -> None:
+        draw.text((x, y), value, fill=ink, font=f)
+
+    def checkboxes() -> None:
+        nonlocal y
+        x = left
+        for k, word in enumerate(ticks):
+            draw.rectangle([x, y + 2, x + 8, y + 10], outline=ink)
+            if k == checked:
+                draw.line([(x + 2, y + 4), (x + 6, y + 8)], fill=ink)
+                draw.line([(x + 6, y + 4), (x + 2, y + 8)], fill=ink)
+            text(x + 11, word)
+            x += 11 + draw.textlength(word, font=body) + rng.randint(6, 12)
+        y += line
+
+    def cell_row() -> int:
+        """Move down to the next cell row (digit boxes sit on the image-token grid)."""
+        nonlocal y
+        y = -(-y // CELL) * CELL
+        return y
+
+    text(left, rng.choice(_FORM_TITLES), title_font)
+    y += line + 3
+    text(left, ref)
+    text(right - draw.textlength(date, font=body), date)
+    y += line + 1
+    if stacked:
+        extras = [lambda: (text(left, phone), None), checkboxes]
+        rng.shuffle(extras)
+        for k, name in enumerate(FORM_FIELDS):
+            y += rng.randint(0, 6)
+            row = cell_row()
+            ltop, lbottom = body.getbbox(labels[name])[1::2]
+            y = row + (CELL - ltop - lbottom) // 2
+            text(left, labels[name] + ":")
+            first = -(-(left + int(draw.textlength(labels[name] + ":", font=body)) + 4) // CELL)
+            n = len(values[name])
+            c0 = rng.randint(min(first, cols - n), cols - n)
+            centres[name] = digit_boxes(draw, rng, c0, row, values[name], digit_font, ink)
+            y = row + CELL + 3
+            extra = extras[k]
+            if extra is checkboxes:
+                checkboxes()
+            else:
+                extra()
+                y += line
+    else:
+        y += rng.randint(0, 4)
+        text(left, phone)
+        y += line
+        checkboxes()
+        y += rng.randint(0, 6)
+        label_y = y
+        row = cell_row()
+        if row - label_y < line:  # the labels need a line above the boxes
+            row += CELL
+            y = row
+        na, nb = (len(values[name]) for name in FORM_FIELDS)
+        first = rng.randint(0, cols - na - nb - 1)  # the first field on the left, one free cell at least between
+        spans = {FORM_FIELDS[0]: first, FORM_FIELDS[1]: rng.randint(first + na + 1, cols - nb)}
+        for name in FORM_FIELDS:
+            y = row - line
+            text(max(left, spans[name] * CELL + 2), labels[name])
+            centres[name] = digit_boxes(draw, rng, spans[name], row, values[name], digit_font, ink)
+        y = row + CELL + 3
+    y += rng.randint(2, 8)
+    text(left, "Signature")
+    sig_x = left + draw.textlength("Signature", font=body) + 4
+    draw.line([(sig_x, y + line - 3), (right, y + line - 3)], fill=ink)
+    return FormPage(img, values, centres, layout)
 
 
 # -- parity sample pages -------------------------------------------------------------------------

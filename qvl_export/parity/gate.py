@@ -19,7 +19,7 @@ from typing import Callable
 
 import numpy as np
 
-from qvl_export.demo import task_reference
+from qvl_export.demo import task_for, task_reference
 from qvl_export.core.errors import QvlError
 from qvl_export.core.manifest import REPORT, Manifest
 from qvl_export.parity.compare import compare, kl_divergence, token_agreement
@@ -296,15 +296,19 @@ def _compare_deepstack(ours: np.ndarray | None, ref: np.ndarray | None) -> dict:
 
 
 def task_case(pipe, reference: dict, pages: int) -> dict:
-    """The demo task as a gate case: the artifacts' exact match vs the fp32 reference's (``eval.json``)."""
+    """A trained checkpoint's task as a gate case (``demo-task`` for the demo's invoices, ``form-task``
+    for the form reader): the artifacts' exact match on the task's held-out pages vs the fp32
+    reference's (``eval.json``, whose ``"task"`` names the task)."""
     from qvl_export.demo.accuracy import exact_match, pipeline_reader
 
-    ours = exact_match(pipeline_reader(pipe), pages, int(reference["heldout_seed_offset"]))
+    task = task_for(reference["task"])
+    ours = exact_match(pipeline_reader(pipe, task.max_new_tokens), pages, int(reference["heldout_seed_offset"]),
+                       task=task)
     ref = float(reference["exact_match"])
     stage = {"pages": pages, "exact_match": ours["exact_match"], "reference_exact_match": ref,
              "reference_pages": int(reference["heldout"]), "exact_match_drop": ref - ours["exact_match"],
              "examples_wrong": ours["examples_wrong"][:5]}
-    return {"name": "demo-task", "images": [], "prompt": "", "stages": {"task": stage},
+    return {"name": task.case, "images": [], "prompt": "", "stages": {"task": stage},
             "seconds": {"reference": 0.0, "artifacts": ours["seconds"]}, "text": {}}
 
 
@@ -371,9 +375,10 @@ def run_parity(artifacts: str | Path, reference_dir: str | Path, gates_file: Pat
                progress: Callable[[str], None] | None = None, threads: int | None = None,
                task_pages: int | None = None, verify: bool = True, eval_docs=None,
                reference_cache: dict | None = None) -> Report:
-    """Gate ``artifacts`` against the checkpoint in ``reference_dir``. When that is a demo-task model
-    (the built-in demo), the artifacts' exact match on its held-out pages is gated too, against the
-    fp32 figure of its ``eval.json`` (``task_pages``: fewer pages, default all of them; 0: skip).
+    """Gate ``artifacts`` against the checkpoint in ``reference_dir``. When that is a model trained on
+    one of our tasks (the built-in demo, the form reader: ``qvl_export.demo.tasks``), the artifacts'
+    exact match on its task's held-out pages is gated too, against the fp32 figure of its
+    ``eval.json`` (``task_pages``: fewer pages, default all of them; 0: skip).
     ``eval_docs`` (a folder, or ``eval_docs.read_eval_docs``' list): the task gate on those documents,
     answers of the artifacts vs the reference's (``parity/eval_docs.py``). ``reference_cache``: a dict
     kept by the caller across calls on the same checkpoint - reference results are taken from it and
@@ -436,7 +441,8 @@ def run_parity(artifacts: str | Path, reference_dir: str | Path, gates_file: Pat
     task = task_reference(reference_dir)
     if task is not None and task_pages != 0:
         pages = min(int(task["heldout"]), task_pages or int(task["heldout"]))
-        say(f"demo task: exact match on {pages} held-out invoices")
+        which = task_for(task["task"])
+        say(f"{which.case.replace('-', ' ')}: exact match on {pages} held-out {which.noun}")
         result = task_case(pipe, task, pages)
         result["checks"] = _check(result["stages"], gates)
         result["passed"] = all(c["passed"] for c in result["checks"])
