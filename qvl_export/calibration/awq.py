@@ -138,7 +138,8 @@ def search(model, stats, bits: int = 4, block_size: int = 32, grid: int = GRID, 
         scopes: dict[str, str] = {}
         for wn, node in members:
             if wn.weight not in weights:
-                weights[wn.weight] = np.asarray(node.inputs[1].const_value.numpy(), dtype=np.float32)
+                # a copy: the lazily read tensor's memory map is released right away
+                weights[wn.weight] = np.array(node.inputs[1].const_value.numpy(), dtype=np.float32, copy=True)
                 scopes[wn.weight] = wn.scope
                 release(node.inputs[1].const_value)
         s = np.ones(rows.shape[1], np.float32)
