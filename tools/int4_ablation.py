@@ -74,7 +74,7 @@ def _row(variant: str, calibration: str, manifest, report, seconds: float) -> di
     summary = manifest.calibration.quantization["decoder"] if manifest.calibration else {}
     info = summary.get("awq") or {}
     return {"variant": variant, "calibration": calibration, "exact_match": exact, "steps_max_kl": cases,
-            "gate_passed": report.passed, "awq_groups": info.get("groups"), "alpha_mean": info.get("alpha_mean"),
+            "gate_passed": report.passed, "gate_failures": report.failure_summary(), "awq_groups": info.get("groups"), "alpha_mean": info.get("alpha_mean"),
             "weights_clipped": info.get("weights_clipped"), "build_seconds": round(seconds, 1)}
 
 
