@@ -93,11 +93,9 @@ def pack_weights(src: Path, precision: Precision, name: str, plan=None):
         if value is not None and not value.uses() and not value.is_graph_output():
             del graph.initializers[weight]
     if plan is not None:
-        from qvl_export.calibration.awq import divided
+        from qvl_export.calibration.awq import fold_vectors
 
-        for vector, s in plan.vector_divide.items():  # the norms that read 1 / s into the activation
-            value = graph.initializers[vector]
-            value.const_value = ir.tensor(divided(value.const_value.numpy(), s), name=vector)
+        fold_vectors(model, plan)  # the norms that read 1 / s into the activation
     model.opset_imports.setdefault("com.microsoft", 1)
     count = sum(1 for n in graph if n.op_type == "MatMulNBits")
     method = "AWQ scales, symmetric" if plan is not None else "RTN, symmetric"

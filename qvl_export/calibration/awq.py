@@ -33,13 +33,10 @@ quantizer), written here in numpy (``round_trip``; a test holds the two equal).
 
 from __future__ import annotations
 
-import logging
 from dataclasses import dataclass, field
 from typing import Callable
 
 import numpy as np
-
-log = logging.getLogger(__name__)
 
 GRID = 20  # alphas 0, 0.05, ..., 0.95
 CLIP_GRID = 20  # clipping ratios 1.0, 0.975, ..., 0.525
@@ -350,11 +347,14 @@ def fold_into_float(model, plan: AwqPlan) -> None:
         if value.name in plan.row_scale or value.name in plan.column_divide or value.name in plan.clip:
             old = np.asarray(value.const_value.numpy(), dtype=np.float32)
             value.const_value = ir.tensor(plan.weight(value.name, old), name=value.name)
-        elif value.name in plan.vector_divide:
-            value.const_value = ir.tensor(divided(value.const_value.numpy(), plan.vector_divide[value.name]),
-                                          name=value.name)
+    fold_vectors(model, plan)
 
 
-def divided(vector: np.ndarray, s: np.ndarray) -> np.ndarray:
-    """A norm's scale or bias vector divided by the group's scales, in its own dtype."""
-    return (np.asarray(vector, dtype=np.float32) / s).astype(vector.dtype)
+def fold_vectors(model, plan: AwqPlan) -> None:
+    """Divide each norm scale / bias vector the plan names by its group's scales, in its own dtype."""
+    import onnx_ir as ir
+
+    for name, s in plan.vector_divide.items():
+        value = model.graph.initializers[name]
+        old = value.const_value.numpy()
+        value.const_value = ir.tensor((np.asarray(old, dtype=np.float32) / s).astype(old.dtype), name=name)
