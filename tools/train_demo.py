@@ -1,6 +1,6 @@
-"""Train our tiny document readers: the built-in demo checkpoint (invoices) or the form reader.
+"""Train our tiny document readers: the built-in demo checkpoint (invoices), the form reader or the chart reader.
 
-    python tools/train_demo.py --out DIR [--task invoice|form] [--minutes 18] [--threads 2] [--samples DIR]
+    python tools/train_demo.py --out DIR [--task invoice|form|chart] [--minutes 18] [--threads 2] [--samples DIR]
 
 Random weights cannot tell whether a quantized build still reads documents; these models can.
 
@@ -12,14 +12,20 @@ Random weights cannot tell whether a quantized build still reads documents; thes
   ``Qwen2VLForConditionalGeneration`` (full-attention ViT, 4 decoder layers, head dim 48, tied
   embeddings, a chat template without a default system turn) that reads the account number or the
   amount off a rendered form, whichever the question asks (``qvl_export.demo.forms``).
+- ``--task chart``: the chart reader (``tests/data/trained/chart_reader``), a
+  ``Qwen2_5_VLForConditionalGeneration`` again but with 168 px attention windows, 3 decoder layers
+  of head dim 80 (2 heads, one KV head), untied embeddings, another tokenizer and a chat template
+  with its own system turn, that reads the value of the bar the question names off a rendered bar
+  chart (``qvl_export.demo.charts``).
 
-Both are trained on CPU in two phases, as FIELD_NOTES.md ("Training a tiny demo checkpoint on CPU")
+All are trained on CPU in two phases, as FIELD_NOTES.md ("Training a tiny demo checkpoint on CPU")
 found necessary - end-to-end training from scratch stalls at chance because the decoder learns
 the answer prior long before the ViT gets a useful gradient:
 
 1. **Vision tower + merger** with direct, dense heads on the merger outputs (one row per image
    token): for every token, which digit of which numeric field it holds (field, slot 0-3 and
-   value 0-9; the invoice has one field, the total, the form two), and the value of the digit
+   value 0-9; the invoice has one field, the total, the form two, the chart one per category of
+   ``CHART_CATEGORIES``, empty for the categories a chart does not show), and the value of the digit
    centred in each of its 2x2 patches. The heads are thrown away afterwards. (A head on pooled
    features alone stayed near chance for 150+ steps.)
 2. **Decoder, then the whole model**, with the language-model loss on the answer tokens of the
@@ -53,11 +59,12 @@ from typing import Any
 
 import numpy as np
 
-from qvl_export.demo import TASKS, Task, forms
+from qvl_export.demo import TASKS, Task, charts, forms
 from qvl_export.demo.documents import MAX_ANSWER_DIGITS, PAGE_SIZE, question, render_invoice
-from qvl_export.documents.render import FORM_FIELDS, FORM_SIZE, render_form
-from qvl_export.loading.synthetic import (QWEN3_CHAT_TEMPLATE, CheckpointDims, build_model_config, train_tokenizer,
-                                          write_processing_files)
+from qvl_export.documents.render import (CHART_CATEGORIES, CHART_SIZE, FORM_FIELDS, FORM_SIZE, render_chart,
+                                         render_form)
+from qvl_export.loading.synthetic import (CHAT_TEMPLATE, QWEN3_CHAT_TEMPLATE, CheckpointDims, build_model_config,
+                                          train_tokenizer, write_processing_files)
 
 log = logging.getLogger("train_demo")
 
@@ -76,6 +83,19 @@ FORM_TRAINED_DIMS = CheckpointDims(
     text_hidden=144, text_layers=4, text_heads=3, text_kv_heads=1, text_intermediate=384,
     mrope_section=(8, 8, 8), tie_word_embeddings=True, tokenizer_vocab=768, max_position_embeddings=4096,
     init_std=0.02, seed=2025, chat_template=QWEN3_CHAT_TEMPLATE,
+)
+# The chart reader's template: the Qwen2-VL one with its own default system turn (a third variant:
+# the demo has Qwen2-VL's "You are a helpful assistant.", the form reader no system turn at all).
+CHART_CHAT_TEMPLATE = CHAT_TEMPLATE.replace("You are a helpful assistant.", "You read charts and answer with a number.")
+# The chart reader: a Qwen2.5-VL again, with 168 px attention windows (6x6 image tokens: the 11x8-token
+# chart page is 2x2 windows, padded) and full attention in blocks 1 and 3 (a name and its bar's data
+# label sit up to 10 tokens apart); a decoder of head dim 80 (2 heads, mrope 8+16+16), one KV head,
+# untied embeddings, a 704-entry tokenizer and its own system turn; ~1.8 M parameters.
+CHART_TRAINED_DIMS = CheckpointDims(
+    family="qwen2_5_vl", vision_depth=4, vision_hidden=96, vision_heads=3, vision_intermediate=256,
+    fullatt_block_indexes=(1, 3), window_size=168, text_hidden=160, text_layers=3, text_heads=2,
+    text_kv_heads=1, text_intermediate=384, mrope_section=(8, 16, 16), tie_word_embeddings=False,
+    tokenizer_vocab=704, max_position_embeddings=4096, init_std=0.02, seed=2026, chat_template=CHART_CHAT_TEMPLATE,
 )
 DIGIT_SLOTS = MAX_ANSWER_DIGITS
 ROUTE_HEAD = 0  # decoder head (last layer) trained to attend to the image token of the next digit
@@ -129,6 +149,16 @@ def form_example(seed: int) -> Example:
                    [page.digits[f] for f in FORM_FIELDS], FORM_FIELDS.index(field))
 
 
+def chart_example(seed: int) -> Example:
+    """One field per category of ``CHART_CATEGORIES`` (empty for those the chart does not show), so
+    phase 1 tells the ViT which category each data label belongs to."""
+    page = render_chart(seed)
+    name = charts.asked_category(seed, page)
+    return Example(page.image, charts.question(seed, page), page.values[name],
+                   [page.values.get(c, "") for c in CHART_CATEGORIES],
+                   [page.digits.get(c, []) for c in CHART_CATEGORIES], CHART_CATEGORIES.index(name))
+
+
 @dataclass(frozen=True)
 class TrainTask:
     """What the script trains for one task: the registry's task, the architecture, the page size,
@@ -148,6 +178,9 @@ TRAIN_TASKS = {
     # Two fields to tell apart by the question: more routing steps on more pages.
     "form": TrainTask(TASKS["form"], FORM_TRAINED_DIMS, FORM_SIZE, 2, form_example,
                       Schedule(phase1_steps=300, route_pages=4800, route_steps=1500, joint_steps=100), "form"),
+    # The asked bar is found by its category's name: the form's schedule, more ViT steps to read names.
+    "chart": TrainTask(TASKS["chart"], CHART_TRAINED_DIMS, CHART_SIZE, len(CHART_CATEGORIES), chart_example,
+                       Schedule(phase1_steps=340, route_pages=4800, route_steps=1500, joint_steps=100), "chart"),
 }
 
 
@@ -537,7 +570,6 @@ def train(out: Path, minutes: float, threads: int, sched: Schedule, dims: Checkp
     from transformers import PreTrainedTokenizerFast
 
     from qvl_export.loading.config import parse_model_config
-    from qvl_export.loading.synthetic import CHAT_TEMPLATE
 
     dims = dims or task.dims
     t_start = time.monotonic()
@@ -616,7 +648,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", type=Path, required=True, help="checkpoint folder to write")
     parser.add_argument("--task", choices=sorted(TRAIN_TASKS), default="invoice",
-                        help="invoice: the built-in demo checkpoint (default); form: the form reader")
+                        help="invoice: the built-in demo checkpoint (default); form: the form reader; "
+                             "chart: the chart reader")
     parser.add_argument("--minutes", type=float, default=18.0, help="wall-time guard for training (default 18)")
     parser.add_argument("--threads", type=int, default=2, help="torch threads (default 2)")
     parser.add_argument("--samples", type=Path, default=None,

@@ -5,8 +5,8 @@ Qwen2.5-VL trained by ``tools/train_demo.py`` (a source-checkout script with tor
 the total off a rendered invoice.
 Its ``eval.json`` holds the fp32 exact match of transformers on held-out pages; builds of it report
 their own exact match on the same pages beside it (``qvl_export.demo.accuracy``).
-Other trained checkpoints (the form reader in ``tests/data/trained/form_reader``) name their task the
-same way; ``qvl_export.demo.tasks`` holds every task by name.
+Other trained checkpoints (the form reader in ``tests/data/trained/form_reader``, the chart reader in
+``tests/data/trained/chart_reader``) name their task the same way; ``qvl_export.demo.tasks`` holds every task by name.
 """
 
 from __future__ import annotations

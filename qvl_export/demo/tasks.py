@@ -3,8 +3,8 @@
 A trained checkpoint's ``eval.json`` names its task (``"task"``: one of the ``Task.name`` strings
 below) beside transformers' fp32 exact match on that task's held-out pages; ``task_for`` maps the
 string back to the task, and the parity gate scores a build on the same pages
-(``qvl_export.demo.accuracy``). Each task module (``documents``: invoices, ``forms``: forms) is a
-pure function of the seed: ``make_example(seed) -> (image, question, answer digits)``,
+(``qvl_export.demo.accuracy``). Each task module (``documents``: invoices, ``forms``: forms,
+``charts``: bar charts) is a pure function of the seed: ``make_example(seed) -> (image, question, answer digits)``,
 ``heldout_set(n, offset)`` and its ``PROMPTS``. The modules are imported on first use, so reading
 the registry costs no image library.
 """
@@ -61,8 +61,11 @@ INVOICE = Task(key="invoice", name="read the TOTAL off a rendered invoice (qvl_e
 FORM = Task(key="form", name="read the asked field (account number or amount) off a rendered form (qvl_export.demo.forms)",
             module="qvl_export.demo.forms", max_answer_digits=4, heldout_seed_offset=10_000_000,
             case="form-task", noun="forms")
+CHART = Task(key="chart", name="read the asked category's value off a rendered bar chart (qvl_export.demo.charts)",
+             module="qvl_export.demo.charts", max_answer_digits=4, heldout_seed_offset=10_000_000,
+             case="chart-task", noun="charts")
 
-TASKS: dict[str, Task] = {t.key: t for t in (INVOICE, FORM)}
+TASKS: dict[str, Task] = {t.key: t for t in (INVOICE, FORM, CHART)}
 
 
 def task_for(name: str | None) -> Task | None:

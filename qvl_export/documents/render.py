@@ -2,6 +2,7 @@
 
 - ``render_invoice(seed)``: the demo model's task page (``demo.documents`` asks for its total);
 - ``render_form(seed)``: the form reader's task page (``demo.forms`` asks for one of its two fields);
+- ``render_chart(seed)``: the chart reader's task page (``demo.charts`` asks for one bar's value);
 - ``sample_page(width, height, seed)``: the parity runs' document-like pages of any size
   (``parity.samples`` picks the sizes);
 - ``KINDS``: the built-in calibration documents - invoices, a screen recording (a clip: an editor
@@ -11,11 +12,11 @@
 
 Each is a pure function of its arguments (and of Pillow's version: its built-in FreeType font keeps
 pages identical on every machine with the same Pillow). The demo model was trained on
-``render_invoice`` pages, the form reader (tests/data/trained/form_reader) on ``render_form`` pages
-and the parity figures were measured on these pages: a change to any drawing call here changes
-those numbers. Chinese glyphs need a CJK font (Debian
-``fonts-wqy-microhei`` or ``fonts-noto-cjk``); without one they render as boxes and the page keeps its
-layout.
+``render_invoice`` pages, the form reader (tests/data/trained/form_reader) on ``render_form`` pages,
+the chart reader (tests/data/trained/chart_reader) on ``render_chart`` pages and the parity figures
+were measured on these pages: a change to any drawing call here changes those numbers. Chinese
+glyphs need a CJK font (Debian ``fonts-wqy-microhei`` or ``fonts-noto-cjk``); without one they render
+as boxes and the page keeps its layout.
 """
 
 from __future__ import annotations
@@ -332,6 +333,126 @@ def render_form(seed: int) -> FormPage:
     sig_x = left + draw.textlength("Signature", font=body) + 4
     draw.line([(sig_x, y + line - 3), (right, y + line - 3)], fill=ink)
     return FormPage(img, values, centres, layout)
+
+
+# -- the chart task's page -----------------------------------------------------------------------
+
+CHART_SIZE = (308, 224)  # (width, height) px -> 22 x 16 patches = 88 image tokens after the 2x2 merge
+# Every category a chart can show, in a fixed order (the chart reader's phase-1 heads have one field
+# per entry); a chart shows 3 or 4 of them, shuffled. Different lengths and shapes, so the words
+# tell apart at 12-14 px.
+CHART_CATEGORIES = ("Oil", "Milk", "Bread", "Sugar", "Coffee", "Apples")
+_CHART_TITLES = ("Sales", "Orders", "Stock", "Imports", "Demand", "Output")
+_CHART_AXIS_MAX = (100, 200, 400, 500, 800, 1000, 2000, 4000, 5000, 8000, 10000)
+_CHART_FILLS = ((150, 190, 230), (240, 175, 125), (170, 210, 160), (205, 185, 230), (232, 212, 125),
+                (190, 190, 190))
+_CHART_NOTES = ("Source: survey n={}", "Fig. {}", "Base: {} stores", "Table {}")
+
+
+def cell_digits(draw: ImageDraw.ImageDraw, rng: random.Random, c0: int, y: int, value: str,
+                digit_font: ImageFont.ImageFont, ink: tuple[int, int, int]) -> list[tuple[float, float]]:
+    """``value`` as a chart's data label, without boxes: one faux-bold digit per CELL x CELL cell from
+    cell column ``c0`` at pixel row ``y`` (a multiple of CELL), each jittered by up to 2 px (the
+    image-token grid ``digit_boxes`` writes on). Returns the pixel centre (x, y) of each digit."""
+    top, bottom = digit_font.getbbox("0")[1::2]
+    centres = []
+    for k, ch in enumerate(value):
+        x0 = (c0 + k) * CELL
+        dx, dy = rng.randint(-2, 2), rng.randint(-2, 2)
+        w = draw.textlength(ch, font=digit_font)
+        for bold in (0, 1):
+            draw.text((x0 + (CELL - w) / 2 + dx + bold, y + (CELL - top - bottom) / 2 + dy), ch, fill=ink,
+                      font=digit_font)
+        centres.append((x0 + CELL / 2 + dx + 0.5, y + CELL / 2 + dy))
+    return centres
+
+
+@dataclass
+class ChartPage:
+    """A rendered bar chart: ``categories`` top to bottom, ``values[name]`` the digits printed as the
+    bar's data label, ``digits[name]`` the pixel centre (x, y) of each of them, left to right
+    (training supervision)."""
+
+    image: Image.Image
+    categories: list[str]
+    values: dict[str, str]
+    digits: dict[str, list[tuple[float, float]]]
+    labels: str  # "outside" (data labels after the bar ends) or "inside" (in the bar's end where it fits)
+
+
+def render_chart(seed: int) -> ChartPage:
+    """The bar chart page of ``seed``: a title with a year, 3 or 4 horizontal bars (categories from
+    ``CHART_CATEGORIES``, their names left of the axis), each bar's value (2-4 digits, all different)
+    printed as its data label after or inside its end, a value axis with tick labels below the bars
+    and sometimes a footnote with a number; all positions, sizes, colours and numbers follow the
+    seed. Bar lengths are to scale (value / axis maximum)."""
+    rng = random.Random(seed)
+    width, height = CHART_SIZE
+    cols = width // CELL
+    ink = rng.choice(_INK)
+    img = Image.new("RGB", CHART_SIZE, rng.choice(_PAPER))
+    draw = ImageDraw.Draw(img)
+    n = rng.randint(3, 4)
+    categories = rng.sample(CHART_CATEGORIES, n)
+    axis_max = rng.choice(_CHART_AXIS_MAX)
+    values: dict[str, str] = {}
+    for name in categories:
+        while True:
+            v = str(rng.randint(max(10, axis_max // 10), min(9999, axis_max - 1)))
+            if v not in values.values():
+                values[name] = v
+                break
+    labels = rng.choice(("outside", "inside"))
+    fill = rng.choice(_CHART_FILLS)
+    body = font(rng.randint(12, 14))
+    small = font(rng.randint(10, 11))
+    title_font = font(rng.randint(13, 16))
+    digit_font = font(rng.randint(DIGIT_MIN, DIGIT_MAX))
+    left = rng.randint(4, 14)
+    year = rng.randint(2015, 2025)
+    title = f"{rng.choice(_CHART_TITLES)} {year}" if rng.random() < 0.5 else f"{rng.choice(_CHART_TITLES)} in {year}"
+    note = rng.choice(_CHART_NOTES).format(rng.randint(2, 999)) if rng.random() < 0.7 else None
+    # rows of the image-token grid: the title in row 0, the bars below, one per row or every other row
+    gap = 2 if n == 3 and rng.random() < 0.4 else 1
+    last_row = 5  # the tick labels and the footnote need the two rows below the last bar
+    first = rng.randint(1, last_row - (n - 1) * gap)
+    rows = [first + k * gap for k in range(n)]
+    x0 = left + max(int(draw.textlength(name, font=body)) for name in CHART_CATEGORIES) + 6  # the axis
+    x0 += rng.randint(0, 8)
+    plot = (cols - 4) * CELL - 2 - x0  # px of axis_max: a 4-digit label after the longest bar still fits
+    centres: dict[str, list[tuple[float, float]]] = {}
+
+    draw.text((left + rng.randint(0, 40), rng.randint(2, 8)), title, fill=ink, font=title_font)
+    thickness = rng.randint(12, 20)
+    for name, row in zip(categories, rows):
+        y = row * CELL
+        top = y + (CELL - thickness) // 2 + rng.randint(-1, 1)
+        end = x0 + max(2, round(int(values[name]) / axis_max * plot))
+        draw.rectangle([x0, top, end, top + thickness], fill=fill)
+        ntop, nbottom = body.getbbox(name)[1::2]
+        draw.text((x0 - 6 - draw.textlength(name, font=body), y + (CELL - ntop - nbottom) / 2), name, fill=ink,
+                  font=body)
+        k = len(values[name])
+        inside = end // CELL - k
+        if labels == "inside" and inside * CELL >= x0 + 2:
+            c0 = inside
+        else:
+            c0 = -(-(end + 2) // CELL)
+        centres[name] = cell_digits(draw, rng, c0, y, values[name], digit_font, ink)
+    # the axes: a vertical line at x0 beside the bars, the value axis under the last bar with 3 or 5 ticks
+    y_axis = (rows[-1] + 1) * CELL + 2
+    draw.line([(x0, rows[0] * CELL), (x0, y_axis)], fill=ink)
+    draw.line([(x0, y_axis), (x0 + plot, y_axis)], fill=ink)
+    ticks = 5 if axis_max < 1000 and rng.random() < 0.5 else 3
+    for t in range(ticks):
+        x = x0 + plot * t // (ticks - 1)
+        value = str(axis_max * t // (ticks - 1))
+        draw.line([(x, y_axis), (x, y_axis + 3)], fill=ink)
+        draw.text((x - draw.textlength(value, font=small) / 2, y_axis + 4), value, fill=ink, font=small)
+    if note:
+        draw.text((width - 6 - draw.textlength(note, font=small) - rng.randint(0, 60), y_axis + 20), note,
+                  fill=ink, font=small)
+    return ChartPage(img, categories, values, centres, labels)
 
 
 # -- parity sample pages -------------------------------------------------------------------------
