@@ -148,8 +148,8 @@ _BUILD_OUTPUT = [
                  help="Artifacts folder (default: build/<model name>)."),
     click.option("--target", type=click.Choice(list(TARGETS)), default="ort", show_default=True),
     click.option("--precision", default="fp32", show_default=True,
-                 help=f"One of {', '.join(precisions.NAMES)} for every part, or per part: "
-                      "vision=fp16,merger=fp16,decoder=int8."),
+                 help=f"One of {', '.join(precisions.NAMES)} for every part (fp8: the decoder; the vision "
+                      "tower stays fp16, the merger fp32), or per part: vision=fp16,merger=fp16,decoder=int8."),
 ]
 _BUILD_CALIBRATION = [
     click.option("--calib-docs", type=click.Path(path_type=Path), default=None,

@@ -47,6 +47,7 @@ CHECKS = (
     ("prefill", "kl_outside_ties", "logits_kl", "max"),
     ("steps", "min_cosine", "logits_cosine", "min"),
     ("steps", "max_kl_outside_ties", "logits_kl", "max"),
+    ("steps", "mean_kl_outside_ties", "logits_mean_kl", "max"),
     ("steps", "finite", None, "min"),
     ("steps", "top1_decisive", "logits_top1", "min"),
     ("greedy", "match_fraction", "greedy_match_fraction", "min"),
@@ -186,6 +187,8 @@ class Report:
                     decisive = "n/a" if m["top1_decisive"] is None else f"{m['top1_decisive']:.2f}"
                     other = (f"top1 {decisive} of {m['decisive_steps']} decisive "
                              f"({m['top1_agreement']:.2f} of {m['steps']}), kl {m['max_kl']:.1e}"
+                             + (f" mean {m['mean_kl_outside_ties']:.1e}" if m.get("mean_kl_outside_ties") is not None
+                                else "")
                              + (f" ({m['tie_steps']} near-tie: kl {_kl(m.get('max_kl_outside_ties'))} outside)"
                                 if m.get("tie_steps") else ""))
                 elif stage == "prefill":
@@ -299,6 +302,8 @@ def compare_case(pipe, r, case: Case, max_new_tokens: int, t_ref: float = 0.0) -
                        "max_kl": float(max(kl)), "mean_kl": float(np.mean(kl)),
                        # the KL gate's: every step but the reference's two-way near-ties (None: all are)
                        "max_kl_outside_ties": float(max(gated_kl)) if gated_kl else None,
+                       # a drift every step shares (a broken scale, a lossy part) rather than one sharp step
+                       "mean_kl_outside_ties": float(np.mean(gated_kl)) if gated_kl else None,
                        "tie_steps": n - len(gated_kl),
                        "max_abs": max_abs, "top1_agreement": float(np.mean(top1)),
                        "decisive_steps": len(decisive),

@@ -350,7 +350,8 @@ class Pipeline:
         merger_feeds = {"vision_hidden": hidden}
         if deep:
             merger_feeds["deepstack_hidden"] = deep[0]  # [L, S, C]
-        merged, *deep_embeds = self.backend.run("merger", merger_feeds)
+        # parts may be built in different float types (vision fp16, merger fp32): the merger takes its own
+        merged, *deep_embeds = self.backend.run("merger", self._cast("merger", merger_feeds))
         embeds = merged[layout.unit_slots]  # [N, D] back to natural order, padding units dropped
         deepstack = deep_embeds[0][:, layout.unit_slots] if deep_embeds else None  # [L, N, D]
         return VisionOutput(hidden, embeds, layout, list(grids), deepstack)
