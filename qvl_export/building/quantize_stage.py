@@ -67,20 +67,23 @@ def calibrate(ctx: BuildContext) -> None:
 
     c = ctx.settings.calibration
     methods = calibrated_parts(ctx)
-    parts = tuple(methods)
     settings = collect.CalibSettings()
-    key = collect.documents_key(ctx.documents, settings, ctx.manifest.source.sha256, repr(methods), parts)
-    stats = collect.load_cache(Path(c.cache), key) if c.cache else None
-    if stats is None:
+    ranges = ctx.manifest.tensorrt.ranges if ctx.manifest.tensorrt else None  # caps the frames a clip feeds
+    docs_key = collect.documents_key(ctx.documents, settings, f"{ctx.manifest.source.sha256}|{ranges}")
+    keys = collect.part_keys(docs_key, methods)
+    stats = collect.load_cache(Path(c.cache), keys) if c.cache else {}
+    if stats:
+        ctx.say(f"reusing the calibration feeds in {c.cache} ({', '.join(sorted(stats))})")
+    todo = [p for p in methods if p not in stats]
+    if todo:
         ctx.say(f"calibrating on {len(ctx.documents)} documents (float artifacts with activation taps: "
-                f"{', '.join(parts)})")
-        stats = collect.collect_stats(ctx.store.path, ctx.manifest, list(parts), ctx.documents, settings,
-                                      methods, progress=lambda i, n: ctx.say(f"calibration document {i}/{n}"))
+                f"{', '.join(todo)})")
+        stats.update(collect.collect_stats(ctx.store.path, ctx.manifest, todo, ctx.documents, settings,
+                                           {p: methods[p] for p in todo},
+                                           progress=lambda i, n: ctx.say(f"calibration document {i}/{n}")))
         if c.cache:
-            collect.save_cache(Path(c.cache), key, stats)
+            collect.save_cache(Path(c.cache), keys, {p: stats[p] for p in todo})
             ctx.say(f"calibration statistics cached in {c.cache}")
-    else:
-        ctx.say(f"reusing the calibration feeds in {c.cache}")
     ctx.stats = stats
     section = _calibration(ctx)
     section.documents = [d.name for d in ctx.documents]

@@ -28,7 +28,7 @@ from qvl_export.calibration.taps import ActivationStats, TappingBackend, write_t
 from qvl_export.core.errors import QvlError
 
 log = logging.getLogger(__name__)
-CACHE_FORMAT = "qvl-calib/3"  # statistics with per-channel |x| sums (2: without; 1: recorded feeds)
+CACHE_FORMAT = "qvl-calib/4"  # per-part keys (3: one key for the set; 2: no |x| sums; 1: feeds)
 
 
 @dataclass
@@ -39,9 +39,10 @@ class CalibSettings:
     video_max_frames: int = 32  # frames kept per clip (evenly spaced), at most; sampling and sizes as the runtime's
 
 
-def documents_key(docs: list[Document], settings: CalibSettings, source_sha: str, method: str = "",
-                  parts: tuple[str, ...] = ()) -> str:
-    h = hashlib.sha256(f"{CACHE_FORMAT}|{source_sha}|{settings}|{method}|{','.join(parts)}".encode())
+def documents_key(docs: list[Document], settings: CalibSettings, source_sha: str) -> str:
+    """What a part's statistics depend on besides its calibrator: the checkpoint, the settings and
+    every document's bytes (hashed once per build; ``part_keys`` adds each part's calibrator)."""
+    h = hashlib.sha256(f"{CACHE_FORMAT}|{source_sha}|{settings}".encode())
     for d in docs:
         h.update(d.name.encode())
         h.update(d.prompt.encode())
@@ -56,6 +57,14 @@ def documents_key(docs: list[Document], settings: CalibSettings, source_sha: str
                 for chunk in iter(lambda: f.read(1 << 20), b""):
                     h.update(chunk)
     return h.hexdigest()
+
+
+def part_keys(documents: str, methods: dict[str, str]) -> dict[str, str]:
+    """part -> cache key. Every part is tapped on the float artifacts, so one part's statistics do
+    not depend on which other parts are calibrated or at what precision: an fp8 build (decoder only)
+    reuses the decoder statistics an int8 build (every part) collected with the same calibrator."""
+    return {part: hashlib.sha256(f"{documents}|{part}|{method}".encode()).hexdigest()
+            for part, method in methods.items()}
 
 
 def collect_stats(folder: Path, manifest, parts: list[str], docs: list[Document], settings: CalibSettings,
@@ -109,36 +118,46 @@ def collect_stats(folder: Path, manifest, parts: list[str], docs: list[Document]
     return stats
 
 
-def save_cache(folder: Path, key: str, stats: dict[str, ActivationStats]) -> None:
-    """One npz per part (statistics, row samples, collector histograms) and an index, moved into place."""
+def _read_index(folder: Path) -> dict:
+    try:
+        meta = json.loads((folder / "index.json").read_text())
+    except (OSError, ValueError):
+        return {}
+    return meta if meta.get("format") == CACHE_FORMAT and isinstance(meta.get("parts"), dict) else {}
+
+
+def save_cache(folder: Path, keys: dict[str, str], stats: dict[str, ActivationStats]) -> None:
+    """One npz per part (statistics, row samples, collector histograms) and an index of part ->
+    (key, description). Parts already cached under other keys stay; the index is replaced last, so
+    an interrupted write leaves the earlier cache readable."""
     folder.mkdir(parents=True, exist_ok=True)
+    entries = _read_index(folder).get("parts", {})
     tmp = folder / ".writing"
     tmp.mkdir(exist_ok=True)
     for part, st in stats.items():
         np.savez(tmp / f"{part}.npz", **st.to_arrays())
-    (tmp / "index.json").write_text(json.dumps({"format": CACHE_FORMAT, "key": key,
-                                                "parts": {p: st.describe() for p, st in stats.items()}}))
-    for p in tmp.iterdir():
-        p.replace(folder / p.name)
+        entries[part] = {"key": keys[part], "info": st.describe()}
+    (tmp / "index.json").write_text(json.dumps({"format": CACHE_FORMAT, "parts": entries}))
+    for part in stats:
+        (tmp / f"{part}.npz").replace(folder / f"{part}.npz")
+    (tmp / "index.json").replace(folder / "index.json")
     tmp.rmdir()
 
 
-def load_cache(folder: Path, key: str) -> dict[str, ActivationStats] | None:
-    index = folder / "index.json"
-    if not index.exists():
-        return None
-    try:
-        meta = json.loads(index.read_text())
-    except ValueError:
-        return None
-    if meta.get("format") != CACHE_FORMAT or meta.get("key") != key:
-        log.info("calibration cache %s is for other documents or settings; recollecting", folder)
-        return None
-    try:
-        out = {}
-        for part, info in meta["parts"].items():
+def load_cache(folder: Path, keys: dict[str, str]) -> dict[str, ActivationStats]:
+    """The cached statistics of the parts whose key matches (the rest are collected again)."""
+    entries = _read_index(folder).get("parts", {})
+    out = {}
+    for part, key in keys.items():
+        entry = entries.get(part)
+        if not isinstance(entry, dict) or entry.get("key") != key:
+            continue
+        try:
             with np.load(folder / f"{part}.npz") as z:
-                out[part] = ActivationStats.from_arrays(info, {k: z[k] for k in z.files})
-    except (OSError, ValueError, KeyError) as err:
-        raise QvlError(f"Calibration cache {folder} is damaged ({err}); delete it and rebuild.") from None
+                out[part] = ActivationStats.from_arrays(entry["info"], {k: z[k] for k in z.files})
+        except (OSError, ValueError, KeyError) as err:
+            raise QvlError(f"Calibration cache {folder} is damaged ({err}); delete it and rebuild.") from None
+    if entries and len(out) < len(keys):
+        log.info("calibration cache %s lacks %s for these documents and settings; collecting them", folder,
+                 ", ".join(sorted(set(keys) - set(out))))
     return out

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import onnx
 import pytest
 
 from qvl_export.building.artifacts import BuildOptions, build
+from qvl_export.core import precisions as registry
 from qvl_export.core.manifest import Manifest
 from qvl_export.parity.gate import run_parity
 from qvl_export.parity.samples import ALL_CASES, QUICK_CASES
@@ -39,22 +42,29 @@ def quantized(tmp_path_factory, checkpoint):
     return get
 
 
-@pytest.mark.parametrize("family", ["qwen2_vl", "qwen2_5_vl"])
-@pytest.mark.parametrize("precision", ["int8", "fp8"])
+ALL_FP8 = "vision=fp8,merger=fp8,decoder=fp8"  # what one-word fp8 keeps in float, quantized too
+
+
+@pytest.mark.parametrize("family,precision", [(f, p) for f in ("qwen2_vl", "qwen2_5_vl") for p in ("int8", "fp8")]
+                         + [("qwen2_5_vl", ALL_FP8)])
 def test_quantized_build_passes_its_gates(family, precision, quantized, checkpoint, artifacts):
     """Built as ``qvl-export build`` builds it (the built-in set, a screen recording among it), gated as
     the build gates it (the quick cases: pages, text, a video)."""
     art = quantized(family, precision)
     m = Manifest.read(art)
-    assert {p.precision for p in m.parts.values()} == {precision}
+    want = registry.parse(precision)  # fp8: the decoder; the vision tower stays fp16, the merger fp32
+    assert {name: p.precision for name, p in m.parts.items()} == want
     q = m.calibration.quantization
     assert m.calibration.documents and m.calibration.settings
     assert "01-screen_recording" in m.calibration.documents  # vision ranges saw video patches
-    assert set(q) == {"vision", "merger", "decoder"}
+    assert set(q) == {part for part, name in want.items() if registry.get(name).calibrated}
     for part in m.parts.values():
         model = onnx.load(art / part.file, load_external_data=False)
+        if not registry.get(part.precision).calibrated:  # kept in float: no Q/DQ
+            assert "DequantizeLinear" not in {n.op_type for n in model.graph.node}
+            continue
         ops = {n.op_type for n in model.graph.node}
-        dynamic = precision == "int8" and part.name == "decoder"  # per-run activation scales (ort target)
+        dynamic = part.precision == "int8" and part.name == "decoder"  # per-run activation scales (ort target)
         assert "DequantizeLinear" in ops and ("DynamicQuantizeLinear" if dynamic else "QuantizeLinear") in ops
         assert q[part.name]["quantized_count"] > 0
     report = run_parity(art, checkpoint(family), quick=True, max_new_tokens=32)  # the build's own gate
@@ -147,15 +157,36 @@ def test_int8_artifacts_shrink(quantized, artifacts):
     assert ratio < 0.40, ratio  # tiny model: graph and scale overhead; real widths are measured in benchmarks
 
 
-def test_calibration_cache_is_reused(quantized, checkpoint, tmp_path, tmp_path_factory):
-    quantized("qwen2_vl", "int8")  # fills the cache
-    cache = tmp_path_factory.getbasetemp() / "calib-qwen2_vl"
-    assert (cache / "index.json").exists()
-    said = []
-    build(checkpoint("qwen2_vl"), tmp_path / "again", BuildOptions(precision="int8", calib_limit=6,
+def test_calibration_cache_is_reused_part_by_part(checkpoint, tmp_path):
+    """The cache holds each part's statistics under its own key: fp8 (the decoder) collects the
+    decoder's, int8 then reuses them and collects only the vision tower's and the merger's, and a
+    second int8 build collects nothing."""
+    from qvl_export.calibration.collect import CACHE_FORMAT
+
+    cache = tmp_path / "calib"
+
+    def run(precision, out):
+        said = []
+        build(checkpoint("qwen2_vl"), tmp_path / out, BuildOptions(precision=precision, calib_limit=3,
                                                                    calib_cache=cache, progress=said.append))
-    assert any("reusing the calibration feeds" in s for s in said)
-    assert not any("calibration document" in s for s in said)
+        reused = [s for s in said if s.startswith("reusing the calibration feeds")]
+        collected = [s for s in said if s.startswith("calibrating on")]
+        return reused, collected, any("calibration document" in s for s in said)
+
+    reused, collected, ran = run("fp8", "fp8")
+    assert not reused and ran and collected and collected[0].endswith("taps: decoder)")
+    index = json.loads((cache / "index.json").read_text())
+    assert index["format"] == CACHE_FORMAT and set(index["parts"]) == {"decoder"}
+
+    reused, collected, ran = run("int8", "int8")
+    assert reused and reused[0].endswith("(decoder)")
+    assert ran and collected and collected[0].endswith("taps: merger, vision)")
+    assert set(json.loads((cache / "index.json").read_text())["parts"]) == {"decoder", "merger", "vision"}
+
+    reused, collected, ran = run("int8", "again")
+    assert reused and reused[0].endswith("(decoder, merger, vision)") and not collected and not ran
+    a, b = (Manifest.read(tmp_path / d).calibration.quantization for d in ("int8", "again"))
+    assert a == b  # the same statistics: the same quantization
 
 
 @pytest.mark.parametrize("precision,factor", [("int8", 100.0), ("fp8", 0.01)])
