@@ -165,6 +165,9 @@ _BUILD_CALIBRATION = [
                  help="int8 activation scales: static (calibrated, in the graph) or dynamic (per run, "
                       "onnxruntime's DynamicQuantizeMatMul); auto: dynamic for the ort target's decoder, "
                       "static elsewhere (TensorRT and fp8 take static scales only)."),
+    click.option("--range-search/--no-range-search", default=True, show_default=True,
+                 help="Static int8 activation ranges: search each between the calibrator's range and its max by "
+                      "the error it puts into the op's output (keeps massive activations unclipped)."),
     click.option("--sensitivity", is_flag=True, help="Print every quantized op's local quantization error."),
     click.option("--int4-method", type=click.Choice(["rtn", "awq"]), default="rtn", show_default=True,
                  help="int4 weights: rtn (round to nearest, no calibration) or awq (activation-aware scales and "

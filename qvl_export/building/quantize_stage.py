@@ -106,7 +106,7 @@ def quantize_calibrated(ctx: BuildContext, name: str, prec: Precision):
     fragile ones in float (the precision guard), place Q/DQ on the rest. The float part is read
     lazily and the quantized weights are computed when the part is saved."""
     from qvl_export.calibration.guard import guard, measure, sensitivity_table
-    from qvl_export.calibration.qdq import activation_mode, place_qdq
+    from qvl_export.calibration.qdq import activation_mode, place_qdq, search_ranges
 
     c = ctx.settings.calibration
     stats = ctx.stats[name]
@@ -117,18 +117,26 @@ def quantize_calibrated(ctx: BuildContext, name: str, prec: Precision):
         ctx.say("sensitivity (local quantization error per op)\n" + sensitivity_table(name, sens))
     for scope, why in keep.items():
         ctx.say(f"{name}: keeping {scope} in float: {why}")
+    mode = activation_mode(c.activations, ctx.settings.target, prec.name, name)
+    search = None
     if prec.name == "fp8":  # max-calibrated: amax / 448 (calibration/qdq.py)
         ranges = {n: (-t.abs_max, t.abs_max) for n, t in stats.tensors.items()}
     else:
         ranges = stats.ranges()
-    mode = activation_mode(c.activations, ctx.settings.target, prec.name, name)
+        if mode == "static" and c.range_search:
+            ranges, search = search_ranges(ranges, stats, sens)
+            ctx.say(f"{name}: range search widened {search['widened']} of {search['tensors']} activation ranges "
+                    f"from the {c.calibrator} calibrator's toward their max")
     report = place_qdq(model, ranges, prec.name, name, calibrator=c.calibrator, exclude=keep,
                        target=ctx.settings.target, activations=mode)
     worst = sorted(sens, key=lambda s: -s.rel_error)[:5]
     ctx.say(f"{name}: {prec.name}, {len(report.quantized)} ops quantized ({mode} activation scales), "
             f"{len(report.kept)} kept in float")
-    return model, {**report.to_dict(), "calibration_runs": stats.runs,
-                   "worst_ops": {s.scope: round(s.rel_error, 4) for s in worst}}
+    summary = {**report.to_dict(), "calibration_runs": stats.runs,
+               "worst_ops": {s.scope: round(s.rel_error, 4) for s in worst}}
+    if search is not None:
+        summary["range_search"] = search
+    return model, summary
 
 
 def quantize_weight_only(ctx: BuildContext, name: str, prec: Precision):

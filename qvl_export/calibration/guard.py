@@ -36,6 +36,9 @@ class OpSensitivity:
     activation: str = ""  # the op's activation input tensor
     weight: str = ""  # its weight initializer
     weight_abs_max: float = 0.0
+    # squared norm of each input channel's weight row [K]: how much an error in that activation channel
+    # moves the op's output (the range search's weights, ``qdq.search_ranges``)
+    channel_weight: np.ndarray | None = None
 
     @property
     def outlier_ratio(self) -> float:
@@ -79,7 +82,7 @@ def measure(model, stats, precision: str) -> list[OpSensitivity]:
             denom = np.linalg.norm(ref)
             rel = float(np.linalg.norm(err - ref) / denom) if denom > 0 else 0.0
         result.append(OpSensitivity(n.scope, n.name, t.abs_max, t.rms, rel, n.activation, n.weight,
-                                    float(np.abs(w).max(initial=0.0))))
+                                    float(np.abs(w).max(initial=0.0)), np.einsum("ij,ij->i", w, w)))
         del w
     return result
 

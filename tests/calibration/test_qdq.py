@@ -195,3 +195,66 @@ def test_activation_mode_rules():
     for target, precision in (("trt", "int8"), ("ort", "fp8")):
         with pytest.raises(QvlError, match="--activations static"):
             activation_mode("dynamic", target, precision, "decoder")
+
+
+def _down_proj(path, rng, k=256, n=32):
+    """One weighted MatMul whose input channel 0 carries a rare massive activation (as a SwiGLU
+    down-projection's does) through a weight row that matters."""
+    w = rng.standard_normal((k, n)).astype(np.float32) * 0.2
+    w[0] *= 10
+    g = helper.make_graph([helper.make_node("MatMul", ["x", "w"], ["y"], name="down_proj")], "g",
+                          [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["r", k])],
+                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["r", n])],
+                          [numpy_helper.from_array(w, "w")])
+    onnx.save(helper.make_model(g, opset_imports=[helper.make_opsetid("", 19)]), str(path))
+
+
+def _massive_rows(rng, rows, k=256, every=600):
+    x = rng.standard_normal((rows, k)).astype(np.float32)
+    x[::every, 0] = 60.0  # one token in 600, one value in 150000: 60x the tensor's RMS
+    return x
+
+
+def test_range_search_keeps_the_massive_activation_the_percentile_clips(tmp_path):
+    """Static int8: the percentile calibrator clips a rare 60x-RMS activation of a channel whose weight
+    row matters; the range search widens that tensor's range toward its max, and the quantized op's real
+    output error (onnxruntime, on rows it did not calibrate on) falls. A tensor without outliers keeps
+    the calibrator's range."""
+    from qvl_export.calibration.guard import measure
+    from qvl_export.calibration.qdq import search_ranges
+
+    rng = np.random.default_rng(7)
+    src = tmp_path / "float.onnx"
+    _down_proj(src, rng)
+    taps = write_tap_graph(src, tmp_path / ".tap.onnx")
+    sess = ort.InferenceSession(str(tmp_path / ".tap.onnx"), providers=["CPUExecutionProvider"])
+    stats = ActivationStats(taps, "percentile")
+    k = len(TAP_OUTPUTS)
+    for _ in range(6):
+        outs = sess.run(None, {"x": _massive_rows(rng, 400)})[1:]
+        stats.update({name: outs[k * i:k * (i + 1)] for i, name in enumerate(taps)})
+    base = stats.ranges()
+    sens = measure(ir.load(src), stats, "int8")
+    searched, summary = search_ranges(base, stats, sens)
+    abs_max = stats.tensors["x"].abs_max
+    assert base["x"][1] < 0.5 * abs_max  # the percentile clipped the massive activation
+    assert base["x"][1] < searched["x"][1] <= abs_max * (1 + 1e-6) and searched["x"][0] == -searched["x"][1]
+    assert summary["widened"] == 1 and summary["ranges"]["x"]["error_ratio"] > 1
+
+    def output_error(ranges, name):
+        model = ir.load(src)
+        place_qdq(model, ranges, "int8", "test", calibrator="percentile", target="trt")
+        ir.save(model, tmp_path / name)
+        x = _massive_rows(np.random.default_rng(8), 1200)
+        want = ort.InferenceSession(str(src), providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
+        got = ort.InferenceSession(str(tmp_path / name), providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
+        return float(np.linalg.norm(got - want) / np.linalg.norm(want))
+
+    assert output_error(searched, "searched.onnx") < 0.5 * output_error(base, "percentile.onnx")
+
+    plain = ActivationStats(taps, "percentile")  # no outliers: nothing to win by widening
+    for _ in range(6):
+        outs = sess.run(None, {"x": rng.standard_normal((400, 256)).astype(np.float32)})[1:]
+        plain.update({name: outs[k * i:k * (i + 1)] for i, name in enumerate(taps)})
+    kept, summary = search_ranges(plain.ranges(), plain, measure(ir.load(src), plain, "int8"))
+    assert kept == plain.ranges() and summary["widened"] == 0

@@ -14,6 +14,7 @@ import pytest
 
 from qvl_export.demo import CHECKPOINT, TASKS, charts, task_for, task_reference
 from qvl_export.documents.render import CELL, CHART_CATEGORIES, CHART_SIZE, render_chart
+from trained_builds import build_passes_its_task_gate
 
 CHART_READER = Path(__file__).resolve().parents[1] / "data" / "trained" / "chart_reader"
 FORM_READER = Path(__file__).resolve().parents[1] / "data" / "trained" / "form_reader"
@@ -141,24 +142,8 @@ def test_chart_reader_builds_and_passes_its_task_gate(tmp_path):
 
     from qvl_export.cli import main
 
-    out = tmp_path / "chart"
-    result = CliRunner().invoke(main, ["build", str(CHART_READER), "-o", str(out), "--precision", "fp32"],
-                                catch_exceptions=False)
-    assert result.exit_code == 0, result.output
-    report = json.loads((out / "report.json").read_text())
-    assert report["passed"] is True
-    cases = {c["name"]: c for c in report["cases"]}
-    assert "demo-task" not in cases and "form-task" not in cases
-    case = cases["chart-task"]
-    assert case["passed"]
-    stage = case["stages"]["task"]
-    record = task_reference(CHART_READER)
-    assert stage["pages"] == record["heldout"] and stage["reference_pages"] == record["heldout"]
-    assert stage["reference_exact_match"] == record["exact_match"]
-    assert abs(stage["exact_match"] - stage["reference_exact_match"]) <= 0.01  # fp32: the same answers
-    assert "chart-task" in result.output
-
-    meta = json.loads((CHART_READER / "samples" / "chart.json").read_text())
+    out = build_passes_its_task_gate(CHART_READER, "chart-task", tmp_path / "chart")
+    meta = json.loads((CHART_READER / "samples" / "chart.json").read_text())  # the shipped held-out page
     result = CliRunner().invoke(main, ["run", str(out), "--image", str(CHART_READER / "samples" / "chart.png"),
                                        "--prompt", meta["prompt"], "--json"], catch_exceptions=False)
     assert result.exit_code == 0, result.output

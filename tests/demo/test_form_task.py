@@ -14,6 +14,7 @@ import pytest
 
 from qvl_export.demo import CHECKPOINT, TASK, TASKS, forms, task_for, task_reference
 from qvl_export.documents.render import CELL, FORM_FIELDS, FORM_SIZE, render_form
+from trained_builds import build_passes_its_task_gate
 
 FORM_READER = Path(__file__).resolve().parents[1] / "data" / "trained" / "form_reader"
 
@@ -125,23 +126,7 @@ def test_form_reader_builds_and_passes_its_task_gate(tmp_path):
 
     from qvl_export.cli import main
 
-    out = tmp_path / "form"
-    result = CliRunner().invoke(main, ["build", str(FORM_READER), "-o", str(out), "--precision", "fp32"],
-                                catch_exceptions=False)
-    assert result.exit_code == 0, result.output
-    report = json.loads((out / "report.json").read_text())
-    assert report["passed"] is True
-    cases = {c["name"]: c for c in report["cases"]}
-    assert "demo-task" not in cases
-    case = cases["form-task"]
-    assert case["passed"]
-    stage = case["stages"]["task"]
-    record = task_reference(FORM_READER)
-    assert stage["pages"] == record["heldout"] and stage["reference_pages"] == record["heldout"]
-    assert stage["reference_exact_match"] == record["exact_match"]
-    assert abs(stage["exact_match"] - stage["reference_exact_match"]) <= 0.01  # fp32: the same answers
-    assert "form-task" in result.output
-
+    out = build_passes_its_task_gate(FORM_READER, "form-task", tmp_path / "form")
     for name in FORM_FIELDS:  # the shipped held-out pages, one question per field
         meta = json.loads((FORM_READER / "samples" / f"{name}.json").read_text())
         assert forms.asked_field(meta["seed"]) == name and meta["seed"] >= forms.HELDOUT_SEED_OFFSET

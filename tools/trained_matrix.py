@@ -1,0 +1,95 @@
+"""Every trained checkpoint of ours at every precision: ``qvl-export build`` with its default gate,
+then the exact match of the build's task case on the checkpoint's held-out pages, next to
+transformers' fp32 exact match (``eval.json``).
+
+    python tools/trained_matrix.py [--models demo,form,chart] [--precisions fp32,int8,...] [--out FILE]
+
+Each row is one real build through the command line (calibrated on the built-in documents, the
+default calibrator and activation scales), its exit code, the gate checks that failed, the ops the
+precision guard kept in float, the wall time and peak memory the build printed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+MODELS = {
+    "demo": None,  # the built-in demo checkpoint (qvl_export/demo/checkpoint)
+    "form": ROOT / "tests" / "data" / "trained" / "form_reader",
+    "chart": ROOT / "tests" / "data" / "trained" / "chart_reader",
+}
+PRECISIONS = ("fp32", "int8", "fp8", "decoder=int4", "decoder=int4 awq")
+
+
+def build_row(model: str, precision: str, out: Path) -> dict:
+    from qvl_export.demo import CHECKPOINT, task_reference
+
+    source = MODELS[model] or CHECKPOINT
+    text, _, method = precision.partition(" ")
+    command = ["qvl-export", "build", str(source), "-o", str(out), "--force", "--precision", text]
+    if method:
+        command += ["--int4-method", method]
+    t0 = time.perf_counter()
+    proc = subprocess.run(command, capture_output=True, text=True)
+    wall = time.perf_counter() - t0
+    report = json.loads((out / "report.json").read_text()) if (out / "report.json").is_file() else None
+    manifest = json.loads((out / "manifest.json").read_text()) if (out / "manifest.json").is_file() else {}
+    row = {"model": model, "precision": precision, "exit_code": proc.returncode, "wall_s": round(wall, 1),
+           "command": " ".join(["qvl-export"] + command[1:2] + [str(source.relative_to(ROOT))
+                                                             if source.is_relative_to(ROOT) else str(source)]
+                               + command[3:4] + ["build/" + out.name] + command[5:])}
+    peak = [line for line in proc.stdout.splitlines() + proc.stderr.splitlines() if "peak memory" in line]
+    row["build_line"] = peak[-1].strip() if peak else None
+    record = task_reference(source)
+    row["fp32_transformers_exact_match"] = record["exact_match"] if record else None
+    if report is None:
+        row["error"] = (proc.stderr or proc.stdout).strip().splitlines()[-1:]
+        return row
+    row["gate_passed"] = report["passed"]
+    row["gate_failures"] = [f"{c['name']}/{k['stage']}.{k['metric']}={k['value']:.4g} (needs {k['kind']} "
+                            f"{k['threshold']})" for c in report["cases"] for k in c.get("checks", [])
+                            if not k["passed"]]
+    tasks = [c for c in report["cases"] if c["name"].endswith("-task")]
+    if tasks:
+        stage = tasks[0]["stages"]["task"]
+        row.update(exact_match=stage["exact_match"], pages=stage["pages"])
+    quant = (manifest.get("calibration") or {}).get("quantization") or {}
+    row["kept_in_float"] = {part: sorted(q.get("kept_high_precision", {})) for part, q in quant.items()
+                            if q.get("kept_high_precision")}
+    return row
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--models", default=",".join(MODELS))
+    ap.add_argument("--precisions", default=",".join(PRECISIONS))
+    ap.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "trained-readers.json")
+    args = ap.parse_args()
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for model in args.models.split(","):
+            for precision in args.precisions.split(","):
+                rows.append(build_row(model, precision, Path(tmp) / f"{model}-{precision.replace(' ', '-')}"))
+                print(json.dumps(rows[-1]), flush=True)
+    import onnxruntime
+    import torch
+    import transformers
+
+    result = {"what": __doc__.split("\n\n")[0], "rows": rows,
+              "machine": f"{platform.machine()}, {__import__('os').cpu_count()} cores",
+              "versions": {"python": sys.version.split()[0], "onnxruntime": onnxruntime.__version__,
+                           "torch": torch.__version__, "transformers": transformers.__version__}}
+    args.out.write_text(json.dumps(result, indent=1) + "\n")
+    print(f"written to {args.out}")
+
+
+if __name__ == "__main__":
+    main()
