@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import json
 import platform
+import re
 import subprocess
 import sys
 import tempfile
@@ -46,8 +47,8 @@ def build_row(model: str, precision: str, out: Path) -> dict:
            "command": " ".join(["qvl-export"] + command[1:2] + [str(source.relative_to(ROOT))
                                                              if source.is_relative_to(ROOT) else str(source)]
                                + command[3:4] + ["build/" + out.name] + command[5:])}
-    peak = [line for line in proc.stdout.splitlines() + proc.stderr.splitlines() if "peak memory" in line]
-    row["build_line"] = peak[-1].strip() if peak else None
+    peak = re.findall(r"peak memory ([0-9.]+) GiB", proc.stdout + proc.stderr)
+    row["build_peak_gib"] = float(peak[-1]) if peak else None
     record = task_reference(source)
     row["fp32_transformers_exact_match"] = record["exact_match"] if record else None
     if report is None:
