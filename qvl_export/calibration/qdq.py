@@ -113,6 +113,7 @@ def quantize_bias(bias: np.ndarray, x_scale: np.ndarray, w_scale: np.ndarray) ->
 
 
 SEARCH_STEPS = 8  # candidate clipping points from the calibrator's range up to the absolute max
+SEARCH_TIE = 1.01  # a candidate must lower the estimated error by more than 1% to replace the calibrator's
 
 
 def search_ranges(ranges: dict[str, tuple[float, float]], stats, sens) -> tuple[dict[str, tuple[float, float]], dict]:
@@ -126,7 +127,7 @@ def search_ranges(ranges: dict[str, tuple[float, float]], stats, sens) -> tuple[
     calibrator's to the absolute max) the sampled rows are fake-quantized on the symmetric grid of
     ``a`` and the squared error of each input channel is weighted by the squared norm of that channel's
     weight row, summed over the tensor's consumers: ``sum_j e_j^2 |W_j|^2`` estimates the output error
-    ``|e W|^2`` without the matmul. The calibrator's own range wins ties. ``sens`` is the guard's
+    ``|e W|^2`` without the matmul. The calibrator's own range wins ties (within 1%). ``sens`` is the guard's
     ``measure`` (it carries each op's channel weights). Returns the ranges and a summary."""
     weights: dict[str, np.ndarray] = {}
     for s in sens:
@@ -144,7 +145,7 @@ def search_ranges(ranges: dict[str, tuple[float, float]], stats, sens) -> tuple[
         candidates = base * (t.abs_max / base) ** np.linspace(0.0, 1.0, SEARCH_STEPS)
         errors = [_weighted_error(x, a, cw) for a in candidates]
         best = int(np.argmin(errors))
-        if best and errors[best] < errors[0]:
+        if best and errors[best] * SEARCH_TIE < errors[0]:
             a = float(candidates[best])
             out[name] = (-a, a)
             widened[name] = {"calibrator": round(base, 6), "searched": round(a, 6),

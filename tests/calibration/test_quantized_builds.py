@@ -6,6 +6,7 @@ import json
 
 import numpy as np
 import onnx
+from onnx import numpy_helper
 import pytest
 
 from qvl_export.building.artifacts import BuildOptions, build
@@ -148,6 +149,16 @@ def test_int8_parts_run_integer_kernels(family, quantized, tmp_path):
         assert m.calibration.quantization[name]["activations"] == ("dynamic" if want else "static")
         assert sum(kernels.values()) == m.calibration.quantization[name]["quantized_count"], name
         assert (set(kernels) == {want}) if want else (want not in kernels), (name, kernels)
+        search = m.calibration.quantization[name].get("range_search")
+        if want:  # per-run scales: nothing to search
+            assert search is None
+            continue
+        assert search["tensors"] > 0 and search["widened"] == len(search["ranges"])
+        scales = {i.name: numpy_helper.to_array(i) for i in onnx.load(str(art / m.parts[name].file)).graph.initializer
+                  if i.name.endswith("_scale")}
+        for tensor, r in search["ranges"].items():  # the graph holds the searched range, not the calibrator's
+            assert r["searched"] > r["calibrator"] and r["error_ratio"] > 1
+            np.testing.assert_allclose(scales[f"{tensor}_scale"], r["searched"] / 127, rtol=1e-5)
 
 
 def test_int8_artifacts_shrink(quantized, artifacts):
