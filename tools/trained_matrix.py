@@ -35,18 +35,15 @@ def build_row(model: str, precision: str, out: Path) -> dict:
 
     source = MODELS[model] or CHECKPOINT
     text, _, method = precision.partition(" ")
-    command = ["qvl-export", "build", str(source), "-o", str(out), "--force", "--precision", text]
-    if method:
-        command += ["--int4-method", method]
+    flags = ["--force", "--precision", text] + (["--int4-method", method] if method else [])
+    shown = source.relative_to(ROOT) if source.is_relative_to(ROOT) else source
     t0 = time.perf_counter()
-    proc = subprocess.run(command, capture_output=True, text=True)
+    proc = subprocess.run(["qvl-export", "build", str(source), "-o", str(out), *flags], capture_output=True, text=True)
     wall = time.perf_counter() - t0
     report = json.loads((out / "report.json").read_text()) if (out / "report.json").is_file() else None
     manifest = json.loads((out / "manifest.json").read_text()) if (out / "manifest.json").is_file() else {}
     row = {"model": model, "precision": precision, "exit_code": proc.returncode, "wall_s": round(wall, 1),
-           "command": " ".join(["qvl-export"] + command[1:2] + [str(source.relative_to(ROOT))
-                                                             if source.is_relative_to(ROOT) else str(source)]
-                               + command[3:4] + ["build/" + out.name] + command[5:])}
+           "command": " ".join(["qvl-export", "build", str(shown), "-o", f"build/{out.name}", *flags])}
     peak = re.findall(r"peak memory ([0-9.]+) GiB", proc.stdout + proc.stderr)
     row["build_peak_gib"] = float(peak[-1]) if peak else None
     record = task_reference(source)

@@ -137,10 +137,11 @@ def search_ranges(ranges: dict[str, tuple[float, float]], stats, sens) -> tuple[
     out, widened = dict(ranges), {}
     for name, cw in weights.items():
         t = stats.tensors.get(name)
-        x = t.sample() if t is not None else None
-        lo, hi = ranges[name]
-        base = max(abs(lo), abs(hi))
-        if x is None or not x.size or base <= 0 or t.abs_max <= base * (1 + 1e-6) or x.shape[-1] != cw.size:
+        base = max(abs(v) for v in ranges[name])
+        if t is None or base <= 0 or t.abs_max <= base * (1 + 1e-6):  # nothing clipped: nothing to search
+            continue
+        x = t.sample()
+        if not x.size or x.shape[-1] != cw.size:
             continue
         candidates = base * (t.abs_max / base) ** np.linspace(0.0, 1.0, SEARCH_STEPS)
         errors = [_weighted_error(x, a, cw) for a in candidates]

@@ -14,7 +14,7 @@ import pytest
 
 from qvl_export.demo import CHECKPOINT, TASK, TASKS, forms, task_for, task_reference
 from qvl_export.documents.render import CELL, FORM_FIELDS, FORM_SIZE, render_form
-from trained_builds import build_passes_its_task_gate
+from trained_builds import assert_shipped_checkpoint, build_passes_its_task_gate
 
 FORM_READER = Path(__file__).resolve().parents[1] / "data" / "trained" / "form_reader"
 
@@ -100,10 +100,7 @@ def test_task_reference_recognises_both_trained_checkpoints_and_rejects_others(t
 def test_form_reader_is_another_architecture():
     from qvl_export.loading.config import parse_model_config
 
-    for name in ("config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json", "chat_template.json",
-                 "generation_config.json", "preprocessor_config.json", "eval.json"):
-        assert (FORM_READER / name).is_file(), name
-    assert (FORM_READER / "model.safetensors").stat().st_size < 10_000_000
+    assert_shipped_checkpoint(FORM_READER)
     spec = parse_model_config(FORM_READER)
     demo = parse_model_config(CHECKPOINT)
     assert spec.family == "qwen2_vl" and not spec.vision.windowed

@@ -9,6 +9,17 @@ from pathlib import Path
 from qvl_export.demo import task_reference
 
 
+SHIPPED_FILES = ("config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json", "chat_template.json",
+                 "generation_config.json", "preprocessor_config.json", "eval.json")
+
+
+def assert_shipped_checkpoint(checkpoint: Path) -> None:
+    """A trained checkpoint in the repository: every file a Hugging Face folder has, its weights small."""
+    for name in SHIPPED_FILES:
+        assert (checkpoint / name).is_file(), name
+    assert (checkpoint / "model.safetensors").stat().st_size < 10_000_000
+
+
 def build_passes_its_task_gate(checkpoint: Path, case_name: str, out: Path) -> Path:
     """Build ``checkpoint`` into ``out`` at fp32; the report has ``case_name`` and no other task case."""
     from click.testing import CliRunner
