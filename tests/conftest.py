@@ -44,21 +44,23 @@ TINY = {
 
 
 def pytest_collection_modifyitems(config, items):
-    """GPU tests run only where TensorRT and a GPU are present (``-m gpu`` to select them)."""
+    """GPU tests run only where a GPU is visible through cuda-python: ``cuda`` tests need nothing more,
+    ``gpu`` tests need TensorRT too (``-m "gpu or cuda"`` to select them)."""
+    from qvl_export.runtimes.trt.cuda import gpu_compute_capability
+
+    has_cuda = gpu_compute_capability() is not None
     try:
         import tensorrt  # noqa: F401
 
-        from qvl_export.runtimes.trt.cuda import gpu_compute_capability
-
-        has_gpu = gpu_compute_capability() is not None
+        has_trt = has_cuda
     except ImportError:
-        has_gpu = False
-    if has_gpu:
-        return
-    skip = pytest.mark.skip(reason="needs an NVIDIA GPU and TensorRT")
+        has_trt = False
+    skips = {"cuda": None if has_cuda else pytest.mark.skip(reason="needs an NVIDIA GPU and cuda-python"),
+             "gpu": None if has_trt else pytest.mark.skip(reason="needs an NVIDIA GPU and TensorRT")}
     for item in items:
-        if "gpu" in item.keywords:
-            item.add_marker(skip)
+        for marker, skip in skips.items():
+            if skip is not None and item.get_closest_marker(marker) is not None:
+                item.add_marker(skip)
 
 
 @pytest.fixture(scope="session")

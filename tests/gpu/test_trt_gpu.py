@@ -1,6 +1,6 @@
 """TensorRT on a real GPU: engine build, run and parity. Skipped cleanly without a GPU + TensorRT.
 
-Run on a GPU machine with ``python -m pytest -m gpu``.
+Run on a GPU machine with TensorRT installed: ``python -m pytest -m "gpu or cuda" tests/gpu``.
 """
 
 from __future__ import annotations
