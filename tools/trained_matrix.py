@@ -2,7 +2,11 @@
 then the exact match of the build's task case on the checkpoint's held-out pages, next to
 transformers' fp32 exact match (``eval.json``).
 
-    python tools/trained_matrix.py [--models demo,form,chart] [--precisions fp32,int8,...] [--out FILE]
+    python tools/trained_matrix.py [--models demo,form,chart] [--precisions fp32,int8,...] [--out FILE] [--merge]
+
+A precision is ``--precision`` text, then optionally ``awq`` / ``rtn`` (``--int4-method``) and ``trt``
+(``--target trt --bundle``: the ONNX graphs TensorRT is given, gated and scored on onnxruntime CPU).
+``--merge`` replaces the rows it runs in an existing result file and keeps the others.
 
 Each row is one real build through the command line (calibrated on the built-in documents, the
 default calibrator and activation scales), its exit code, the gate checks that failed, the ops the
@@ -27,15 +31,17 @@ MODELS = {
     "form": ROOT / "tests" / "data" / "trained" / "form_reader",
     "chart": ROOT / "tests" / "data" / "trained" / "chart_reader",
 }
-PRECISIONS = ("fp32", "int8", "fp8", "decoder=int4", "decoder=int4 awq")
+PRECISIONS = ("fp32", "int8", "fp8", "decoder=int4", "decoder=int4 awq", "decoder=int4 trt", "decoder=int4 awq trt")
 
 
 def build_row(model: str, precision: str, out: Path) -> dict:
     from qvl_export.demo import CHECKPOINT, task_reference
 
     source = MODELS[model] or CHECKPOINT
-    text, _, method = precision.partition(" ")
-    flags = ["--force", "--precision", text] + (["--int4-method", method] if method else [])
+    text, *extra = precision.split(" ")
+    flags = ["--force", "--precision", text]
+    for word in extra:
+        flags += ["--target", "trt", "--bundle"] if word == "trt" else ["--int4-method", word]
     shown = source.relative_to(ROOT) if source.is_relative_to(ROOT) else source
     t0 = time.perf_counter()
     proc = subprocess.run(["qvl-export", "build", str(source), "-o", str(out), *flags], capture_output=True, text=True)
@@ -70,6 +76,7 @@ def main() -> None:
     ap.add_argument("--models", default=",".join(MODELS))
     ap.add_argument("--precisions", default=",".join(PRECISIONS))
     ap.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "trained-readers.json")
+    ap.add_argument("--merge", action="store_true", help="keep the rows of --out that this run does not redo")
     args = ap.parse_args()
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
@@ -81,6 +88,10 @@ def main() -> None:
     import torch
     import transformers
 
+    if args.merge and args.out.is_file():
+        redone = {(r["model"], r["precision"]) for r in rows}
+        kept = [r for r in json.loads(args.out.read_text())["rows"] if (r["model"], r["precision"]) not in redone]
+        rows = kept + rows
     result = {"what": __doc__.split("\n\n")[0], "rows": rows,
               "machine": f"{platform.machine()}, {__import__('os').cpu_count()} cores",
               "versions": {"python": sys.version.split()[0], "onnxruntime": onnxruntime.__version__,

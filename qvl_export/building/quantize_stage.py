@@ -140,22 +140,31 @@ def quantize_calibrated(ctx: BuildContext, name: str, prec: Precision):
 
 
 def quantize_weight_only(ctx: BuildContext, name: str, prec: Precision):
-    """int4: the decoder's weights packed into MatMulNBits blocks, through AWQ scales searched on the
-    calibration statistics (``--int4-method awq``) or rounded to nearest (``rtn``)."""
+    """int4: the decoder's weights in blocks - MatMulNBits on the ort target, int4 DequantizeLinear
+    blocks on the trt target (TensorRT's weight-only form) - through AWQ scales searched on the
+    calibration statistics on the same grid (``--int4-method awq``) or rounded to nearest (``rtn``)."""
     import onnx_ir as ir
 
-    from qvl_export.building.weight_only import ACCURACY_LEVEL, BLOCK_SIZE, pack_weights
+    from qvl_export.building.weight_only import ACCURACY_LEVEL, BLOCK_SIZE, pack_weights, qdq_weights, trt_block_size
     from qvl_export.calibration import awq
     from qvl_export.calibration.taps import release
 
     model = ir.load(ctx.store.file(ctx.store.part(name).file))
+    trt = ctx.settings.target == "trt"
+    block = trt_block_size(model) if trt else BLOCK_SIZE
     plan = None
     if ctx.stats is not None and name in ctx.stats:
-        plan = awq.search(model, ctx.stats[name], prec.bits, BLOCK_SIZE, release=release)
+        plan = awq.search(model, ctx.stats[name], prec.bits, block, release=release, positive=trt)
         info = plan.summary()
         ctx.say(f"{name}: AWQ scales for {info['groups']} weight groups (mean alpha {info['alpha_mean']}, "
                 f"median output error {info['error_ratio_rtn_to_awq_median']}x lower than round to nearest on "
                 f"the calibration rows), clipping ranges for {info['weights_clipped']} weights")
+    if trt:
+        model, summary = qdq_weights(model, prec, name, plan, block)
+        kept = summary["kept_high_precision"]
+        ctx.say(f"{name}: {prec.name} weight-only, {summary['quantized_count']} weights as int4 DequantizeLinear "
+                f"blocks of {block} for TensorRT" + (f", {len(kept)} MatMuls kept in float" if kept else ""))
+        return model, summary
     model, summary = pack_weights(model, prec, name, plan)
     ctx.say(f"{name}: {prec.name} weight-only, {summary['quantized_count']} MatMuls packed into MatMulNBits "
             f"(blocks of {BLOCK_SIZE}, accuracy level {ACCURACY_LEVEL})")

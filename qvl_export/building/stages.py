@@ -147,7 +147,7 @@ def trace(ctx: BuildContext, name: str) -> None:
         "decoder": lambda: decoder_part(ctx.spec, ctx.weights),
     }
     ctx.say(f"tracing {name}")
-    ctx.replace_model(name, trace_part(makers[name](), registry.get(ctx.precisions[name]).trace_dtype))
+    ctx.replace_model(name, trace_part(makers[name](), registry.get(ctx.precisions[name]).traced(ctx.settings.target)))
 
 
 def graph_passes(ctx: BuildContext, name: str) -> None:
@@ -200,7 +200,7 @@ def _stored_precision(ctx: BuildContext, name: str) -> str:
     if prec.quantized and name in ctx.quantized_parts:
         return prec.name
     return next(p.name for p in registry.REGISTRY.values()
-                if p.kind == registry.FLOAT and p.trace_dtype == prec.trace_dtype)
+                if p.kind == registry.FLOAT and p.trace_dtype == prec.traced(ctx.settings.target))
 
 
 # -- the folder ----------------------------------------------------------------------------------

@@ -8,7 +8,11 @@ Rules (TensorRT 10.x ONNX parser and explicit quantization):
 - explicit quantization: Q/DQ zero points are 0; Q/DQ types are int8 or float8e4m3fn; a weighted
   op (MatMul/Gemm/Conv) fed by a DequantizeLinear has both its inputs dequantized; weights are
   quantized per output channel and activations per tensor; outputs of weighted ops are not
-  quantized directly (TensorRT fuses Q/DQ into the following op's input instead).
+  quantized directly (TensorRT fuses Q/DQ into the following op's input instead);
+- int4 is weight-only: an INT4 DequantizeLinear reads a constant initializer (no QuantizeLinear to
+  int4), with per-block scales (``block_size`` 64 or 128) along one of the weight's two dims, feeds a
+  MatMul/Gemm whose activation input is not quantized, and (a warning) outputs fp16/bf16, the
+  activations TensorRT's weight-only GEMMs take.
 
 Findings are data: ``LintFinding(level, rule, node, message)``; ``errors`` fail a trt build.
 """
@@ -30,6 +34,7 @@ UNSUPPORTED = frozenset({
 })
 WEIGHTED = ("MatMul", "Gemm", "Conv")
 QDQ_TYPES = (ir.DataType.INT8, ir.DataType.FLOAT8E4M3FN)
+INT4_BLOCK_SIZES = (64, 128)
 
 
 @dataclass(frozen=True)
@@ -100,6 +105,8 @@ def _lint_qdq(node: ir.Node, label: str) -> list[LintFinding]:
     qtype = node.outputs[0].dtype if node.op_type == "QuantizeLinear" else node.inputs[0].dtype
     if qtype is None and zp is not None:
         qtype = zp.dtype
+    if qtype == ir.DataType.INT4:
+        return out + _lint_int4(node, label)
     if qtype is not None and qtype not in QDQ_TYPES:
         out.append(LintFinding("error", "qdq-type", label, f"{qtype} quantization; TensorRT takes int8 or "
                                                            "float8e4m3fn"))
@@ -112,10 +119,56 @@ def _lint_qdq(node: ir.Node, label: str) -> list[LintFinding]:
     return out
 
 
+def _is_int4_weight(value: ir.Value) -> bool:
+    p = value.producer()
+    return p is not None and p.op_type == "DequantizeLinear" and p.inputs[0].dtype == ir.DataType.INT4
+
+
+def _lint_int4(node: ir.Node, label: str) -> list[LintFinding]:
+    """int4 Q/DQ: TensorRT's weight-only form (the weight read without copying it: no ``numpy()``)."""
+    if node.op_type == "QuantizeLinear":
+        return [LintFinding("error", "int4-weight-only", label, "quantizes to int4 in the graph; TensorRT takes int4 "
+                                                                "for weights only (an INT4 initializer read by a "
+                                                                "DequantizeLinear)")]
+    out = []
+    w = node.inputs[0]
+    if not (w.is_initializer() and w.const_value is not None):
+        out.append(LintFinding("error", "int4-weight-only", label, "dequantizes a computed int4 tensor; TensorRT "
+                                                                   "takes int4 for constant weights only"))
+    block = node.attributes["block_size"].as_int() if "block_size" in node.attributes else 0
+    rank = len(w.shape) if w.shape is not None else 2
+    axis = node.attributes["axis"].as_int() if "axis" in node.attributes else 1
+    if block not in INT4_BLOCK_SIZES:
+        out.append(LintFinding("error", "int4-block", label, f"int4 block size {block or 'none (per channel)'}; "
+                                                             f"TensorRT takes blocks of {INT4_BLOCK_SIZES}"))
+    if axis % max(rank, 1) < rank - 2:
+        out.append(LintFinding("error", "int4-block", label, f"blocks along axis {axis}; TensorRT blocks one of the "
+                                                             "last two dims"))
+    scale = node.inputs[1]
+    if scale is not None and scale.shape is not None and len(scale.shape) != rank:
+        out.append(LintFinding("error", "int4-block", label, f"scale of rank {len(scale.shape)} for a rank-{rank} "
+                                                             "weight; block scales have the weight's rank"))
+    readers = [user.op_type for user, _ in node.outputs[0].uses()]
+    if any(op not in ("MatMul", "Gemm") for op in readers):
+        out.append(LintFinding("error", "int4-weight-only", label, f"int4 weights read by {sorted(set(readers))}; "
+                                                                   "TensorRT's weight-only GEMMs are MatMul/Gemm"))
+    dtype = node.outputs[0].dtype or (scale.dtype if scale is not None else None)  # DQ outputs the scale's type
+    if dtype not in (None, ir.DataType.FLOAT16, ir.DataType.BFLOAT16):
+        out.append(LintFinding("warning", "int4-activations", label, f"int4 weights dequantized to {dtype}; "
+                                                                     "TensorRT's weight-only GEMMs take fp16/bf16 "
+                                                                     "activations"))
+    return out
+
+
 def _lint_weighted(node: ir.Node, label: str) -> list[LintFinding]:
     ins = [v for v in node.inputs[:2] if v is not None]
     dq = [v.producer() is not None and v.producer().op_type == "DequantizeLinear" for v in ins]
     if not any(dq):
+        return []
+    if any(_is_int4_weight(v) for v in ins):  # weight-only: the activation stays in float
+        if all(dq):
+            return [LintFinding("error", "int4-weight-only", node.name or node.op_type,
+                                "int4 weights with quantized activations; TensorRT's int4 is weight-only")]
         return []
     out = []
     if not all(dq):

@@ -1,4 +1,5 @@
-"""Weight-only quantizer (``--precision decoder=int4``): MatMulNBits on onnxruntime.
+"""Weight-only quantizer (``--precision decoder=int4``): MatMulNBits on onnxruntime, int4
+DequantizeLinear blocks for TensorRT.
 
 Decode is memory-bound: every step streams all decoder weights once, so bytes per weight set the
 speed. onnxruntime's ``MatMulNBitsQuantizer`` stores each weighted MatMul's weights as
@@ -9,9 +10,14 @@ needed for round to nearest; ``--int4-method awq`` first searches activation-awa
 calibration documents (``calibration/awq.py``) and quantizes each weight through them. The token
 table is looked up as int8 rows by the ``quantize_embeddings`` pass that follows.
 
-onnxruntime only (a contrib op): TensorRT takes int8 / fp8 Q/DQ graphs instead. The registry's
-weight-only precisions come here (``building/quantize_stage.QUANTIZERS``); this module reads a
-part and returns the quantized model, it writes nothing.
+MatMulNBits is a contrib op, for the ort target. The trt target gets the form TensorRT's weight-only
+quantization takes (``qdq_weights``): each weight an INT4 initializer read by a ``DequantizeLinear``
+with ``block_size`` 128 (or 64) along K and a positive fp16 scale per block (``max|w| / 7``, symmetric,
+no zero point), feeding the MatMul in an fp16 graph (opset 21: blocked DQ and INT4). onnxruntime runs
+that graph on the CPU, so it passes the parity gate here before it goes to TensorRT.
+
+The registry's weight-only precisions come here (``building/quantize_stage.QUANTIZERS``); this module
+reads a part and returns the quantized model, it writes nothing.
 """
 
 from __future__ import annotations
@@ -22,6 +28,8 @@ from qvl_export.core.precisions import Precision
 
 BLOCK_SIZE = 32  # values per fp32 scale (demo model: exact match 0.896 vs fp32 0.900)
 ACCURACY_LEVEL = 4  # int8 activations inside the kernel
+TRT_BLOCK_SIZES = (128, 64)  # TensorRT's int4 block sizes; the larger where every weight's K takes it
+QDQ_OPSET = 21  # DequantizeLinear with block_size and INT4 inputs
 
 
 def block_quantizer(precision: Precision):
@@ -57,10 +65,7 @@ def pack_weights(src: Path, precision: Precision, name: str, plan=None):
     graph = model.graph
     packed: dict[str, tuple] = {}  # weight -> (blocks value, scales value, K, N)
     matmuls = [n for n in graph if n.op_type == "MatMul" and n.domain in ("", "ai.onnx")]
-    for node in matmuls:
-        w = node.inputs[1]
-        if w is None or not w.is_initializer() or w.const_value is None or len(w.const_value.shape) != 2:
-            continue
+    for node, w in weighted_matmuls(graph):
         if w.name not in packed:
             k, n = (int(d) for d in w.const_value.shape)
             weight = np.asarray(w.const_value.numpy(), dtype=np.float32)
@@ -85,17 +90,7 @@ def pack_weights(src: Path, precision: Precision, name: str, plan=None):
                       name=f"{node.name}_Q{precision.bits}")
         out = node.outputs[0]
         ir.convenience.replace_nodes_and_values(graph, node, [node], [new], [out], [new.outputs[0]])
-    if not packed:
-        before = len(matmuls)
-        raise RuntimeError(f"{name}: no MatMul with constant weights to quantize ({before} MatMuls)")
-    for weight in packed:
-        value = graph.initializers.get(weight)
-        if value is not None and not value.uses() and not value.is_graph_output():
-            del graph.initializers[weight]
-    if plan is not None:
-        from qvl_export.calibration.awq import fold_vectors
-
-        fold_vectors(model, plan)  # the norms that read 1 / s into the activation
+    _finish(model, packed, plan, name, len(matmuls))
     model.opset_imports.setdefault("com.microsoft", 1)
     count = sum(1 for n in graph if n.op_type == "MatMulNBits")
     method = "AWQ scales, symmetric" if plan is not None else "RTN, symmetric"
@@ -105,3 +100,115 @@ def pack_weights(src: Path, precision: Precision, name: str, plan=None):
     if plan is not None:
         summary["awq"] = plan.summary()
     return model, summary
+
+
+def weighted_matmuls(graph):
+    """(node, weight value) of every default-domain MatMul whose second input is a constant 2-D initializer."""
+    out = []
+    for node in list(graph):
+        if node.op_type != "MatMul" or node.domain not in ("", "ai.onnx"):
+            continue
+        w = node.inputs[1]
+        if w is not None and w.is_initializer() and w.const_value is not None and len(w.const_value.shape) == 2:
+            out.append((node, w))
+    return out
+
+
+def trt_block_size(model) -> int:
+    """128 when every weight's K is a multiple of it, else 64 (TensorRT takes these two)."""
+    ks = [int(w.const_value.shape[0]) for _, w in weighted_matmuls(model.graph)]
+    return next((b for b in TRT_BLOCK_SIZES if all(k % b == 0 for k in ks)), TRT_BLOCK_SIZES[-1])
+
+
+def int4_blocks(w, block_size: int, scale_dtype) -> tuple:
+    """``w [K, N]`` (K a multiple of ``block_size``) -> (int4 values [K, N] as ml_dtypes.int4, scales
+    [K / block, N] in ``scale_dtype``): TensorRT's symmetric grid, rounded against the stored scale."""
+    import ml_dtypes
+    import numpy as np
+
+    from qvl_export.calibration.awq import block_scales
+
+    k, n = w.shape
+    blocks = np.asarray(w, dtype=np.float32).reshape(k // block_size, block_size, n)
+    scale = block_scales(blocks).astype(scale_dtype)
+    scale[scale == 0] = 1  # an all-zero block (its values are 0 on any grid)
+    q = np.divide(blocks, scale.astype(np.float32), dtype=np.float32)
+    np.rint(q, out=q)
+    np.clip(q, -8, 7, out=q)
+    return q.reshape(k, n).astype(ml_dtypes.int4), scale.reshape(k // block_size, n)
+
+
+def qdq_weights(src, precision: Precision, name: str, plan=None, block_size: int | None = None):
+    """TensorRT's int4 weight-only form of the part at ``src`` (a path or a lazily read onnx-ir model):
+    every constant 2-D MatMul weight becomes an INT4 initializer dequantized in blocks along K by a
+    ``DequantizeLinear`` (fp16 scales in an fp16 graph) -> (onnx-ir model, summary). Streamed like
+    ``pack_weights``: one float weight in flight. A weight whose K is not a multiple of the block stays
+    float (named in the summary). With an AWQ ``plan`` (searched on the same grid, ``positive=True``)
+    each weight is quantized as the plan scales it and the inverse scales are folded upstream."""
+    import numpy as np
+    import onnx_ir as ir
+
+    from qvl_export.calibration.taps import release
+
+    if precision.bits != 4:
+        raise RuntimeError(f"{name}: TensorRT's weight-only form is int4 (got {precision.bits} bits)")
+    model = src if isinstance(src, ir.Model) else ir.load(str(src))
+    graph = model.graph
+    block = block_size or trt_block_size(model)
+    done: dict[str, ir.Value] = {}  # weight -> the DequantizeLinear output that replaces it
+    kept: dict[str, str] = {}
+    matmuls = weighted_matmuls(graph)
+    for node, w in matmuls:
+        if w.name not in done:
+            k, n = (int(d) for d in w.const_value.shape)
+            if k % block:
+                kept[node.name] = f"K = {k} is not a multiple of TensorRT's {block}-value int4 blocks"
+                continue
+            scale_dtype = w.const_value.dtype.numpy()
+            weight = np.asarray(w.const_value.numpy(), dtype=np.float32)
+            if plan is not None:
+                weight = plan.weight(w.name, weight)
+            q, scale = int4_blocks(weight, block, scale_dtype)
+            del weight
+            release(w.const_value)
+            values = []
+            for suffix, array in (("_Q4", q), ("_scale", scale)):
+                tensor = ir.tensor(array, name=w.name + suffix)
+                value = ir.Value(name=tensor.name, shape=ir.Shape(array.shape), type=ir.TensorType(tensor.dtype),
+                                 const_value=tensor)
+                graph.register_initializer(value)
+                values.append(value)
+            dq = ir.node("DequantizeLinear", values, attributes={"axis": 0, "block_size": block},
+                         name=f"{w.name}_DequantizeLinear")
+            dq.outputs[0].name = f"{w.name}_dequantized"
+            dq.outputs[0].shape, dq.outputs[0].dtype = ir.Shape([k, n]), w.dtype
+            graph.insert_before(node, dq)
+            done[w.name] = dq.outputs[0]
+        if w.name in done:
+            node.replace_input_with(1, done[w.name])
+    _finish(model, done, plan, name, len(matmuls))
+    model.opset_imports[""] = max(model.opset_imports.get("", QDQ_OPSET), QDQ_OPSET)
+    model.ir_version = max(model.ir_version or 0, 10)  # INT4 tensors
+    method = "AWQ scales" if plan is not None else "RTN"
+    summary = {"part": name, "precision": precision.name,
+               "method": f"int4 DequantizeLinear blocks for TensorRT ({method}, symmetric, scale max|w| / 7)",
+               "bits": 4, "block_size": block, "quantized_count": len(done), "kept_high_precision": kept}
+    if plan is not None:
+        summary["awq"] = plan.summary()
+    return model, summary
+
+
+def _finish(model, quantized: dict, plan, name: str, matmuls: int) -> None:
+    """After either form: refuse a part with nothing quantized, drop the float weights no op reads any
+    more (a tied token table's Gather keeps its own), fold an AWQ plan's inverse scales upstream."""
+    graph = model.graph
+    if not quantized:
+        raise RuntimeError(f"{name}: no MatMul with constant weights to quantize ({matmuls} MatMuls)")
+    for weight in quantized:
+        value = graph.initializers.get(weight)
+        if value is not None and not value.uses() and not value.is_graph_output():
+            del graph.initializers[weight]
+    if plan is not None:
+        from qvl_export.calibration.awq import fold_vectors
+
+        fold_vectors(model, plan)  # the norms that read 1 / s into the activation

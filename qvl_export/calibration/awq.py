@@ -27,8 +27,10 @@ Groups whose producer is neither (o_proj after attention) and the lm_head stay r
 still get the clipping search.
 Inputs: the decoder's calibration statistics (``taps.ActivationStats``: mean |x| per channel over
 every calibration row, and the sampled rows); weights are read one group at a time from the lazy
-float part. The grid searched is the packer's (``building/weight_only.py``: onnxruntime's block
-quantizer), written here in numpy (``round_trip``; a test holds the two equal).
+float part. The grid searched is the packer's: on the ort target onnxruntime's block quantizer
+(``building/weight_only.py``; the block's signed extreme maps to -8, written here in numpy as
+``round_trip``, a test holds the two equal), on the trt target TensorRT's symmetric int4 (a positive
+scale ``max|w| / 7`` per block, ``positive=True``).
 """
 
 from __future__ import annotations
@@ -77,6 +79,7 @@ class AwqPlan:
     vector_divide: dict[str, np.ndarray] = field(default_factory=dict)  # norm scale / bias -> s
     clip: dict[str, np.ndarray] = field(default_factory=dict)  # weight -> largest magnitude kept [blocks, N]
     block_size: int = 32
+    positive: bool = False  # the grid: TensorRT's positive scales (max|w| / 7) or onnxruntime's (extreme / -8)
     groups: list[Group] = field(default_factory=list)
     skipped: dict[str, str] = field(default_factory=dict)  # activation -> why it stays round to nearest
 
@@ -108,13 +111,14 @@ class AwqPlan:
 
 
 def search(model, stats, bits: int = 4, block_size: int = 32, grid: int = GRID, clip_grid: int = CLIP_GRID,
-           max_rows: int = MAX_ROWS, release: Callable = lambda t: None) -> AwqPlan:
+           max_rows: int = MAX_ROWS, release: Callable = lambda t: None, positive: bool = False) -> AwqPlan:
     """AWQ scales and clipping ranges for ``model``'s constant 2-D MatMul weights (an onnx-ir model,
     read lazily, one group's weights at a time), from the part's calibration ``stats``, for symmetric
-    ``bits``-bit blocks of ``block_size`` along K (the packer's grid: ``round_trip``)."""
+    ``bits``-bit blocks of ``block_size`` along K (the packer's grid: ``round_trip``; TensorRT's with
+    ``positive``)."""
     from qvl_export.calibration.taps import weighted_nodes
 
-    plan = AwqPlan(block_size=block_size)
+    plan = AwqPlan(block_size=block_size, positive=positive)
     nodes = {n.name: n for n in model.graph}
     by_activation: dict[str, list] = {}
     for wn in weighted_nodes(model):
@@ -145,7 +149,7 @@ def search(model, stats, bits: int = 4, block_size: int = 32, grid: int = GRID, 
         else:
             group = Group(activation, list(weights), [wn.scope for wn, _ in members], fold)
             mean = np.maximum(t.channel_mean().astype(np.float32), 1e-8)
-            s = _search_scales(group, rows, mean, list(weights.values()), bits, block_size, grid)
+            s = _search_scales(group, rows, mean, list(weights.values()), bits, block_size, grid, positive)
             if group.alpha == 0.0:
                 plan.skipped[activation] = "scales: round to nearest was best on the calibration rows"
                 s = np.ones_like(s)
@@ -161,19 +165,27 @@ def search(model, stats, bits: int = 4, block_size: int = 32, grid: int = GRID, 
         xs = rows / s[None, :]
         for name, w in weights.items():
             if clip_grid and not any(k in scopes[name] for k in NO_CLIP):
-                plan.clip[name] = _search_clip(xs, w * s[:, None], bits, block_size, clip_grid)
+                plan.clip[name] = _search_clip(xs, w * s[:, None], bits, block_size, clip_grid, positive)
         del weights
     return plan
 
 
-def round_trip(blocks: np.ndarray, bits: int = 4) -> np.ndarray:
+def round_trip(blocks: np.ndarray, bits: int = 4, positive: bool = False) -> np.ndarray:
     """Symmetric ``bits``-bit round trip of weight blocks ``[..., block, N]`` (each block and column
     its own scale), as onnxruntime's block quantizer rounds: the block's largest-magnitude value maps
     to ``-2^(bits-1)`` (its signed value / -2^(bits-1) is the scale), the rest round to nearest and
-    clip to ``[-2^(bits-1), 2^(bits-1) - 1]``."""
+    clip to ``[-2^(bits-1), 2^(bits-1) - 1]``. ``positive``: TensorRT's grid, scale ``max|w| / (2^(bits-1)
+    - 1)`` (``block_scales``)."""
+    if positive:
+        return _on_grid(blocks, block_scales(blocks, bits), bits)
     hi = blocks.max(axis=-2, keepdims=True)
     lo = blocks.min(axis=-2, keepdims=True)
     return _on_grid(blocks, np.where(hi >= -lo, hi, lo) / -float(1 << (bits - 1)), bits)
+
+
+def block_scales(blocks: np.ndarray, bits: int = 4) -> np.ndarray:
+    """TensorRT's symmetric scale of each block and column ``[..., 1, N]``: ``max|w| / (2^(bits-1) - 1)``."""
+    return np.abs(blocks).max(axis=-2, keepdims=True) / float((1 << (bits - 1)) - 1)
 
 
 def _on_grid(blocks: np.ndarray, scale: np.ndarray, bits: int) -> np.ndarray:
@@ -196,13 +208,13 @@ def _blocks(w: np.ndarray, block_size: int) -> np.ndarray:
     return w.reshape(-1, block_size, n)
 
 
-def quantized(w: np.ndarray, bits: int, block_size: int) -> np.ndarray:
+def quantized(w: np.ndarray, bits: int, block_size: int, positive: bool = False) -> np.ndarray:
     """``w [K, N]`` through the packer's grid (round to nearest per block along K)."""
-    return round_trip(_blocks(w, block_size), bits).reshape(-1, w.shape[1])[:w.shape[0]]
+    return round_trip(_blocks(w, block_size), bits, positive).reshape(-1, w.shape[1])[:w.shape[0]]
 
 
 def _search_scales(group: Group, rows: np.ndarray, mean: np.ndarray, mats: list[np.ndarray], bits: int,
-                   block_size: int, grid: int) -> np.ndarray:
+                   block_size: int, grid: int, positive: bool = False) -> np.ndarray:
     """Best ``s`` on the grid for the group's weights, recording alpha and both losses."""
     refs = [rows @ w for w in mats]
     best_s, best_loss = np.ones_like(mean), None
@@ -211,7 +223,7 @@ def _search_scales(group: Group, rows: np.ndarray, mean: np.ndarray, mats: list[
         s = np.power(mean, alpha, dtype=np.float32)
         s = s / np.sqrt(s.max() * s.min())
         xs = rows / s[None, :]
-        loss = sum(float(np.mean(np.square(xs @ quantized(w * s[:, None], bits, block_size) - r)))
+        loss = sum(float(np.mean(np.square(xs @ quantized(w * s[:, None], bits, block_size, positive) - r)))
                    for w, r in zip(mats, refs))
         if i == 0:
             group.loss_rtn = loss
@@ -221,7 +233,8 @@ def _search_scales(group: Group, rows: np.ndarray, mean: np.ndarray, mats: list[
     return best_s.astype(np.float32)
 
 
-def _search_clip(xs: np.ndarray, w: np.ndarray, bits: int, block_size: int, grid: int) -> np.ndarray:
+def _search_clip(xs: np.ndarray, w: np.ndarray, bits: int, block_size: int, grid: int,
+                 positive: bool = False) -> np.ndarray:
     """Per block and output column, the largest magnitude to keep ``[K / block, N]``: the ratio of the
     block's own largest magnitude (1.0 down to 0.525) whose rounding error, seen through that block's
     calibration inputs, is smallest. The error of a block's column ``d`` over the rows is ``d' G d``
@@ -240,7 +253,8 @@ def _search_clip(xs: np.ndarray, w: np.ndarray, bits: int, block_size: int, grid
         lowest = np.full(part.shape[::2], np.inf, np.float32)
         for i in range(grid):
             bound = top[:, cols] * (1.0 - 0.5 * i / grid)  # [B, n]
-            d = _on_grid(part, (sign[:, cols] * bound / -half)[:, None, :], bits)  # values past bound clip
+            scale = bound / (half - 1) if positive else sign[:, cols] * bound / -half
+            d = _on_grid(part, scale[:, None, :], bits)  # values past bound clip
             d -= part
             loss = np.einsum("bkn,bkn->bn", d, np.matmul(gram, d))
             better = loss < lowest

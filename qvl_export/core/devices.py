@@ -259,10 +259,10 @@ def estimate_memory(spec: ModelSpec, precisions: dict[str, str], r: Ranges, targ
                   for part in parameter_counts(spec))
     v, t = spec.vision, spec.text
     s = padded_vision_tokens(spec, r.max_pixels, r.max_images, worst=True)
-    act_b = registry.get(precisions.get("vision", "fp16")).act_bytes
+    act_b = registry.get(precisions.get("vision", "fp16")).act_bytes_on(target)
     # vision: a few [S, C] / [S, I] buffers live at once + full-attention scores [heads, S, S] (fp32 softmax)
     vision_act = (6 * s * v.hidden_size + 2 * s * v.intermediate_size) * act_b + v.num_heads * s * s * 4
-    dec_b = registry.get(precisions.get("decoder", "fp16")).act_bytes
+    dec_b = registry.get(precisions.get("decoder", "fp16")).act_bytes_on(target)
     seq = r.max_batch * r.max_seq
     decoder_act = (6 * seq * t.hidden_size + 2 * seq * t.intermediate_size) * dec_b \
         + r.max_batch * t.num_attention_heads * r.max_seq * r.max_seq * 4 + r.max_batch * t.vocab_size * 4

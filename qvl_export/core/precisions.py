@@ -17,6 +17,7 @@ from qvl_export.core.errors import QvlError
 from qvl_export.core.parts import PARTS, TARGETS
 
 FLOAT, CALIBRATED, WEIGHT_ONLY = "float", "calibrated", "weight_only"
+DTYPE_BYTES = {"float32": 4.0, "float16": 2.0, "bfloat16": 2.0}
 
 
 @dataclass(frozen=True)
@@ -50,6 +51,18 @@ class Precision:
     # what a one-word ``--precision`` leaves in another precision, part -> precision (name every part
     # to override): fp8 builds quantize the decoder and keep the vision tower fp16 and the merger fp32
     keeps: tuple[tuple[str, str], ...] = ()
+    # target -> the dtype its graphs are traced in where it differs from ``trace_dtype``: TensorRT's int4
+    # weight-only GEMMs take fp16 activations, onnxruntime's MatMulNBits fp32 ones
+    trace_on: tuple[tuple[str, str], ...] = ()
+
+    def traced(self, target: str) -> str:
+        """The dtype a part of this precision is traced in for ``target``."""
+        return dict(self.trace_on).get(target, self.trace_dtype)
+
+    def act_bytes_on(self, target: str) -> float:
+        """Bytes per activation element at run time on ``target``."""
+        traced = self.traced(target)
+        return self.act_bytes if traced == self.trace_dtype else DTYPE_BYTES[traced]
 
     @property
     def quantized(self) -> bool:
@@ -92,10 +105,12 @@ REGISTRY: dict[str, Precision] = {p.name: p for p in (
               guard_budget=0.10, cpu_fake_quant=True, keeps=(("vision", "fp16"), ("merger", "fp32"))),
     Precision("int8", CALIBRATED, "float32", 1.0, 4.0, (("ort", 1.0), ("trt", 4.0)), 4, bits=8,
               guard_budget=0.06, integer_kernels=True),
-    Precision("int4", WEIGHT_ONLY, "float32", 0.5, 4.0, (("ort", 1.0),), 5, targets=("ort",), parts=("decoder",),
-              bits=4, hint="int4 is weight-only quantization for the decoder (decode is memory-bound; the vision "
-                           "parts are compute-bound) through onnxruntime's MatMulNBits: use --precision "
-                           "decoder=int4 with --target ort; for TensorRT use int8 or fp8."),
+    # decoder weight-only: MatMulNBits on the ort target (fp32 activations, int8 token rows); on the trt
+    # target int4 DequantizeLinear blocks (TensorRT's weight-only form) in an fp16 graph (fp16 token table)
+    Precision("int4", WEIGHT_ONLY, "float32", 0.5, 4.0, (("ort", 1.0), ("trt", 2.0)), 5, parts=("decoder",),
+              bits=4, trace_on=(("trt", "float16"),),
+              hint="int4 is weight-only quantization for the decoder (decode is memory-bound; the vision "
+                   "parts are compute-bound): use --precision decoder=int4."),
 )}
 NAMES = tuple(REGISTRY)
 

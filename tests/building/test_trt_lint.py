@@ -96,3 +96,60 @@ def test_opset_out_of_range():
     model = ir.from_proto(helper.make_model(g, opset_imports=[helper.make_opsetid("", 8)]))
     assert "opset" in rules(model)
     onnx.checker.check_model(helper.make_model(g, opset_imports=[helper.make_opsetid("", 19)]))
+
+
+def _int4_graph(block=128, axis=0, out_dtype=TensorProto.FLOAT16, computed=False, quantized_activation=False,
+                reader="MatMul", scale_rank=2):
+    """x [2, 256] @ DequantizeLinear(int4 w [256, 8], scale [256 / block, 8], block_size) in fp16."""
+    k, n = 256, 8
+    q = helper.make_tensor("w_q", TensorProto.INT4, (k, n), np.zeros(k * n, int).tolist())
+    scale_shape = (k // block, n) if scale_rank == 2 else (n,)
+    scale = numpy_helper.from_array(np.full(scale_shape, 0.01, onnx.helper.tensor_dtype_to_np_dtype(out_dtype)), "w_s")
+    nodes, inits, w_src = [], [scale], "w_q"
+    if computed:  # an int4 tensor made in the graph (Identity of the initializer)
+        nodes.append(helper.make_node("Identity", ["w_q"], ["w_q2"], name="copy"))
+        w_src = "w_q2"
+    inits.append(q)
+    attrs = {"axis": axis} | ({"block_size": block} if block else {})
+    nodes.append(helper.make_node("DequantizeLinear", [w_src, "w_s"], ["w"], name="dq_w", **attrs))
+    a_in = "x"
+    if quantized_activation:
+        inits += [numpy_helper.from_array(np.float16(0.1), "a_s")]
+        nodes += [helper.make_node("QuantizeLinear", ["x", "a_s"], ["xq"], name="q_x"),
+                  helper.make_node("DequantizeLinear", ["xq", "a_s"], ["xdq"], name="dq_x")]
+        a_in = "xdq"
+    if reader == "MatMul":
+        nodes.append(helper.make_node("MatMul", [a_in, "w"], ["y"], name="mm"))
+    else:
+        nodes.append(helper.make_node(reader, ["w"], ["y"], name="other"))
+    g = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", out_dtype, [2, k])],
+                          [helper.make_tensor_value_info("y", out_dtype, None)], inits,
+                          value_info=[helper.make_tensor_value_info("w_q2", TensorProto.INT4, [k, n])] * computed)
+    model = helper.make_model(g, opset_imports=[helper.make_opsetid("", 21)])
+    model.ir_version = 10
+    return ir.from_proto(model)
+
+
+def test_int4_weight_only_matmul_passes_and_runs_on_onnxruntime():
+    import onnxruntime as ort
+
+    model = _int4_graph()
+    assert [f.rule for f in lint_model(model)] == ["opset"]  # 21 (blocked DQ) > JetPack 6's 20: a warning
+    sess = ort.InferenceSession(ir.to_proto(model).SerializeToString(), providers=["CPUExecutionProvider"])
+    assert sess.run(None, {"x": np.ones((2, 256), np.float16)})[0].shape == (2, 8)
+
+
+@pytest.mark.parametrize("kwargs,rule", [
+    (dict(block=32), "int4-block"),
+    (dict(block=0, scale_rank=1, axis=1), "int4-block"),  # per channel: TensorRT's int4 needs blocks
+    (dict(computed=True), "int4-weight-only"),
+    (dict(quantized_activation=True), "int4-weight-only"),
+    (dict(reader="Relu"), "int4-weight-only"),
+])
+def test_each_int4_rule_fires(kwargs, rule):
+    assert rule in rules(_int4_graph(**kwargs))
+
+
+def test_int4_dequantized_to_float32_is_a_warning():
+    findings = lint_model(_int4_graph(out_dtype=TensorProto.FLOAT))
+    assert [f.rule for f in findings] == ["opset", "int4-activations"] and lint_errors(findings) == []

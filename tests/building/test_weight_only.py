@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numpy as np
 import onnx
 import pytest
 
@@ -57,13 +58,48 @@ def test_awq_int4_build_calibrates_records_and_passes_its_gate(checkpoint, tmp_p
     assert report.passed, report.failure_summary()
 
 
-def test_int4_is_decoder_and_ort_only(checkpoint, tmp_path):
+def test_int4_is_decoder_only(checkpoint, tmp_path):
     with pytest.raises(QvlError, match="decoder=int4"):
         build(checkpoint("qwen2_vl"), tmp_path / "a", BuildOptions(precision="int4"))
-    with pytest.raises(QvlError, match="MatMulNBits"):
-        build(checkpoint("qwen2_vl"), tmp_path / "b", BuildOptions(precision="decoder=int4", target="trt",
+    with pytest.raises(QvlError, match="decoder=int4"):
+        build(checkpoint("qwen2_vl"), tmp_path / "b", BuildOptions(precision="vision=int4", target="trt",
                                                                    bundle=True))
     assert not list(tmp_path.iterdir())  # refused before any work
+
+
+@pytest.mark.parametrize("method", ["rtn", "awq"])
+def test_int4_trt_form_is_tensorrt_weight_only_and_passes_its_gate(method, checkpoint, tmp_path):
+    """``--target trt``: every decoder weight an INT4 initializer dequantized in blocks (TensorRT's weight-only
+    form) in an fp16 graph - no contrib op, no lint error, TensorRT's grid (positive fp16 scales, each block's
+    largest magnitude at +-7) - and that graph, what TensorRT is given, passes the int4 gate on onnxruntime."""
+    from onnx import numpy_helper
+
+    out = tmp_path / method
+    build(checkpoint("qwen2_5_vl"), out, BuildOptions(precision="decoder=int4", target="trt", bundle=True,
+                                                      int4_method=method, calib_limit=3))
+    m = Manifest.read(out)
+    part = m.parts["decoder"]
+    summary = m.calibration.quantization["decoder"]
+    assert part.precision == "int4" and summary["block_size"] in (64, 128) and summary["kept_high_precision"] == {}
+    assert not [f for f in part.lint if f["level"] == "error"]
+    assert ("awq" in summary) == (method == "awq") and (method == "rtn" or summary["awq"]["groups"] > 0)
+    model = onnx.load(out / part.file)
+    assert {o.domain for o in model.opset_import} == {""} and model.opset_import[0].version >= 21
+    inits = {i.name: i for i in model.graph.initializer}
+    assert not any(n.op_type == "MatMul" and n.input[1] in inits for n in model.graph.node)  # every weight blocked
+    dqs = [n for n in model.graph.node if n.op_type == "DequantizeLinear"]
+    assert len(dqs) == summary["quantized_count"] > 0
+    for dq in dqs:
+        assert inits[dq.input[0]].data_type == onnx.TensorProto.INT4
+        scale = numpy_helper.to_array(inits[dq.input[1]])
+        assert scale.dtype == np.float16 and (scale > 0).all()
+        block = next(a.i for a in dq.attribute if a.name == "block_size")
+        q = numpy_helper.to_array(inits[dq.input[0]]).astype(np.int8)
+        assert block == summary["block_size"] and q.shape[0] == block * scale.shape[0]
+        assert (np.abs(q.reshape(scale.shape[0], block, -1)).max(axis=1) == 7).all()
+    assert model.graph.input[1].type.tensor_type.elem_type == onnx.TensorProto.FLOAT16  # image_embeds
+    report = run_parity(out, checkpoint("qwen2_5_vl"), cases=CASES, max_new_tokens=16)
+    assert report.passed, report.failure_summary()
 
 
 def test_streaming_packer_writes_what_onnxruntime_writes(tmp_path):

@@ -30,6 +30,24 @@ def test_round_trip_is_the_packers_grid():
         np.testing.assert_array_equal(awq.quantized(w, 4, 32), theirs)
 
 
+def test_positive_round_trip_is_the_tensorrt_forms_grid():
+    """With ``positive`` the search's grid is what ``qdq_weights`` stores for TensorRT: int4 values times a
+    positive scale per block, each block's largest magnitude at +-7 (fp32 scales; the build stores the
+    graph's dtype)."""
+    from qvl_export.building.weight_only import int4_blocks
+
+    rng = np.random.default_rng(1)
+    for k, n, block in ((128, 5, 64), (256, 9, 128)):
+        w = (rng.standard_normal((k, n)) * rng.random((k, 1)) * 3).astype(np.float32)
+        q, scale = int4_blocks(w, block, np.float32)
+        assert (scale > 0).all() and q.dtype.name == "int4"
+        qb = q.astype(np.int8).reshape(k // block, block, n)
+        assert (np.abs(qb).max(axis=1) == 7).all()
+        ours = (qb * scale[:, None, :]).reshape(k, n)
+        np.testing.assert_allclose(awq.quantized(w, 4, block, positive=True), ours, rtol=1e-6, atol=1e-7)
+        assert not np.array_equal(awq.quantized(w, 4, block), ours)  # onnxruntime's grid is another one
+
+
 def test_spread_sample_is_even_over_every_run():
     """AWQ's rows: an even stride over the whole stream of runs (prefills of hundreds of rows, decode
     steps of one), within the cap - not the first runs only."""

@@ -98,15 +98,25 @@ def test_ranges_validation(checkpoint):
 
 
 def test_precision_rules_come_from_the_registry():
-    """min_sm and targets are the registry's: Orin (SM 8.7) lacks fp8, int4 is not a TensorRT precision."""
+    """min_sm and targets are the registry's: Orin (SM 8.7) lacks fp8 and is pointed to int8."""
     assert "fp8" not in available_precisions(DEVICES["jetson-orin"])
     assert "fp8" in available_precisions(DEVICES["jetson-thor"])
-    assert "int4" not in available_precisions(DEVICES["x86-gpu"])
+    assert "int4" in available_precisions(DEVICES["jetson-orin"])  # weight-only, no minimum SM recorded
     assert set(available_precisions(DEVICES["x86-gpu"], sm=(9, 0))) == {
         p.name for p in registry.REGISTRY.values() if "trt" in p.targets}
-    with pytest.raises(QvlError, match="int4"):
-        check_precision(DEVICES["x86-gpu"], {"decoder": "int4"})
+    with pytest.raises(QvlError, match="decoder=int8"):
+        check_precision(DEVICES["jetson-orin"], {"decoder": "fp8"})
     check_precision(DEVICES["x86-gpu"], {"decoder": "fp8"})  # GPU unknown until the device build checks it
+    check_precision(DEVICES["jetson-orin"], {"decoder": "int4"})
+
+
+def test_int4_decoder_on_trt_is_counted_in_fp16():
+    """TensorRT's int4 decoder: weights at half a byte, its Gather token table and activations in fp16 (the
+    graph is traced in fp16); on the ort target fp32 activations and int8 token rows."""
+    p = registry.get("int4")
+    assert p.traced("trt") == "float16" and p.traced("ort") == "float32"
+    assert p.act_bytes_on("trt") == 2.0 and p.act_bytes_on("ort") == 4.0
+    assert p.token_table_bytes("trt") == 2.0 and p.token_table_bytes("ort") == 1.0
 
 
 def test_int8_decoder_keeps_an_fp32_token_table_on_trt(checkpoint):
