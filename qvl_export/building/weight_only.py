@@ -157,12 +157,16 @@ def qdq_weights(src, precision: Precision, name: str, plan=None, block_size: int
     block = block_size or trt_block_size(model)
     done: dict[str, ir.Value] = {}  # weight -> the DequantizeLinear output that replaces it
     kept: dict[str, str] = {}
+    unscaled: set[str] = set()  # kept weights already given the plan's folds
     matmuls = weighted_matmuls(graph)
     for node, w in matmuls:
         if w.name not in done:
             k, n = (int(d) for d in w.const_value.shape)
             if k % block:
                 kept[node.name] = f"K = {k} is not a multiple of TensorRT's {block}-value int4 blocks"
+                if plan is not None and w.name not in unscaled:  # kept in float, it still takes the folds
+                    _set_float(w, plan.weight(w.name, np.asarray(w.const_value.numpy(), np.float32), clip=False))
+                    unscaled.add(w.name)
                 continue
             scale_dtype = w.const_value.dtype.numpy()
             weight = np.asarray(w.const_value.numpy(), dtype=np.float32)
@@ -186,6 +190,12 @@ def qdq_weights(src, precision: Precision, name: str, plan=None, block_size: int
             done[w.name] = dq.outputs[0]
         if w.name in done:
             node.replace_input_with(1, done[w.name])
+    if not done:
+        from qvl_export.core.errors import QvlError
+
+        raise QvlError(f"No {name} weight has an input width (K) that is a multiple of {TRT_BLOCK_SIZES[-1]}, the "
+                       "smallest int4 block TensorRT takes: build this model's decoder with int8 or fp16 for "
+                       "TensorRT, or decoder=int4 with --target ort.")
     _finish(model, done, plan, name, len(matmuls))
     model.opset_imports[""] = max(model.opset_imports.get("", QDQ_OPSET), QDQ_OPSET)
     model.ir_version = max(model.ir_version or 0, 10)  # INT4 tensors
@@ -196,6 +206,17 @@ def qdq_weights(src, precision: Precision, name: str, plan=None, block_size: int
     if plan is not None:
         summary["awq"] = plan.summary()
     return model, summary
+
+
+def _set_float(value, array) -> None:
+    """Replace a float initializer's data (its dtype kept), releasing the lazily read original."""
+    import onnx_ir as ir
+
+    from qvl_export.calibration.taps import release
+
+    dtype = value.const_value.dtype.numpy()
+    release(value.const_value)
+    value.const_value = ir.tensor(array.astype(dtype), name=value.name)
 
 
 def _finish(model, quantized: dict, plan, name: str, matmuls: int) -> None:

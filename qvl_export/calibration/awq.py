@@ -83,16 +83,17 @@ class AwqPlan:
     groups: list[Group] = field(default_factory=list)
     skipped: dict[str, str] = field(default_factory=dict)  # activation -> why it stays round to nearest
 
-    def weight(self, name: str, w: np.ndarray) -> np.ndarray:
-        """Weight ``name`` [K, N] as it is to be quantized (float function unchanged with the folds)."""
+    def weight(self, name: str, w: np.ndarray, clip: bool = True) -> np.ndarray:
+        """Weight ``name`` [K, N] as it is to be quantized (float function unchanged with the folds);
+        ``clip=False``: as it is to stay in float beside the folds (a weight the quantizer keeps)."""
         s = self.row_scale.get(name)
         slices = self.column_divide.get(name, ())
-        if s is None and not slices and name not in self.clip:
+        if s is None and not slices and (name not in self.clip or not clip):
             return w
         w = np.array(w, dtype=np.float32, copy=True)
         if s is not None:
             w *= s[:, None]
-        bound = self.clip.get(name)  # found on the row-scaled weight
+        bound = self.clip.get(name) if clip else None  # found on the row-scaled weight
         if bound is not None:
             limit = np.repeat(bound, self.block_size, axis=0)[:w.shape[0]]  # [K, N]
             np.clip(w, -limit, limit, out=w)

@@ -102,6 +102,30 @@ def test_int4_trt_form_is_tensorrt_weight_only_and_passes_its_gate(method, check
     assert report.passed, report.failure_summary()
 
 
+def test_int4_trt_keeps_weights_tensorrt_cannot_block_and_awq_folds_still_hold(tiny_dims, tmp_path):
+    """A decoder whose down_proj K (160) is not a multiple of 64: those weights stay fp16 and are named; with AWQ
+    their row scales (1 / s folded into the up projection's columns) are still applied in float, so the
+    gate passes. A decoder with no such weight at all (K 96 and 160) is refused in one line."""
+    from dataclasses import replace
+
+    from qvl_export.loading.synthetic import make_checkpoint
+
+    ckpt = make_checkpoint(tmp_path / "ckpt", replace(tiny_dims["qwen2_5_vl"], text_intermediate=160))
+    out = tmp_path / "awq"
+    build(ckpt, out, BuildOptions(precision="decoder=int4", target="trt", bundle=True, int4_method="awq",
+                                  calib_limit=3))
+    summary = Manifest.read(out).calibration.quantization["decoder"]
+    kept = summary["kept_high_precision"]
+    assert len(kept) == 3 and all("K = 160" in why for why in kept.values())  # one down_proj per layer
+    assert summary["awq"]["groups"] > 0
+    report = run_parity(out, ckpt, cases=CASES, max_new_tokens=16)
+    assert report.passed, report.failure_summary()
+    none = make_checkpoint(tmp_path / "none", replace(tiny_dims["qwen2_vl"], text_intermediate=160))
+    with pytest.raises(QvlError, match="multiple of 64"):
+        build(none, tmp_path / "refused", BuildOptions(precision="decoder=int4", target="trt", bundle=True))
+    assert not (tmp_path / "refused").exists()
+
+
 def test_streaming_packer_writes_what_onnxruntime_writes(tmp_path):
     """``pack_weights`` streams one weight at a time; onnxruntime's ``MatMulNBitsQuantizer`` loads the whole
     part. Same nodes (MatMulNBits, its attributes), same packed blocks and scales, same outputs - a weight
