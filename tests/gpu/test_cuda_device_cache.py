@@ -16,10 +16,9 @@ import pytest
 from qvl_export.runtimes.trt.cuda import DeviceBuffer, cudart_call, get_cudart
 from qvl_export.runtimes.trt.kv_cache import DeviceKVCache, KVBuffers, kv_names
 from qvl_export.runtimes.trt.runner import EngineIO, TrtRunner
+from tests.runtimes.trt.test_trt_kv_cache import HEAD_DIM, HEADS, HIDDEN, LAYERS, VOCAB, FakeContext
 
 pytestmark = pytest.mark.cuda
-
-LAYERS, HEADS, HEAD_DIM, VOCAB, HIDDEN = 3, 2, 8, 37, 16
 
 
 @pytest.fixture()
@@ -41,35 +40,17 @@ def next_token(token: int) -> int:
     return (token * 7 + 3) % VOCAB
 
 
-class ConcatContext:
-    """On the device: present = Concat(past, new rows) per (sequence, head); logits peak at next_token."""
+class ConcatContext(FakeContext):
+    """On the device: present = Concat(past, new rows) per (sequence, head); logits peak at next_token.
+    Shapes and addresses are recorded as the unit tests' fake context records them."""
 
     def __init__(self, cudart, stream):
+        super().__init__()
         self.cudart, self.stream = cudart, stream
-        self.shapes, self.addresses, self.profile = {}, {}, 0
         self.d2d = cudart.cudaMemcpyKind.cudaMemcpyDeviceToDevice
         self.h2d = cudart.cudaMemcpyKind.cudaMemcpyHostToDevice
         self.d2h = cudart.cudaMemcpyKind.cudaMemcpyDeviceToHost
         self.kept = []
-
-    def set_optimization_profile_async(self, index, stream):
-        self.profile = index
-        return True
-
-    def set_input_shape(self, name, shape):
-        self.shapes[name] = tuple(shape)
-        return True
-
-    def set_tensor_address(self, name, ptr):
-        self.addresses[name] = ptr
-        return True
-
-    def get_tensor_shape(self, name):
-        b, t = self.shapes["input_ids"]
-        if name == "logits":
-            return (b, t, VOCAB)
-        past = self.shapes[name.replace("present", "past_key_values")]
-        return (past[0], past[1], past[2] + t, past[3])
 
     def _copy(self, dst, src, nbytes, kind):
         cudart_call(self.cudart.cudaMemcpyAsync(dst, src, nbytes, kind, self.stream))
@@ -101,6 +82,7 @@ class ConcatContext:
                 logits[s, i, next_token(int(tok))] = 5.0 + s
         self.kept.append(logits)
         self._copy(self.addresses["logits"], logits.ctypes.data, logits.nbytes, self.h2d)
+        self.runs += 1
         return True
 
 
