@@ -77,7 +77,8 @@ class AwqPlan:
     row_scale: dict[str, np.ndarray] = field(default_factory=dict)  # weight -> s [K]
     column_divide: dict[str, list[tuple[int, np.ndarray]]] = field(default_factory=dict)  # weight -> (start, s)
     vector_divide: dict[str, np.ndarray] = field(default_factory=dict)  # norm scale / bias -> s
-    clip: dict[str, np.ndarray] = field(default_factory=dict)  # weight -> largest magnitude kept [blocks, N]
+    # weight -> the block's extreme kept [blocks, N]: signed on onnxruntime's grid (which end maps to -8)
+    clip: dict[str, np.ndarray] = field(default_factory=dict)
     block_size: int = 32
     positive: bool = False  # the grid: TensorRT's positive scales (max|w| / 7) or onnxruntime's (extreme / -8)
     groups: list[Group] = field(default_factory=list)
@@ -96,7 +97,11 @@ class AwqPlan:
         bound = self.clip.get(name) if clip else None  # found on the row-scaled weight
         if bound is not None:
             limit = np.repeat(bound, self.block_size, axis=0)[:w.shape[0]]  # [K, N]
-            np.clip(w, -limit, limit, out=w)
+            if self.positive:  # TensorRT's grid: +-bound are +-7 x the block's scale
+                np.clip(w, -limit, limit, out=w)
+            else:  # onnxruntime's: the searched end whole (it maps to -8), the other at 7/8 of it (+7)
+                low = np.where(limit >= 0, -limit * 7 / 8, limit)
+                np.clip(w, low, np.where(limit >= 0, limit, -limit * 7 / 8), out=w)
         for start, d in slices:  # a column scale moves each block's grid with it
             w[:, start:start + d.size] /= d[None, :]
         return w
@@ -189,13 +194,14 @@ def block_scales(blocks: np.ndarray, bits: int = 4) -> np.ndarray:
     return np.abs(blocks).max(axis=-2, keepdims=True) / float((1 << (bits - 1)) - 1)
 
 
-def _on_grid(blocks: np.ndarray, scale: np.ndarray, bits: int) -> np.ndarray:
-    """``blocks`` rounded onto ``scale`` x the integers of ``bits`` bits (a value past the range clips)."""
+def _on_grid(blocks: np.ndarray, scale: np.ndarray, bits: int, symmetric: bool = False) -> np.ndarray:
+    """``blocks`` rounded onto ``scale`` x the integers of ``bits`` bits (a value past the range clips;
+    ``symmetric``: to +-(2^(bits-1) - 1), as a clamp to +-bound does on TensorRT's grid)."""
     half = float(1 << (bits - 1))
     safe = np.where(scale == 0, 1.0, scale).astype(np.float32)
     q = np.divide(blocks, safe, dtype=np.float32)
     np.rint(q, out=q)
-    np.clip(q, -half, half - 1, out=q)
+    np.clip(q, 1 - half if symmetric else -half, half - 1, out=q)
     q *= scale
     return q
 
@@ -239,7 +245,11 @@ def _search_clip(xs: np.ndarray, w: np.ndarray, bits: int, block_size: int, grid
     """Per block and output column, the largest magnitude to keep ``[K / block, N]``: the ratio of the
     block's own largest magnitude (1.0 down to 0.525) whose rounding error, seen through that block's
     calibration inputs, is smallest. The error of a block's column ``d`` over the rows is ``d' G d``
-    with ``G`` the block's input Gram matrix (``bs x bs``), so the rows are read once."""
+    with ``G`` the block's input Gram matrix (``bs x bs``), so the rows are read once.
+
+    On onnxruntime's grid the bound is signed: the end that maps to -8 (the block's extreme) is kept
+    whole and the other end at 7/8 of it, so ``AwqPlan.weight`` clamps the weight to exactly the range
+    searched (a symmetric clamp would let the packer pick the other end when both are clipped)."""
     wb = _blocks(w, block_size)  # [B, bs, N]
     xb = _blocks(xs.T, block_size)  # [B, bs, R]
     gram = np.matmul(xb, xb.transpose(0, 2, 1)) / max(1, xs.shape[0])  # [B, bs, bs]
@@ -255,13 +265,13 @@ def _search_clip(xs: np.ndarray, w: np.ndarray, bits: int, block_size: int, grid
         for i in range(grid):
             bound = top[:, cols] * (1.0 - 0.5 * i / grid)  # [B, n]
             scale = bound / (half - 1) if positive else sign[:, cols] * bound / -half
-            d = _on_grid(part, scale[:, None, :], bits)  # values past bound clip
+            d = _on_grid(part, scale[:, None, :], bits, positive)  # values past bound clip
             d -= part
             loss = np.einsum("bkn,bkn->bn", d, np.matmul(gram, d))
             better = loss < lowest
             lowest = np.where(better, loss, lowest)
             best[:, cols] = np.where(better, bound, best[:, cols])
-    return best.astype(np.float32)
+    return (best if positive else best * sign).astype(np.float32)
 
 
 def _refuse(members, stats, activation: str) -> str | None:

@@ -92,6 +92,27 @@ def test_awq_lowers_the_error_on_salient_channels():
     assert clipped < scaled, (clipped, scaled)
 
 
+@pytest.mark.parametrize("positive", [False, True])
+def test_packed_clipped_weights_are_what_the_clip_search_scored(positive):
+    """The weight ``AwqPlan.weight`` hands the packer quantizes to exactly the values the clipping search
+    scored for its chosen bounds - also in blocks whose two ends are both clipped, where onnxruntime's
+    packer picks the end that maps to -8 from the clamped weight (a symmetric clamp let it pick the other
+    end: a 1/8 error at the block's extreme)."""
+    rng = np.random.default_rng(3)
+    k, n, block = 128, 40, 32
+    w = (rng.standard_normal((k, n)) * rng.random((1, n)) * 2).astype(np.float32)
+    x = _salient(rng, 256, k)
+    bound = awq._search_clip(x, w, 4, block, 20, positive)
+    plan = awq.AwqPlan(clip={"w": bound}, block_size=block, positive=positive)
+    packed = awq.quantized(plan.weight("w", w), 4, block, positive)
+    scale = np.abs(bound) / 7 if positive else bound / -8
+    scored = awq._on_grid(awq._blocks(w, block), scale[:, None, :], 4, positive).reshape(k, n)
+    blocks = awq._blocks(w, block)
+    both_ends = (blocks.max(axis=1) > np.abs(bound)) & (-blocks.min(axis=1) > np.abs(bound))
+    assert both_ends.sum() > 0 and (np.abs(bound) < np.abs(blocks).max(axis=1)).mean() > 0.3
+    np.testing.assert_allclose(packed, scored, rtol=1e-6, atol=1e-6)
+
+
 @pytest.mark.parametrize("family", ["qwen2_vl", "qwen3_vl"])
 def test_folds_keep_the_float_function(family, artifacts, tmp_path):
     """Every q/k/v group folds into its input norm and every down_proj into the up projection's columns
