@@ -41,14 +41,20 @@ def session_options(part, threads: int | None, lean: bool = False):
         opts.inter_op_num_threads = 1
     opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     prec = registry.get(part.precision)
+    disabled = []
     if prec.cpu_fake_quant:
         # the CPU provider has no kernels for the type (float8): run the Q/DQ pairs as written
-        # instead of letting the QDQ optimizers move the quantized tensors into ops that lack them
+        # instead of letting the QDQ optimizers move the quantized tensors into ops that lack them,
+        # and dequantize each weight when it is read rather than folding every DequantizeLinear into an
+        # fp32 copy of its weight at load (a 3B fp8 decoder: 12 GB of folded copies beside the 3 GB of
+        # fp8 weights, the parity gate's peak at 20.8 GiB)
         opts.add_session_config_entry("session.disable_quant_qdq", "1")
+        disabled.append("ConstantFolding")
     # integer kernels: keep the one-Q/DQ-pair-per-MatMul layout of the unshare_dequantize pass (common-
     # subexpression elimination would merge the copies back and the MatMuls would not fuse)
-    disabled = ["CommonSubexpressionElimination"] if prec.integer_kernels else None
-    return opts, disabled
+    if prec.integer_kernels:
+        disabled.append("CommonSubexpressionElimination")
+    return opts, disabled or None
 
 
 class OrtBackend:
