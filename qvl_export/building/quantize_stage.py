@@ -145,13 +145,13 @@ def quantize_weight_only(ctx: BuildContext, name: str, prec: Precision):
     calibration statistics on the same grid (``--int4-method awq``) or rounded to nearest (``rtn``)."""
     import onnx_ir as ir
 
-    from qvl_export.building.weight_only import ACCURACY_LEVEL, BLOCK_SIZE, pack_weights, qdq_weights, trt_block_size
+    from qvl_export.building.weight_only import ACCURACY_LEVEL, BLOCK_SIZE, TRT_BLOCK_SIZE, pack_weights, qdq_weights
     from qvl_export.calibration import awq
     from qvl_export.calibration.taps import release
 
     model = ir.load(ctx.store.file(ctx.store.part(name).file))
     trt = ctx.settings.target == "trt"
-    block = trt_block_size(model) if trt else BLOCK_SIZE
+    block = TRT_BLOCK_SIZE if trt else BLOCK_SIZE
     plan = None
     if ctx.stats is not None and name in ctx.stats:
         plan = awq.search(model, ctx.stats[name], prec.bits, block, release=release, positive=trt)

@@ -29,9 +29,9 @@ from qvl_export.core.precisions import Precision
 BLOCK_SIZE = 32  # values per fp32 scale (demo model: exact match 0.896 vs fp32 0.900)
 ACCURACY_LEVEL = 4  # int8 activations inside the kernel
 # TensorRT's int4 block sizes take 64 and 128; 64 is used: on the trained demo reader (250 held-out pages,
-# fp32 0.900) round to nearest read 0.860 with 64 and 0.844 with 128, AWQ 0.900 and 0.892, for 1/64 of a
-# byte more scale per weight
-TRT_BLOCK_SIZES = (64,)
+# fp32 0.900) round to nearest read 0.860 with 64 and 0.844 with 128, AWQ 0.900 and 0.892 (0.896 with 64 after
+# the clipping fix), for 1/64 of a byte more scale per weight
+TRT_BLOCK_SIZE = 64
 QDQ_OPSET = 21  # DequantizeLinear with block_size and INT4 inputs
 
 
@@ -77,13 +77,8 @@ def pack_weights(src: Path, precision: Precision, name: str, plan=None):
             blocks, scales, _ = quantizer.qbits_block_quant(np.ascontiguousarray(weight))
             del weight
             release(w.const_value)
-            values = []
-            for suffix, array in ((f"_Q{precision.bits}", blocks), ("_scales", scales)):
-                tensor = ir.tensor(array, name=w.name + suffix)
-                value = ir.Value(name=tensor.name, shape=ir.Shape(array.shape), type=ir.TensorType(tensor.dtype),
-                                 const_value=tensor)
-                graph.register_initializer(value)
-                values.append(value)
+            values = [_initializer(graph, w.name + suffix, array)
+                      for suffix, array in ((f"_Q{precision.bits}", blocks), ("_scales", scales))]
             packed[w.name] = (*values, k, n)
         blocks, scales, k, n = packed[w.name]
         attrs = {"K": k, "N": n, "bits": precision.bits, "block_size": BLOCK_SIZE}
@@ -117,11 +112,14 @@ def weighted_matmuls(graph):
     return out
 
 
-def trt_block_size(model) -> int:
-    """The first of ``TRT_BLOCK_SIZES`` that divides every weight's K, else the last one (the weights it does
-    not divide stay float)."""
-    ks = [int(w.const_value.shape[0]) for _, w in weighted_matmuls(model.graph)]
-    return next((b for b in TRT_BLOCK_SIZES if all(k % b == 0 for k in ks)), TRT_BLOCK_SIZES[-1])
+def _initializer(graph, name: str, array):
+    """A new initializer ``name`` holding ``array``, registered in ``graph``."""
+    import onnx_ir as ir
+
+    tensor = ir.tensor(array, name=name)
+    value = ir.Value(name=name, shape=ir.Shape(array.shape), type=ir.TensorType(tensor.dtype), const_value=tensor)
+    graph.register_initializer(value)
+    return value
 
 
 def int4_blocks(w, block_size: int, scale_dtype) -> tuple:
@@ -142,7 +140,7 @@ def int4_blocks(w, block_size: int, scale_dtype) -> tuple:
     return q.reshape(k, n).astype(ml_dtypes.int4), scale.reshape(k // block_size, n)
 
 
-def qdq_weights(src, precision: Precision, name: str, plan=None, block_size: int | None = None):
+def qdq_weights(src, precision: Precision, name: str, plan=None, block_size: int = TRT_BLOCK_SIZE):
     """TensorRT's int4 weight-only form of the part at ``src`` (a path or a lazily read onnx-ir model):
     every constant 2-D MatMul weight becomes an INT4 initializer dequantized in blocks along K by a
     ``DequantizeLinear`` (fp16 scales in an fp16 graph) -> (onnx-ir model, summary). Streamed like
@@ -158,7 +156,7 @@ def qdq_weights(src, precision: Precision, name: str, plan=None, block_size: int
         raise RuntimeError(f"{name}: TensorRT's weight-only form is int4 (got {precision.bits} bits)")
     model = src if isinstance(src, ir.Model) else ir.load(str(src))
     graph = model.graph
-    block = block_size or trt_block_size(model)
+    block = block_size
     done: dict[str, ir.Value] = {}  # weight -> the DequantizeLinear output that replaces it
     kept: dict[str, str] = {}
     unscaled: set[str] = set()  # kept weights already given the plan's folds
@@ -179,13 +177,7 @@ def qdq_weights(src, precision: Precision, name: str, plan=None, block_size: int
             q, scale = int4_blocks(weight, block, scale_dtype)
             del weight
             release(w.const_value)
-            values = []
-            for suffix, array in (("_Q4", q), ("_scale", scale)):
-                tensor = ir.tensor(array, name=w.name + suffix)
-                value = ir.Value(name=tensor.name, shape=ir.Shape(array.shape), type=ir.TensorType(tensor.dtype),
-                                 const_value=tensor)
-                graph.register_initializer(value)
-                values.append(value)
+            values = [_initializer(graph, w.name + suffix, array) for suffix, array in (("_Q4", q), ("_scale", scale))]
             dq = ir.node("DequantizeLinear", values, attributes={"axis": 0, "block_size": block},
                          name=f"{w.name}_DequantizeLinear")
             dq.outputs[0].name = f"{w.name}_dequantized"
@@ -197,7 +189,7 @@ def qdq_weights(src, precision: Precision, name: str, plan=None, block_size: int
     if not done:
         from qvl_export.core.errors import QvlError
 
-        raise QvlError(f"No {name} weight has an input width (K) that is a multiple of {TRT_BLOCK_SIZES[-1]}, the "
+        raise QvlError(f"No {name} weight has an input width (K) that is a multiple of {block}, the "
                        "smallest int4 block TensorRT takes: build this model's decoder with int8 or fp16 for "
                        "TensorRT, or decoder=int4 with --target ort.")
     _finish(model, done, plan, name, len(matmuls))
