@@ -29,8 +29,15 @@ the runtime drops those rows, and padding keys stay masked for every real query 
 Skipped (``check`` says why): masks of another form - notably the dense ``S x S`` window mask of
 ``--window-attention dense``, whose group ids are computed in the graph (a one-hot over windows would
 cost S/L extra columns; that export is the peers' baseline and stays as traced) - non-constant or
-non-scalar scales, non-float32 scores (-1e30 does not fit float16). onnxruntime only: the trt target
-keeps the standard-ONNX graph (TensorRT fuses MatMul-Softmax-MatMul itself).
+non-scalar scales. onnxruntime only: the trt target keeps the standard-ONNX graph (TensorRT fuses
+MatMul-Softmax-MatMul itself).
+
+float16 parts (the vision tower of an fp8 build) trace the scores in float32 as well - q and k cast up
+after their head transposes, the probabilities cast back down before ``probs @ v`` - and fuse the same
+way: q, k and v are cast to float32 in front of the fused block and its output back to float16, so the
+block runs onnxruntime's float32 flash path (the -1e30 key bias needs float32). Left unfused, a float16
+block materialises its masked [N, S, S] scores: the 4-layer cut of the 3B tower held 7.4 GB for one
+5632-patch calibration page; one full-attention block at 16384 patches would hold 17 GB.
 
 Measured (2 threads, real width 1280 / 16 heads of 80): one full block at 896^2 (S = 4096) 3.35 s
 traced -> 1.14 s fused; one window block 159 ms -> 91 ms. The whole-encoder gains are in the
@@ -123,17 +130,23 @@ class VisionAttentionToMHA(pattern.RewriteRuleClassBase):
     """One attention block (window blocks: ``windowed``; full blocks: not) -> MultiHeadAttention with the
     mask folded into extra q/k columns; the check says why a candidate is left."""
 
-    def __init__(self, windowed: bool):
-        super().__init__(name="window_attention" if windowed else "full_attention")
-        self.windowed = windowed
+    def __init__(self, windowed: bool, low: bool = False):
+        super().__init__(name=("window_attention" if windowed else "full_attention") + ("_fp16" if low else ""))
+        self.windowed, self.low = windowed, low
 
     def pattern(self, op, q, k, v, q_shape, k_shape, v_shape, scale, mask, fill, out_shape):
         perm_q, perm_k, perm_out = PERMS[self.windowed]
         if self.windowed:  # [S, N, hd] -> [W, L, N, hd]
             q, k, v = op.Reshape(q, q_shape), op.Reshape(k, k_shape), op.Reshape(v, v_shape)
-        scores = op.MatMul(op.Transpose(q, perm=perm_q), op.Transpose(k, perm=perm_k))
-        masked = op.Where(mask, op.Mul(scores, scale), fill)
-        ctx = op.MatMul(op.Softmax(masked, axis=-1), op.Transpose(v, perm=perm_q))
+        if self.low:  # float16: heads transposed, cast to float32, k^T last
+            last_two = tuple(range(len(perm_k) - 2)) + (len(perm_k) - 1, len(perm_k) - 2)
+            qt = op.Cast(op.Transpose(q, perm=perm_q))
+            kt = op.Transpose(op.Cast(op.Transpose(k, perm=perm_q)), perm=last_two)
+        else:
+            qt, kt = op.Transpose(q, perm=perm_q), op.Transpose(k, perm=perm_k)
+        masked = op.Where(mask, op.Mul(op.MatMul(qt, kt), scale), fill)
+        probs = op.Softmax(masked, axis=-1)
+        ctx = op.MatMul(op.Cast(probs) if self.low else probs, op.Transpose(v, perm=perm_q))
         return op.Reshape(op.Transpose(ctx, perm=perm_out), out_shape)
 
     def check(self, context, q, k, v, q_shape, k_shape, v_shape, scale, mask, fill, out_shape, **_):
@@ -146,8 +159,9 @@ class VisionAttentionToMHA(pattern.RewriteRuleClassBase):
             return result.fail("heads / head dim are not static", q)
         if any(s[1] != heads or s[2] != head_dim for s in shapes):
             return result.fail("q, k and v differ in heads or head dim", k)
-        if q.dtype != ir.DataType.FLOAT:
-            return result.fail(f"scores are {q.dtype}, not float32: the -1e30 key bias needs float32", q)
+        want = ir.DataType.FLOAT16 if self.low else ir.DataType.FLOAT
+        if any(x.dtype != want for x in (q, k, v)):
+            return result.fail(f"q/k/v are {q.dtype}/{k.dtype}/{v.dtype}, not {want}", q)
         s = const_array(scale)
         if s is None or s.size != 1:
             return result.fail("attention scale is not a constant scalar", scale)
@@ -176,6 +190,8 @@ class VisionAttentionToMHA(pattern.RewriteRuleClassBase):
     def rewrite(self, op, q, k, v, **_):
         n, hd = self._heads, self._head_dim
         f32 = ir.DataType.FLOAT
+        if self.low:  # the block runs in float32 (the -1e30 key bias needs it), its output cast back
+            q, k, v = op.Cast(q, to=f32), op.Cast(k, to=f32), op.Cast(v, to=f32)
         if self._kind == "key":  # e = 1: q_x = 1 (Pad), k_x = 0 / -1e30 per key
             q_aug = op.Pad(q, op.Constant(value_ints=[0, 0, 0, 0, 0, 1]), op.Constant(value_float=1.0))
             k_x = op.Where(self._source, op.Constant(value_float=0.0), op.Constant(value_float=MASKED))
@@ -202,13 +218,14 @@ class VisionAttentionToMHA(pattern.RewriteRuleClassBase):
             k_in = op.Unsqueeze(op.Reshape(k_aug, flat), batch)
             v_in = op.Unsqueeze(op.Reshape(v, flat), batch)
         ctx = op.MultiHeadAttention(q_in, k_in, v_in, num_heads=n, scale=self._scale, _domain="com.microsoft")
-        return op.Reshape(ctx, op.Constant(value_ints=[-1, n * hd]))
+        out = op.Reshape(ctx, op.Constant(value_ints=[-1, n * hd]))
+        return op.Cast(out, to=ir.DataType.FLOAT16) if self.low else out
 
 
 # the rules alone (a test can apply either to a graph of its own)
-WINDOW_ATTENTION = VisionAttentionToMHA.rule(True)
-FULL_ATTENTION = VisionAttentionToMHA.rule(False)
-RULES = pattern.RewriteRuleSet([WINDOW_ATTENTION, FULL_ATTENTION])
+WINDOW_ATTENTION = pattern.RewriteRuleSet([VisionAttentionToMHA.rule(True), VisionAttentionToMHA.rule(True, True)])
+FULL_ATTENTION = pattern.RewriteRuleSet([VisionAttentionToMHA.rule(False), VisionAttentionToMHA.rule(False, True)])
+RULES = pattern.RewriteRuleSet([*WINDOW_ATTENTION.rules, *FULL_ATTENTION.rules])
 
 
 class FuseVisionAttention(GraphPass, name="fuse_vision_attention", targets=("ort",), parts=("vision",)):

@@ -126,3 +126,40 @@ def test_onnxruntime_vision_only():
     assert "fuse_vision_attention" in [p.name for p in select_passes("ort", "vision", "graph")]
     for target, part in (("trt", "vision"), ("ort", "merger"), ("ort", "decoder")):
         assert "fuse_vision_attention" not in [p.name for p in select_passes(target, part, "graph")]
+
+
+@pytest.mark.parametrize("family", ["qwen2_vl", "qwen2_5_vl"])
+def test_float16_blocks_fuse_and_run_in_float32(family, checkpoint, spec_of, traced, harness, tmp_path):
+    """A float16 trace (the vision tower of an fp8 build) fuses too: the block runs in float32 between
+    casts, so no [N, S, S] scores are held, and its output is at least as close to the float32 graph's
+    as the traced float16 blocks'."""
+    from qvl_export.export.parts import trace_part, vision_part
+    from qvl_export.loading.weights import CheckpointWeights
+
+    spec = spec_of(family)
+    model = trace_part(vision_part(spec, CheckpointWeights(checkpoint(family))), "float16")
+    harness.cleanup(model)
+    ir.save(model, tmp_path / "fp16.onnx")
+    plain, fused = ir.load(tmp_path / "fp16.onnx"), ir.load(tmp_path / "fp16.onnx")
+    full, windowed = _layers(spec)
+    p = harness.fuse(fused, FuseVisionAttention())
+    assert p.details == {"window": windowed, "full": full}
+    after = harness.counts(fused)
+    assert after[MHA] == spec.vision.depth and "Softmax" not in after and "MatMul" not in after
+    import onnx
+
+    inferred = onnx.shape_inference.infer_shapes(ir.to_proto(fused))
+    types = {v.name: v.type.tensor_type.elem_type for v in inferred.graph.value_info}
+    blocks = [n for n in inferred.graph.node if n.op_type == "MultiHeadAttention"]
+    assert {types.get(x) for n in blocks for x in n.input} == {onnx.TensorProto.FLOAT}
+    reference = traced(family, "vision")
+    for grids in GRIDS.values():
+        valid, feeds = harness.vision_feeds(spec, grids, seed=len(grids))
+        want = _run(harness, reference, feeds)[valid]
+        feeds["patches"] = feeds["patches"].astype(np.float16)
+        got, traced16 = _run(harness, fused, feeds), _run(harness, plain, feeds)
+        assert got.dtype == np.float16 and np.isfinite(got).all()
+        err_fused = np.abs(got[valid].astype(np.float32) - want).max()
+        err_traced = np.abs(traced16[valid].astype(np.float32) - want).max()
+        assert err_fused <= err_traced * 1.25 + 1e-3, (err_fused, err_traced)
+        np.testing.assert_allclose(got[valid].astype(np.float32), want, atol=0.05 * np.abs(want).max())
