@@ -5,9 +5,10 @@ most of the activation mass (SwiGLU down-projections, the channels a norm amplif
 al., 2023) scales those weight rows up before quantizing - ``W' = diag(s) W``, so their rounding
 error shrinks relative to their size - and divides the activation by the same ``s``, so the float
 function is unchanged. ``s = mean|x|^alpha`` per input channel, ``alpha`` searched on a grid per
-group of weights that read the same activation, minimising the output error of the quantized group
-on the calibration rows; ``alpha = 0`` is round to nearest, so the search never picks worse than RTN
-on its own rows.
+group of weights that read the same activation, by the output error of the quantized group on the
+calibration rows - on each half of the calibration stream apart (different documents), the alpha
+whose worse half gains most; ``alpha = 0`` is round to nearest, so the search never picks worse than
+RTN on either half of its rows.
 
 The division is folded into whatever produces the activation, so the graph gains no op:
 
@@ -222,21 +223,28 @@ def quantized(w: np.ndarray, bits: int, block_size: int, positive: bool = False)
 
 def _search_scales(group: Group, rows: np.ndarray, mean: np.ndarray, mats: list[np.ndarray], bits: int,
                    block_size: int, grid: int, positive: bool = False) -> np.ndarray:
-    """Best ``s`` on the grid for the group's weights, recording alpha and both losses."""
+    """Best ``s`` on the grid for the group's weights, recording alpha and both losses (over all rows).
+
+    "Best" is judged on the two halves of the calibration stream apart (the rows come in run order, so
+    the halves are different documents): the alpha whose *worse* half gains most over round to nearest
+    (the smallest of the two halves' loss ratios to alpha 0 is maximised). A scale that fits some
+    documents' activations and costs others' is not taken - alpha 0 (ratio 1 on both) wins then."""
+    halves = (slice(0, len(rows) // 2), slice(len(rows) // 2, len(rows))) if len(rows) >= 2 else (slice(None),)
     refs = [rows @ w for w in mats]
-    best_s, best_loss = np.ones_like(mean), None
+    best_s, best_gain, rtn = np.ones_like(mean), None, None
     for i in range(grid):
         alpha = i / grid
         s = np.power(mean, alpha, dtype=np.float32)
         s = s / np.sqrt(s.max() * s.min())
         xs = rows / s[None, :]
-        loss = sum(float(np.mean(np.square(xs @ quantized(w * s[:, None], bits, block_size, positive) - r)))
-                   for w, r in zip(mats, refs))
+        err = sum(np.square(xs @ quantized(w * s[:, None], bits, block_size, positive) - r).mean(axis=1)
+                  for w, r in zip(mats, refs))  # [rows]
+        losses = np.array([float(err[h].mean()) for h in halves])
         if i == 0:
-            group.loss_rtn = loss
-        if best_loss is None or loss < best_loss:
-            best_s, best_loss, group.alpha = s, loss, alpha
-    group.loss_awq = best_loss
+            rtn, group.loss_rtn = losses, float(err.mean())
+        gain = float(np.min(rtn / np.maximum(losses, 1e-30)))
+        if best_gain is None or gain > best_gain:
+            best_s, best_gain, group.alpha, group.loss_awq = s, gain, alpha, float(err.mean())
     return best_s.astype(np.float32)
 
 

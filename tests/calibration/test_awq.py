@@ -92,6 +92,33 @@ def test_awq_lowers_the_error_on_salient_channels():
     assert clipped < scaled, (clipped, scaled)
 
 
+def test_scales_must_gain_on_both_halves_of_the_calibration_stream():
+    """A scale that lowers the pooled error by fitting some documents' salient channels and raising the
+    others' error is not taken: the rows come in run order, and the search maximises the worse half's
+    gain. The same rows interleaved (both halves see both kinds of document) do take a scale."""
+    rng = np.random.default_rng(3)
+    k, n = 256, 96
+    w = (rng.standard_normal((k, n)) / np.sqrt(k)).astype(np.float32)
+
+    def document(salient: bool) -> np.ndarray:
+        x = rng.standard_normal((256, k)).astype(np.float32)
+        x[:, :8] *= 30 if salient else 0.01  # the same channels loud in one document, silent in the other
+        return x
+
+    first, second = document(True), document(False)
+    in_order, interleaved = np.concatenate([first, second]), np.stack([first, second], 1).reshape(-1, k)
+    mean = np.abs(in_order).mean(0)
+    for rows, taken in ((in_order, False), (interleaved, True)):
+        group = awq.Group("x", ["w"], ["layers.0.mlp.down_proj"], awq.Fold("norm", ("g",)))
+        awq._search_scales(group, rows, mean, [w], 4, 32, awq.GRID)
+        assert (group.alpha > 0) == taken, (group.alpha, taken)
+    # and the pooled error alone would have taken one for the rows in order
+    s = np.power(mean, 0.3)
+    s /= np.sqrt(s.max() * s.min())
+    pooled = float(np.mean(np.square((in_order / s) @ awq.quantized(w * s[:, None], 4, 32) - in_order @ w)))
+    assert pooled < 0.8 * float(np.mean(np.square(in_order @ awq.quantized(w, 4, 32) - in_order @ w)))
+
+
 @pytest.mark.parametrize("positive", [False, True])
 def test_packed_clipped_weights_are_what_the_clip_search_scored(positive):
     """The weight ``AwqPlan.weight`` hands the packer quantizes to exactly the values the clipping search
