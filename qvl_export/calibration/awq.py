@@ -6,9 +6,11 @@ al., 2023) scales those weight rows up before quantizing - ``W' = diag(s) W``, s
 error shrinks relative to their size - and divides the activation by the same ``s``, so the float
 function is unchanged. ``s = mean|x|^alpha`` per input channel, ``alpha`` searched on a grid per
 group of weights that read the same activation, by the output error of the quantized group on the
-calibration rows - on each half of the calibration stream apart (different documents), the alpha
-whose worse half gains most; ``alpha = 0`` is round to nearest, so the search never picks worse than
-RTN on either half of its rows.
+calibration rows - on each pool of rows apart: the two halves of the context tokens (prefill: page
+and prompt; different documents) and the generated tokens (decode steps, ~1 row in 100 of the stream,
+so pooled together they would not count), the alpha whose worst pool gains most. ``alpha = 0`` is
+round to nearest, so the search never picks worse than RTN on any pool. ``s`` comes from the mean of
+the context's and the generated tokens' mean |x| per channel.
 
 The division is folded into whatever produces the activation, so the graph gains no op:
 
@@ -21,7 +23,7 @@ The division is folded into whatever produces the activation, so the graph gains
 
 Then, as AWQ does, each block's clipping range is searched (``clip``: the weights of a block are
 clamped to ``ratio x`` its largest magnitude before quantizing, the ratio per block and output
-column minimising that block's output error on the calibration rows); q/k projections keep their
+column minimising that block's output error on the calibration rows, each pool's weighing alike); q/k projections keep their
 full range (their errors pass through the softmax), as in AWQ.
 
 Groups whose producer is neither (o_proj after attention) and the lm_head stay round to nearest, but
@@ -139,9 +141,8 @@ def search(model, stats, bits: int = 4, block_size: int = 32, grid: int = GRID, 
             continue
         fold = _fold(members[0][1].inputs[0])
         t = stats.tensors[activation]
-        rows = t.sample()
-        if len(rows) > max_rows:
-            rows = rows[np.linspace(0, len(rows) - 1, max_rows).astype(int)]
+        pools = _pools(t, max_rows)
+        rows = np.concatenate(pools)
         weights: dict[str, np.ndarray] = {}
         scopes: dict[str, str] = {}
         for wn, node in members:
@@ -155,10 +156,11 @@ def search(model, stats, bits: int = 4, block_size: int = 32, grid: int = GRID, 
             plan.skipped[activation] = "scales: its producer takes none (not a norm or the SwiGLU product)"
         else:
             group = Group(activation, list(weights), [wn.scope for wn, _ in members], fold)
-            mean = np.maximum(t.channel_mean().astype(np.float32), 1e-8)
-            s = _search_scales(group, rows, mean, list(weights.values()), bits, block_size, grid, positive)
+            means = [p.channel_mean() for p in (t, t.generated) if p is not None and p.channel_mean() is not None]
+            mean = np.maximum(np.mean(means, axis=0).astype(np.float32), 1e-8)  # each pool counts alike
+            s = _search_scales(group, pools, mean, list(weights.values()), bits, block_size, grid, positive)
             if group.alpha == 0.0:
-                plan.skipped[activation] = "scales: round to nearest was best on the calibration rows"
+                plan.skipped[activation] = "scales: none gained on every pool of calibration rows"
                 s = np.ones_like(s)
             else:
                 plan.groups.append(group)
@@ -169,10 +171,10 @@ def search(model, stats, bits: int = 4, block_size: int = 32, grid: int = GRID, 
                         plan.vector_divide[target] = s
                 else:
                     plan.column_divide.setdefault(fold.targets[0], []).append((fold.start, s))
-        xs = rows / s[None, :]
         for name, w in weights.items():
             if clip_grid and not any(k in scopes[name] for k in NO_CLIP):
-                plan.clip[name] = _search_clip(xs, w * s[:, None], bits, block_size, clip_grid, positive)
+                plan.clip[name] = _search_clip([p / s[None, :] for p in pools], w * s[:, None], bits, block_size,
+                                               clip_grid, positive)
         del weights
     return plan
 
@@ -221,34 +223,49 @@ def quantized(w: np.ndarray, bits: int, block_size: int, positive: bool = False)
     return round_trip(_blocks(w, block_size), bits, positive).reshape(-1, w.shape[1])[:w.shape[0]]
 
 
-def _search_scales(group: Group, rows: np.ndarray, mean: np.ndarray, mats: list[np.ndarray], bits: int,
-                   block_size: int, grid: int, positive: bool = False) -> np.ndarray:
-    """Best ``s`` on the grid for the group's weights, recording alpha and both losses (over all rows).
+def _pools(t, max_rows: int) -> list[np.ndarray]:
+    """The row pools a group is judged on: the two halves of the context rows (prefill: page and prompt
+    tokens; the rows come in run order, so the halves are different documents) and, when the
+    calibration ran decode steps, the generated tokens' rows. At most ``max_rows`` rows in all, evenly
+    spaced within each pool, the generated pool at most half of them."""
+    def spaced(rows: np.ndarray, n: int) -> np.ndarray:
+        return rows if len(rows) <= n else rows[np.linspace(0, len(rows) - 1, n).astype(int)]
 
-    "Best" is judged on the two halves of the calibration stream apart (the rows come in run order, so
-    the halves are different documents): the alpha whose *worse* half gains most over round to nearest
-    (the smallest of the two halves' loss ratios to alpha 0 is maximised). A scale that fits some
-    documents' activations and costs others' is not taken - alpha 0 (ratio 1 on both) wins then."""
-    halves = (slice(0, len(rows) // 2), slice(len(rows) // 2, len(rows))) if len(rows) >= 2 else (slice(None),)
-    refs = [rows @ w for w in mats]
+    generated = t.generated.sample() if t.generated is not None and t.generated.rows else None
+    gen = spaced(generated, max_rows // 2) if generated is not None else None
+    context = spaced(t.sample(), max_rows - (len(gen) if gen is not None else 0))
+    pools = [context[:len(context) // 2], context[len(context) // 2:]] if len(context) >= 2 else [context]
+    return [p for p in pools + ([gen] if gen is not None else []) if len(p)]
+
+
+def _search_scales(group: Group, pools: list[np.ndarray], mean: np.ndarray, mats: list[np.ndarray], bits: int,
+                   block_size: int, grid: int, positive: bool = False) -> np.ndarray:
+    """Best ``s`` on the grid for the group's weights, recording alpha and both losses (the mean over
+    the pools).
+
+    "Best" is judged on each pool of rows apart (``_pools``: two halves of the context, different
+    documents, and the generated tokens): the alpha whose *worst* pool gains most over round to
+    nearest (the smallest of the pools' loss ratios to alpha 0 is maximised). A scale that fits some
+    documents' activations, or the page tokens', and costs the others' is not taken - alpha 0 (ratio 1
+    on every pool) wins then."""
+    refs = [[p @ w for w in mats] for p in pools]
     best_s, best_gain, rtn = np.ones_like(mean), None, None
     for i in range(grid):
         alpha = i / grid
         s = np.power(mean, alpha, dtype=np.float32)
         s = s / np.sqrt(s.max() * s.min())
-        xs = rows / s[None, :]
-        err = sum(np.square(xs @ quantized(w * s[:, None], bits, block_size, positive) - r).mean(axis=1)
-                  for w, r in zip(mats, refs))  # [rows]
-        losses = np.array([float(err[h].mean()) for h in halves])
+        quant = [quantized(w * s[:, None], bits, block_size, positive) for w in mats]
+        losses = np.array([sum(float(np.mean(np.square((p / s[None, :]) @ q - r))) for q, r in zip(quant, ref))
+                           for p, ref in zip(pools, refs)])
         if i == 0:
-            rtn, group.loss_rtn = losses, float(err.mean())
+            rtn, group.loss_rtn = losses, float(losses.mean())
         gain = float(np.min(rtn / np.maximum(losses, 1e-30)))
         if best_gain is None or gain > best_gain:
-            best_s, best_gain, group.alpha, group.loss_awq = s, gain, alpha, float(err.mean())
+            best_s, best_gain, group.alpha, group.loss_awq = s, gain, alpha, float(losses.mean())
     return best_s.astype(np.float32)
 
 
-def _search_clip(xs: np.ndarray, w: np.ndarray, bits: int, block_size: int, grid: int,
+def _search_clip(xs: np.ndarray | list[np.ndarray], w: np.ndarray, bits: int, block_size: int, grid: int,
                  positive: bool = False) -> np.ndarray:
     """Per block and output column, the largest magnitude to keep ``[K / block, N]``: the ratio of the
     block's own largest magnitude (1.0 down to 0.525) whose rounding error, seen through that block's
@@ -259,8 +276,10 @@ def _search_clip(xs: np.ndarray, w: np.ndarray, bits: int, block_size: int, grid
     whole and the other end at 7/8 of it, so ``AwqPlan.weight`` clamps the weight to exactly the range
     searched (a symmetric clamp would let the packer pick the other end when both are clipped)."""
     wb = _blocks(w, block_size)  # [B, bs, N]
-    xb = _blocks(xs.T, block_size)  # [B, bs, R]
-    gram = np.matmul(xb, xb.transpose(0, 2, 1)) / max(1, xs.shape[0])  # [B, bs, bs]
+    gram = 0.0
+    for x in xs if isinstance(xs, list) else [xs]:  # pools of rows: each pool's mean Gram counts alike
+        xb = _blocks(x.T, block_size)  # [B, bs, R]
+        gram = gram + np.matmul(xb, xb.transpose(0, 2, 1)) / max(1, x.shape[0])  # [B, bs, bs]
     hi, lo = wb.max(axis=1), wb.min(axis=1)  # [B, N]
     top = np.maximum(hi, -lo)
     sign = np.where(hi >= -lo, 1.0, -1.0).astype(np.float32)  # which end maps to -2^(bits-1)

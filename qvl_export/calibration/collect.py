@@ -28,7 +28,7 @@ from qvl_export.calibration.taps import ActivationStats, TappingBackend, write_t
 from qvl_export.core.errors import QvlError
 
 log = logging.getLogger(__name__)
-CACHE_FORMAT = "qvl-calib/4"  # per-part keys (3: one key for the set; 2: no |x| sums; 1: feeds)
+CACHE_FORMAT = "qvl-calib/5"  # AWQ: generated-token pool (4: per-part keys; 3: one key for the set; 2: no |x| sums; 1: feeds)
 
 
 @dataclass
@@ -96,7 +96,8 @@ def collect_stats(folder: Path, manifest, parts: list[str], docs: list[Document]
             if part != "decoder":
                 return True
             is_prefill = feeds["input_ids"].shape[1] > 1
-            kept = is_prefill or step["n"] % settings.decode_stride == 0
+            # AWQ keeps every decode step: the generated tokens' rows are its second pool (awq.py)
+            kept = is_prefill or step["n"] % settings.decode_stride == 0 or methods[part] == "awq"
             step["n"] = 0 if is_prefill else step["n"] + 1
             return kept
 

@@ -146,6 +146,9 @@ class TensorStats:
     row_count: int = 0  # rows behind abs_sum
     stride: int = 1  # spread sampling: every stride-th row of the whole stream is kept
     phase: int = 0  # spread sampling: rows of the stream to skip before the next one kept
+    # AWQ (method "awq"): the rows and |x| sums of generated tokens (decode steps) apart from the
+    # context's (prefill: page and prompt tokens), which outnumber them ~100 to 1
+    generated: "TensorStats | None" = None
 
     def keep_spread(self, rows: np.ndarray, cap: int) -> None:
         """Keep every ``stride``-th row of the stream of all runs' rows; when more than ``cap`` are
@@ -189,26 +192,29 @@ class ActivationStats:
             self._histograms = HistogramCollector(method=method, symmetric=True, num_bins=2048,
                                                   num_quantized_bins=128, percentile=99.999, scenario="same")
 
-    def update(self, taps: dict[str, list[np.ndarray]]) -> None:
+    def update(self, taps: dict[str, list[np.ndarray]], generated: bool = False) -> None:
         """One run's tap outputs: activation -> [max, min, sum of squares, count, |x| sums, rows]
-        (``TAP_OUTPUTS``)."""
+        (``TAP_OUTPUTS``). ``generated``: a decode step's run (AWQ keeps its rows and |x| sums apart)."""
         rows_by_name = {}
         for name, (hi, lo, sumsq, count, abssum, rows) in taps.items():
             t = self.tensors[name]
             rows = np.asarray(rows, dtype=np.float32)
             rows_by_name[name] = rows
+            pool = t
+            if self.method == "awq" and generated:
+                pool = t.generated = t.generated or TensorStats()
             if int(count):
                 hi, lo = float(hi), float(lo)
                 t.abs_max = max(t.abs_max, abs(hi), abs(lo))
                 t.sum_sq += float(sumsq)
                 t.count += int(count)
                 abssum = np.asarray(abssum, dtype=np.float64).reshape(-1)
-                t.abs_sum = abssum if t.abs_sum is None else t.abs_sum + abssum
-                t.row_count += int(count) // max(1, abssum.size)
+                pool.abs_sum = abssum if pool.abs_sum is None else pool.abs_sum + abssum
+                pool.row_count += int(count) // max(1, abssum.size)
                 old_lo, old_hi = self._minmax.get(name, (np.inf, -np.inf))
                 self._minmax[name] = (min(old_lo, lo), max(old_hi, hi))
             if self.method == "awq" and rows.size:
-                t.keep_spread(rows, max(1, min(MAX_ROWS, SAMPLE_BYTES // (4 * rows.shape[1]))))
+                pool.keep_spread(rows, max(1, min(MAX_ROWS, SAMPLE_BYTES // (4 * rows.shape[1]))))
             elif self.runs < SAMPLE_FEEDS and rows.size:
                 cap = max(1, min(MAX_ROWS, SAMPLE_BYTES // (4 * rows.shape[1])) // SAMPLE_FEEDS)
                 if len(rows) > cap:  # even sample: the error estimate needs rows, not all of them
@@ -237,6 +243,7 @@ class ActivationStats:
         hist = self._histograms.histogram_dict if self._histograms is not None else {}
         return {"names": self.names, "method": self.method, "runs": self.runs,
                 "tensors": {n: [t.abs_max, t.sum_sq, t.count, len(t.rows), t.row_count]
+                            + ([len(t.generated.rows), t.generated.row_count] if t.generated else [])
                             for n, t in self.tensors.items()},
                 "minmax": self._minmax, "fixed": self._fixed,
                 "histograms": {n: len(v) for n, v in hist.items()}}
@@ -248,6 +255,11 @@ class ActivationStats:
                 out[f"rows_{i}_{j}"] = r
             if t.abs_sum is not None:
                 out[f"abssum_{i}"] = t.abs_sum
+            if t.generated is not None:
+                for j, r in enumerate(t.generated.rows):
+                    out[f"gen_rows_{i}_{j}"] = r
+                if t.generated.abs_sum is not None:
+                    out[f"gen_abssum_{i}"] = t.generated.abs_sum
         if self._histograms is not None:
             for i, name in enumerate(self.names):
                 for j, item in enumerate(self._histograms.histogram_dict.get(name, ())):
@@ -259,10 +271,14 @@ class ActivationStats:
         st = cls(info["names"], info["method"])
         st.runs = int(info["runs"])
         for i, name in enumerate(st.names):
-            abs_max, sum_sq, count, chunks, row_count = info["tensors"][name]
+            abs_max, sum_sq, count, chunks, row_count, *gen = info["tensors"][name]
             st.tensors[name] = TensorStats(float(abs_max), float(sum_sq), int(count),
                                            [arrays[f"rows_{i}_{j}"] for j in range(int(chunks))],
                                            arrays.get(f"abssum_{i}"), int(row_count))
+            if gen:
+                st.tensors[name].generated = TensorStats(
+                    rows=[arrays[f"gen_rows_{i}_{j}"] for j in range(int(gen[0]))],
+                    abs_sum=arrays.get(f"gen_abssum_{i}"), row_count=int(gen[1]))
             n = info["histograms"].get(name)
             if n and st._histograms is not None:
                 items = [arrays[f"hist_{i}_{j}"] for j in range(int(n))]
@@ -277,9 +293,10 @@ class ActivationStats:
         for t in self.tensors.values():
             t.abs_max *= factor
             t.sum_sq *= factor * factor
-            t.rows = [r * factor for r in t.rows]
-            if t.abs_sum is not None:
-                t.abs_sum = t.abs_sum * abs(factor)
+            for pool in (t, t.generated) if t.generated else (t,):
+                pool.rows = [r * factor for r in pool.rows]
+                if pool.abs_sum is not None:
+                    pool.abs_sum = pool.abs_sum * abs(factor)
 
 
 def release(tensor) -> None:
@@ -317,7 +334,9 @@ class TappingBackend:
         n, k = self._plain[part], len(TAP_OUTPUTS)
         if self._keep(part, feeds):
             names = self._stats[part].names
-            self._stats[part].update({name: outs[n + k * i:n + k * (i + 1)] for i, name in enumerate(names)})
+            generated = part == "decoder" and feeds["input_ids"].shape[1] == 1
+            self._stats[part].update({name: outs[n + k * i:n + k * (i + 1)] for i, name in enumerate(names)},
+                                     generated)
         return outs[:n]
 
     def __getattr__(self, name):

@@ -78,7 +78,7 @@ def test_awq_lowers_the_error_on_salient_channels():
     w = (rng.standard_normal((k, n)) / np.sqrt(k)).astype(np.float32)
     calib, held = _salient(rng, 512, k), _salient(rng, 512, k)
     group = awq.Group("x", ["w"], ["layers.0.mlp.down_proj"], awq.Fold("norm", ("g",)))
-    s = awq._search_scales(group, calib, np.abs(calib).mean(0), [w], 4, 32, awq.GRID)
+    s = awq._search_scales(group, [calib[:256], calib[256:]], np.abs(calib).mean(0), [w], 4, 32, awq.GRID)
     assert group.alpha > 0 and group.loss_awq < group.loss_rtn
     plan = awq.AwqPlan(row_scale={"w": s}, clip={"w": awq._search_clip(calib / s, w * s[:, None], 4, 32, 20)})
 
@@ -92,10 +92,11 @@ def test_awq_lowers_the_error_on_salient_channels():
     assert clipped < scaled, (clipped, scaled)
 
 
-def test_scales_must_gain_on_both_halves_of_the_calibration_stream():
+def test_scales_must_gain_on_every_pool_of_rows():
     """A scale that lowers the pooled error by fitting some documents' salient channels and raising the
-    others' error is not taken: the rows come in run order, and the search maximises the worse half's
-    gain. The same rows interleaved (both halves see both kinds of document) do take a scale."""
+    others' error is not taken: the context rows come in run order, their halves are two pools, and the
+    search maximises the worst pool's gain. The same rows interleaved (both halves see both kinds of
+    document) do take a scale."""
     rng = np.random.default_rng(3)
     k, n = 256, 96
     w = (rng.standard_normal((k, n)) / np.sqrt(k)).astype(np.float32)
@@ -110,7 +111,7 @@ def test_scales_must_gain_on_both_halves_of_the_calibration_stream():
     mean = np.abs(in_order).mean(0)
     for rows, taken in ((in_order, False), (interleaved, True)):
         group = awq.Group("x", ["w"], ["layers.0.mlp.down_proj"], awq.Fold("norm", ("g",)))
-        awq._search_scales(group, rows, mean, [w], 4, 32, awq.GRID)
+        awq._search_scales(group, awq._pools(TensorStats(rows=[rows]), 512), mean, [w], 4, 32, awq.GRID)
         assert (group.alpha > 0) == taken, (group.alpha, taken)
     # and the pooled error alone would have taken one for the rows in order
     s = np.power(mean, 0.3)
