@@ -161,15 +161,64 @@ def _to_numpy(t: "torch.Tensor", dtype: type) -> np.ndarray:
     return np.ascontiguousarray(t.numpy(), dtype=dtype)
 
 
+def stored_float_dtype(model_dir: Path) -> str | None:
+    """``"bfloat16"`` / ``"float16"`` when every floating-point tensor of the checkpoint is stored in
+    that one dtype (from the safetensors headers); None otherwise (float32, or mixed)."""
+    from qvl_export.loading.weights import CheckpointWeights
+
+    weights = CheckpointWeights(model_dir)
+    stored = {weights.dtype(n) for n in weights.names()} & {"F32", "F64", "BF16", "F16"}
+    return {frozenset({"BF16"}): "bfloat16", frozenset({"F16"}): "float16"}.get(frozenset(stored))
+
+
+def widen_while_running(model: Any) -> None:
+    """Keep ``model``'s weights in their loaded (16-bit) dtype and give every module its own weights in
+    float32 for the duration of its forward call (pre-hook widens, post-hook restores the stored
+    tensor), so at most one module's weights are widened at a time.
+
+    The first floating parameter of every ``PreTrainedModel`` inside stays float32 throughout: it is
+    what transformers reads as the model's ``dtype``, to which it casts inputs such as pixel values
+    (the vision tower's patch embedding, the token table) - so inputs stay float32 as in a float32 load.
+    """
+    import torch
+    from transformers import PreTrainedModel
+
+    for sub in model.modules():
+        if isinstance(sub, PreTrainedModel):
+            first = next((p for p in sub.parameters() if p.is_floating_point()), None)
+            if first is not None:
+                first.data = first.data.float()
+    stored: dict[int, torch.Tensor] = {}
+
+    def widen(module, args):
+        for p in module.parameters(recurse=False):
+            if p.is_floating_point() and p.dtype != torch.float32:
+                stored[id(p)] = p.data
+                p.data = p.data.float()
+
+    def restore(module, args, output):
+        for p in module.parameters(recurse=False):
+            if id(p) in stored:
+                p.data = stored.pop(id(p))
+
+    for sub in model.modules():
+        if next(sub.parameters(recurse=False), None) is not None:
+            sub.register_forward_pre_hook(widen)
+            sub.register_forward_hook(restore)
+
+
 class TorchReference:
     """transformers model + hand-assembled processor for one local checkpoint."""
 
     def __init__(self, model_dir: Path, dtype: str = "float32",
-                 attn_implementation: str = ATTN_IMPLEMENTATION, num_threads: int | None = None):
+                 attn_implementation: str = ATTN_IMPLEMENTATION, num_threads: int | None = None,
+                 stored_weights: bool = True):
         """Load model, tokenizer and image processor of ``model_dir``.
 
         ``num_threads``: torch intra-op threads while this reference computes (restored after each
-        call); None keeps torch's own default (one per physical core).
+        call); None keeps torch's own default (one per physical core). ``stored_weights``: a float32
+        reference of a bf16 / fp16 checkpoint holds the weights as stored and widens them module by
+        module while it runs (same results, about half the memory); False widens all of them at load.
         """
         import torch
         import transformers
@@ -192,16 +241,23 @@ class TorchReference:
         model_cls = getattr(transformers, arch)
         transformers.utils.logging.disable_progress_bar()  # one gate table, not a bar per load
 
+        # a float32 reference of a bf16 / fp16 checkpoint keeps the weights as stored and widens each
+        # module's own weights to float32 while it runs: the same float32 arithmetic (widening is
+        # exact), about half the resident memory
+        self.resident_dtype = stored_float_dtype(self.model_dir) if dtype == "float32" and stored_weights else None
         with self._threads():
             try:
                 model, info = model_cls.from_pretrained(
-                    self.model_dir, dtype=getattr(torch, dtype), attn_implementation=attn_implementation,
-                    output_loading_info=True)
+                    self.model_dir, dtype=getattr(torch, self.resident_dtype or dtype),
+                    attn_implementation=attn_implementation, output_loading_info=True)
             except (OSError, ValueError, RuntimeError, KeyError) as err:
                 raise QvlError(f"transformers could not load {self.model_dir} as {arch}: {err}") from err
         self._check_loading(model, info)
+        if self.resident_dtype:
+            widen_while_running(model)
         self.model = model.eval()
-        log.info("reference: %s from %s (%s, attn=%s)", arch, self.model_dir, dtype, attn_implementation)
+        log.info("reference: %s from %s (%s%s, attn=%s)", arch, self.model_dir, dtype,
+                 f" compute, {self.resident_dtype} weights" if self.resident_dtype else "", attn_implementation)
 
         # Generation: keep only the token ids of the checkpoint's generation config, so greedy
         # picks argmax of the raw logits (hub configs carry repetition_penalty, top_k, ...).

@@ -163,3 +163,38 @@ def test_unsupported_architecture_is_an_error(tmp_path):
     (tmp_path / "config.json").write_text(json.dumps({"architectures": ["LlamaForCausalLM"]}))
     with pytest.raises(QvlError, match="Unsupported architecture"):
         TorchReference(tmp_path)
+
+
+@pytest.mark.parametrize("family", ["qwen2_vl", "qwen2_5_vl", "qwen3_vl"])
+def test_bf16_checkpoint_reference_keeps_weights_bf16_and_float32_results(family, checkpoint, tmp_path):
+    """A float32 reference of a bf16 checkpoint holds the weights in bf16 (half the memory) and widens
+    each module's own while it runs: every result equals, bit for bit, the reference that widens every
+    weight at load - and differs from a plain bf16 reference."""
+    import torch
+
+    from qvl_export.bench.checkpoint import convert_checkpoint
+    from qvl_export.parity.gate import reference_case
+    from qvl_export.parity.reference import stored_float_dtype
+    from qvl_export.parity.samples import ALL_CASES
+
+    bf16 = convert_checkpoint(checkpoint(family), tmp_path / "bf16")
+    assert (stored_float_dtype(bf16), stored_float_dtype(checkpoint(family))) == ("bfloat16", None)
+    lean, full = TorchReference(bf16), TorchReference(bf16, stored_weights=False)
+    plain = TorchReference(bf16, dtype="bfloat16")
+    assert lean.resident_dtype == "bfloat16" and full.resident_dtype is None
+    def wide_params():  # only the first weight of each transformers model (what its .dtype reads) is float32
+        return [n for n, p in lean.model.named_parameters() if p.dtype != torch.bfloat16]
+
+    kept = wide_params()
+    assert 1 <= len(kept) <= 3 and len(list(lean.model.parameters())) > 20, kept
+    cases = [c for c in ALL_CASES if c.name in ("two-images", "text-only", "video")]
+    for case in cases:
+        a, _ = reference_case(lean, case, 8)
+        b, _ = reference_case(full, case, 8)
+        c, _ = reference_case(plain, case, 8)
+        fields = [k for k, v in vars(b).items() if isinstance(v, np.ndarray)]
+        assert "prefill_logits" in fields and "step_logits" in fields
+        for k in fields:
+            np.testing.assert_array_equal(getattr(a, k), getattr(b, k), err_msg=f"{case.name} {k}")
+        assert not np.array_equal(c.prefill_logits, b.prefill_logits)
+    assert wide_params() == kept  # every widened weight was given back in bf16
