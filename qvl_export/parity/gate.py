@@ -202,6 +202,9 @@ class Report:
                         other += f", exact {m['exact_match']:.3f} (ref {m['reference_exact_match']:.3f})"
                 elif stage == "task":
                     other = f"exact {m['exact_match']:.3f} (fp32 {m['reference_exact_match']:.3f})"
+                    if "answer_agreement" in m:
+                        other += (f", {m['answer_agreement']:.3f} same answers"
+                                  f" ({len(m['broke'])} broke, {len(m['fixed'])} fixed)")
                 cos_s = "" if cos is None else f"{cos:.7f}"
                 abs_s = "" if "max_abs" not in m else f"{m['max_abs']:.2e}"
                 result = "FAIL" if stage in failed else "ok"
@@ -335,7 +338,7 @@ def task_case(pipe, reference: dict, pages: int) -> dict:
     """A trained checkpoint's task as a gate case (``demo-task`` for the demo's invoices, ``form-task``
     for the form reader): the artifacts' exact match on the task's held-out pages vs the fp32
     reference's (``eval.json``, whose ``"task"`` names the task)."""
-    from qvl_export.demo.accuracy import exact_match, pipeline_reader
+    from qvl_export.demo.accuracy import agreement, exact_match, pipeline_reader
 
     task = task_for(reference["task"])
     ours = exact_match(pipeline_reader(pipe, task.max_new_tokens), pages, int(reference["heldout_seed_offset"]),
@@ -344,6 +347,8 @@ def task_case(pipe, reference: dict, pages: int) -> dict:
     stage = {"pages": pages, "exact_match": ours["exact_match"], "reference_exact_match": ref,
              "reference_pages": int(reference["heldout"]), "exact_match_drop": ref - ours["exact_match"],
              "examples_wrong": ours["examples_wrong"][:5]}
+    # page by page against transformers' own answers (when eval.json records them): reported, not gated
+    stage.update(agreement(ours, reference, pages) or {})
     return {"name": task.case, "images": [], "prompt": "", "stages": {"task": stage},
             "seconds": {"reference": 0.0, "artifacts": ours["seconds"]}, "text": {}}
 

@@ -41,5 +41,10 @@ def build_passes_its_task_gate(checkpoint: Path, case_name: str, out: Path) -> P
     assert stage["pages"] == record["heldout"] and stage["reference_pages"] == record["heldout"]
     assert stage["reference_exact_match"] == record["exact_match"]
     assert abs(stage["exact_match"] - stage["reference_exact_match"]) <= 0.01  # fp32: the same answers
+    # page by page against transformers' recorded answers (eval.json "answers"): fp32 changes at most 1 in 100
+    assert len(record["answers"]) == record["heldout"]
+    assert stage["answer_agreement"] >= 0.99, stage["changed_pages"]
+    assert len(stage["changed_pages"]) == round((1 - stage["answer_agreement"]) * stage["pages"])
+    assert len(stage["broke"]) - len(stage["fixed"]) == round(stage["exact_match_drop"] * stage["pages"])
     assert case_name in result.output
     return out
