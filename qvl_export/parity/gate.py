@@ -456,6 +456,7 @@ def run_parity(artifacts: str | Path, reference_dir: str | Path, gates_file: Pat
     eval_key = (key, "eval", tuple((d.name, d.prompt) for d in eval_docs or []))
     missing = [c for c in chosen if (key, c.name) not in cache]
     if missing or (eval_docs and eval_key not in cache):
+        gc.collect()  # what the caller let go (a build's graphs are reference cycles) before the reference loads
         say("loading the PyTorch reference (transformers)")
         ref = TorchReference(reference_dir)
         for case in missing:
