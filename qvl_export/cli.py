@@ -173,6 +173,7 @@ _BUILD_CALIBRATION = [
                  help="int4 weights: rtn (round to nearest, no calibration) or awq (activation-aware scales and "
                       "clipping searched on the calibration documents: pass --calib-docs with your own)."),
 ]
+REFERENCE_WEIGHTS_HELP = ("The float32 reference of a bf16 / fp16 checkpoint: 'stored' holds the weights as stored and widens each module's own while it runs (about half the memory, slower decoding); 'float32' widens all at load. Same results either way.")
 _BUILD_GRAPH = [
     click.option("--window-attention", type=click.Choice(["fused", "dense"]), default="fused", show_default=True,
                  help="Qwen2.5-VL window blocks: per-window attention, or the S x S mask baseline."),
@@ -180,6 +181,8 @@ _BUILD_GRAPH = [
                  help="Run the parity gate against the PyTorch reference after building."),
     click.option("--gates", type=click.Path(path_type=Path, exists=True, dir_okay=False), default=None,
                  help="JSON file overriding the parity thresholds."),
+    click.option("--reference-weights", type=click.Choice(["stored", "float32"]), default="stored",
+                 show_default=True, help=REFERENCE_WEIGHTS_HELP),
     click.option("--eval-docs", "eval_docs", type=click.Path(path_type=Path), default=None,
                  help="Task gate: a folder of images / PDFs with prompts.txt (and answers.jsonl); the built "
                       "artifacts' answers must agree with transformers' (README 'Task gate')."),
@@ -209,7 +212,7 @@ _BUILD_CHECKPOINT = [
 
 @main.command()
 @_options(_BUILD_OUTPUT, _BUILD_CALIBRATION, _BUILD_GRAPH, _BUILD_TRT, _BUILD_CHECKPOINT)
-def build(model_dir, output, run_parity, gates, eval_docs, **options):
+def build(model_dir, output, run_parity, gates, eval_docs, reference_weights, **options):
     """Trace MODEL_DIR into ONNX parts (the built-in demo checkpoint when omitted), then check parity."""
     from qvl_export.building.plan import run_build
     from qvl_export.building.settings import Reporter, parity_skip_reason, resolve_model, settings_from_cli
@@ -230,7 +233,7 @@ def build(model_dir, output, run_parity, gates, eval_docs, **options):
         _say(skipped + (" (the --eval-docs task gate with it)" if docs else ""))
     elif run_parity:
         _parity(output, model_dir, gates, quick=True, verify=False,  # sealed by this very build a moment ago
-                eval_docs=docs)
+                eval_docs=docs, reference_weights=reference_weights)
 
 
 @main.command("passes")
@@ -366,17 +369,20 @@ def _read_messages(path: Path) -> list:
 @click.option("--skip-verify", is_flag=True, help="Do not check the artifacts' files against the manifest's sha256.")
 @click.option("--eval-docs", "eval_docs", type=click.Path(path_type=Path), default=None,
               help="Task gate: a folder of images / PDFs with prompts.txt (and answers.jsonl).")
-def parity(artifacts, reference, gates, quick, skip_verify, eval_docs):
+@click.option("--reference-weights", type=click.Choice(["stored", "float32"]), default="stored", show_default=True,
+              help=REFERENCE_WEIGHTS_HELP)
+def parity(artifacts, reference, gates, quick, skip_verify, eval_docs, reference_weights):
     """Compare ARTIFACTS stage by stage against the PyTorch reference; exit 1 when a gate fails."""
-    _parity(artifacts, reference, gates, quick=quick, verify=not skip_verify, eval_docs=eval_docs)
+    _parity(artifacts, reference, gates, quick=quick, verify=not skip_verify, eval_docs=eval_docs,
+            reference_weights=reference_weights)
 
 
 def _parity(artifacts: Path, reference: Path, gates: Path | None, quick: bool, verify: bool = True,
-            eval_docs=None) -> None:
+            eval_docs=None, reference_weights: str = "stored") -> None:
     from qvl_export.parity.gate import run_parity
 
     report = run_parity(artifacts, reference, gates_file=gates, quick=quick, progress=_say, verify=verify,
-                        eval_docs=eval_docs)
+                        eval_docs=eval_docs, reference_weights=reference_weights)
     click.echo(report.table())
     _say(f"report written to {Path(artifacts) / 'report.json'}")
     if not report.passed:

@@ -415,7 +415,7 @@ def run_parity(artifacts: str | Path, reference_dir: str | Path, gates_file: Pat
                quick: bool = False, max_new_tokens: int = 64, cases: list[Case] | None = None,
                progress: Callable[[str], None] | None = None, threads: int | None = None,
                task_pages: int | None = None, verify: bool = True, eval_docs=None,
-               reference_cache: dict | None = None) -> Report:
+               reference_cache: dict | None = None, reference_weights: str = "stored") -> Report:
     """Gate ``artifacts`` against the checkpoint in ``reference_dir``. When that is a model trained on
     one of our tasks (the built-in demo, the form reader: ``qvl_export.demo.tasks``), the artifacts'
     exact match on its task's held-out pages is gated too, against the fp32 figure of its
@@ -423,7 +423,9 @@ def run_parity(artifacts: str | Path, reference_dir: str | Path, gates_file: Pat
     ``eval_docs`` (a folder, or ``eval_docs.read_eval_docs``' list): the task gate on those documents,
     answers of the artifacts vs the reference's (``parity/eval_docs.py``). ``reference_cache``: a dict
     kept by the caller across calls on the same checkpoint - reference results are taken from it and
-    added to it, so gating several builds of one checkpoint runs transformers once per case."""
+    added to it, so gating several builds of one checkpoint runs transformers once per case.
+    ``reference_weights``: "stored" (a bf16 / fp16 checkpoint's weights held as stored, widened per module
+    while it runs) or "float32" (widened at load: faster, twice the memory); the same numbers."""
     from qvl_export.parity import eval_docs as task_docs
     from qvl_export.parity.reference import TorchReference
     from qvl_export.runtimes.pipeline import Pipeline
@@ -455,10 +457,12 @@ def run_parity(artifacts: str | Path, reference_dir: str | Path, gates_file: Pat
     key = (str(reference_dir.resolve()), max_new_tokens)
     eval_key = (key, "eval", tuple((d.name, d.prompt) for d in eval_docs or []))
     missing = [c for c in chosen if (key, c.name) not in cache]
+    held = None  # the dtype the reference held its weights in (None: every result came from the cache)
     if missing or (eval_docs and eval_key not in cache):
         gc.collect()  # what the caller let go (a build's graphs are reference cycles) before the reference loads
         say("loading the PyTorch reference (transformers)")
-        ref = TorchReference(reference_dir)
+        ref = TorchReference(reference_dir, stored_weights=reference_weights == "stored")
+        held = ref.resident_dtype or ref.dtype
         for case in missing:
             say(f"reference case {case.name}")
             cache[(key, case.name)] = reference_case(ref, case, max_new_tokens)
@@ -473,7 +477,7 @@ def run_parity(artifacts: str | Path, reference_dir: str | Path, gates_file: Pat
                     meta={"artifacts": str(artifacts), "reference": str(reference_dir),
                           "max_new_tokens": max_new_tokens, "quick": quick,
                           "source_sha256": manifest.source.sha256, "skipped_cases": skipped,
-                          "eval_docs": len(eval_docs or [])})
+                          "eval_docs": len(eval_docs or []), "reference_weights_held_as": held})
     for case, (r, t_ref) in zip(chosen, references):
         say(f"parity case {case.name}")
         result = compare_case(pipe, r, case, max_new_tokens, t_ref)

@@ -198,3 +198,24 @@ def test_bf16_checkpoint_reference_keeps_weights_bf16_and_float32_results(family
             np.testing.assert_array_equal(getattr(a, k), getattr(b, k), err_msg=f"{case.name} {k}")
         assert not np.array_equal(c.prefill_logits, b.prefill_logits)
     assert wide_params() == kept  # every widened weight was given back in bf16
+
+
+def test_reference_weights_option_reaches_the_reference(checkpoint, tmp_path):
+    """``qvl-export parity --reference-weights float32`` widens at load; the default holds bf16 as stored
+    (the gate's report is the same either way)."""
+    from click.testing import CliRunner
+
+    from qvl_export.bench.checkpoint import convert_checkpoint
+    from qvl_export.building.artifacts import build
+    from qvl_export.cli import main
+
+    bf16 = convert_checkpoint(checkpoint("qwen2_vl"), tmp_path / "bf16")
+    out = tmp_path / "art"
+    build(bf16, out)
+    held = {}
+    for choice in ("stored", "float32"):
+        result = CliRunner().invoke(main, ["parity", str(out), "--reference", str(bf16), "--quick",
+                                           "--reference-weights", choice], catch_exceptions=False)
+        assert result.exit_code == 0, result.output
+        held[choice] = json.loads((out / "report.json").read_text())["meta"]["reference_weights_held_as"]
+    assert held == {"stored": "bfloat16", "float32": "float32"}
