@@ -17,7 +17,7 @@ from pathlib import Path
 
 def main(argv: list[str] | None = None) -> int:
     from qvl_export.demo import task_reference
-    from qvl_export.demo.accuracy import exact_match, reference_reader
+    from qvl_export.demo.accuracy import exact_match
     from qvl_export.demo.tasks import task_for
     from qvl_export.parity.reference import TorchReference
 
@@ -31,7 +31,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     task = task_for(record["task"])
     ref = TorchReference(args.model, num_threads=args.threads)
-    result = exact_match(reference_reader(ref, task.max_new_tokens), int(record["heldout"]),
+    result = exact_match(ref.reader(task.max_new_tokens), int(record["heldout"]),
                          int(record["heldout_seed_offset"]), task=task)
     if abs(result["exact_match"] - float(record["exact_match"])) > 1e-9:
         print(f"exact match {result['exact_match']} differs from the recorded {record['exact_match']}: not written",

@@ -536,11 +536,11 @@ def phase2_metrics(model, val_batches: list[dict[str, Any]]) -> dict[str, float]
 def evaluate(model_dir: Path, n: int, threads: int, task: Task = TASKS["invoice"]) -> dict[str, Any]:
     """Exact match of transformers' greedy ``generate`` on ``n`` held-out pages of ``task`` (parity
     reference inputs)."""
-    from qvl_export.demo.accuracy import exact_match, reference_reader
+    from qvl_export.demo.accuracy import exact_match
     from qvl_export.parity.reference import TorchReference
 
     ref = TorchReference(model_dir, num_threads=threads)
-    result = exact_match(reference_reader(ref, task.max_new_tokens), n, task=task)
+    result = exact_match(ref.reader(task.max_new_tokens), n, task=task)
     for key in ("seconds", "expected"):
         result.pop(key)
     return result

@@ -57,7 +57,7 @@ class _ProfilingBackend:
         self.sessions = {}
         for name in parts:
             part = manifest.parts[name]
-            opts, disabled = session_options(part, threads)  # as OrtBackend opens it
+            opts, disabled = session_options(part, threads, path=folder / part.file)  # as OrtBackend opens it
             opts.enable_profiling = True
             opts.profile_file_prefix = f"{prefix}-{name}"
             self.sessions[name] = ort.InferenceSession(str(folder / part.file), opts,

@@ -59,17 +59,6 @@ def agreement(ours: dict, reference: dict, pages: int) -> dict | None:
             "broke": sorted(theirs - mine), "fixed": sorted(mine - theirs)}
 
 
-def reference_reader(ref, max_new_tokens: int = MAX_NEW_TOKENS) -> Reader:
-    """A ``Reader`` over transformers (``parity.reference.TorchReference``, greedy ``generate``)."""
-    from qvl_export.parity.reference import ReferenceCase
-
-    def read(image, prompt: str) -> tuple[str, bool]:
-        inputs = ref.prepare(ReferenceCase("heldout", [image], prompt))
-        ids, _ = ref.generate(inputs, max_new_tokens=max_new_tokens)
-        return ref.tokenizer.decode(ids, skip_special_tokens=True), int(ids[-1]) in ref.eos_token_ids
-    return read
-
-
 def pipeline_reader(pipe, max_new_tokens: int = MAX_NEW_TOKENS) -> Reader:
     """A ``Reader`` over the thin runtime's ``Pipeline`` (greedy)."""
     def read(image, prompt: str) -> tuple[str, bool]:

@@ -525,6 +525,14 @@ class TorchReference:
         step_logits = torch.stack([step[0] for step in out.logits])  # N x [1, V] -> [N, V]
         return new_ids, step_logits
 
+    def reader(self, max_new_tokens: int):
+        """``read(image, prompt) -> (answer text, stopped on an end token)`` over greedy ``generate``
+        (the ``Reader`` that ``demo.accuracy.exact_match`` scores)."""
+        def read(image, prompt: str) -> tuple[str, bool]:
+            ids, _ = self.generate(self.prepare(ReferenceCase("heldout", [image], prompt)), max_new_tokens)
+            return self.tokenizer.decode(ids, skip_special_tokens=True), int(ids[-1]) in self.eos_token_ids
+        return read
+
     def run(self, case: ReferenceCase) -> ReferenceResult:
         """All reference stages for one case."""
         inputs = self.prepare(case)

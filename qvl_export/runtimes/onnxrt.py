@@ -21,7 +21,7 @@ from qvl_export.core.manifest import Manifest
 log = logging.getLogger(__name__)
 
 
-def session_options(part, threads: int | None, lean: bool = False):
+def session_options(part, threads: int | None, lean: bool = False, path: Path | None = None):
     """(SessionOptions, disabled optimizers) for one part, as every session of ours opens it.
 
     ``lean`` (calibration's tap graphs): onnxruntime keeps the weights where they are - memory-mapped
@@ -58,8 +58,36 @@ def session_options(part, threads: int | None, lean: bool = False):
         # sum of each product pair at int16: an int8 ViT read 0.995 vision cosine and the trained demo
         # lost 11.6 points (AMD EPYC, AVX2). onnxruntime then turns the s8 weights into u8 and runs its
         # exact u8 x u8 kernels; on VNNI / ARM CPUs the option does nothing.
-        opts.add_session_config_entry("session.x64quantprecision", "1")
+        # onnxruntime cannot convert an int8 weight read by more than one DequantizeLinear (a tied
+        # embedding's Gather beside the lm_head MatMul): it names both u8 copies alike and fails to load
+        if path is None or not _shared_int8_weight(path):
+            opts.add_session_config_entry("session.x64quantprecision", "1")
+        elif path not in _WARNED:
+            _WARNED.add(path)
+            log.warning("%s: an int8 weight feeds more than one node, so onnxruntime runs it on its u8 x s8 "
+                        "kernels (inexact on x86 CPUs without VNNI)", path.name)
     return opts, disabled or None
+
+
+_WARNED: set[Path] = set()
+
+
+def _shared_int8_weight(path: Path) -> str | None:
+    """The first int8 initializer dequantized for more than one consumer in the graph at ``path`` (the
+    graph only: external weights are not read), else None."""
+    import onnx
+
+    graph = onnx.load(str(path), load_external_data=False).graph
+    int8 = {t.name for t in graph.initializer if t.data_type == onnx.TensorProto.INT8}
+    uses: dict[str, int] = {}
+    for node in graph.node:
+        for name in node.input:
+            uses[name] = uses.get(name, 0) + 1
+    for node in graph.node:
+        if node.op_type == "DequantizeLinear" and node.input[0] in int8:
+            if uses[node.input[0]] > 1 or uses.get(node.output[0], 0) > 1:
+                return node.input[0]
+    return None
 
 
 class OrtBackend:
@@ -96,8 +124,8 @@ class OrtBackend:
             while self.max_open is not None and len(self.sessions) >= self.max_open:
                 del self.sessions[next(iter(self.sessions))]  # the one used longest ago
             part = self.manifest.parts[name]
-            opts, disabled = session_options(part, self.threads, self.lean)
             path = self.folder / part.file
+            opts, disabled = session_options(part, self.threads, self.lean, path)
             try:
                 session = ort.InferenceSession(str(path), opts, providers=self.providers,
                                                disabled_optimizers=disabled)
