@@ -71,8 +71,12 @@ def tiny_dims():
 
 @pytest.fixture(scope="session", autouse=True)
 def _isolated_cache(tmp_path_factory):
-    """Keep the demo checkpoint cache inside the test session."""
-    os.environ.setdefault("QVL_EXPORT_CACHE", str(tmp_path_factory.mktemp("qvl-cache")))
+    """One trace cache for the test session (both xdist workers and the CLI's subprocesses), never the
+    user's: each distinct part is traced once a session, every later build of it reads the graph back."""
+    base = tmp_path_factory.getbasetemp()
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        base = base.parent  # pytest-N/, above the workers' own folders
+    os.environ.setdefault("QVL_EXPORT_TRACE_CACHE", str(base / "trace-cache"))
 
 
 @pytest.fixture(scope="session")

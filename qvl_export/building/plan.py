@@ -71,9 +71,18 @@ def describe_stages() -> list[str]:
 
 def run_build(model_dir: str | Path, out_dir: str | Path, settings: Settings,
               reporter: Reporter | None = None, stages: tuple[Stage, ...] = STAGES) -> Manifest:
-    """Run ``stages`` in order; on any failure (or interrupt) nothing is left half-written."""
+    """Run ``stages`` in order; on any failure (or interrupt) nothing is left half-written.
+
+    The objects that exist before the build (the caller's, torch's modules) are frozen for its
+    duration: the cycle collection after every stage (``_memory``) then walks only what the build
+    made - 0.3 s a stage in a process that has imported torch and transformers, most of a small
+    build's time."""
+    import gc
+
     ctx = BuildContext(Path(model_dir), Path(out_dir), settings, reporter or Reporter())
     memory = ctx.build_log.setdefault("memory", [])  # resident memory after each stage (build_log.json)
+    gc.collect()
+    gc.freeze()
     try:
         for group in _groups(stages):
             if group[0].per_part:
@@ -89,6 +98,8 @@ def run_build(model_dir: str | Path, out_dir: str | Path, settings: Settings,
         if ctx.store is not None:
             ctx.store.abort()
         raise
+    finally:
+        gc.unfreeze()
     return ctx.manifest
 
 

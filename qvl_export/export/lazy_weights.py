@@ -101,7 +101,11 @@ def bind_lazy(model, weights: CheckpointWeights, plan: list[tuple[str, str, tupl
 
 def _is_parameter_like(value) -> bool:
     """Large floating initializers that the plan did not bind (buffers are small and computed)."""
+    from qvl_export.export.trace_cache import is_placeholder
+
     const = value.const_value
+    if is_placeholder(const):  # a cached graph's parameter: never a buffer
+        return True
     return const is not None and not hasattr(const, "_func") and const.size > (1 << 16)
 
 

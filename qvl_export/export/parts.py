@@ -43,6 +43,9 @@ class PartSpec:
     # module -> (aliases: parameter -> checkpoint name, transposed: parameter -> checkpoint name)
     names: Callable[["torch.nn.Module"], tuple[dict[str, str], dict[str, str]]] = \
         lambda m: (getattr(m, "weight_aliases", dict)(), getattr(m, "transposed_weights", dict)())  # noqa: E731
+    # everything the module and its example inputs are built from (JSON-able): the trace cache's key;
+    # empty: never cached
+    description: dict = field(default_factory=dict)
 
     def build(self):
         """The module with the checkpoint's weights loaded (shapes checked)."""
@@ -90,7 +93,8 @@ def vision_part(spec: ModelSpec, weights: CheckpointWeights, window_attention: s
         return ({0: seq}, {0: seq}, {0: seq}, {0: seq})
 
     axes = {n: {0: "vision_tokens"} for n in ("patches", "rope_cos", "rope_sin", "image_ids", "vision_hidden")}
-    return PartSpec("vision", module, example, dynamic, axes, ("patches",), weights, "visual.")
+    return PartSpec("vision", module, example, dynamic, axes, ("patches",), weights, "visual.",
+                    description=_describe("vision", spec, window_attention=window_attention))
 
 
 def _qwen3_vision_part(spec: ModelSpec, weights: CheckpointWeights) -> PartSpec:
@@ -122,7 +126,8 @@ def _qwen3_vision_part(spec: ModelSpec, weights: CheckpointWeights) -> PartSpec:
     axes = {n: {0: "vision_tokens"} for n in ("patches", "rope_cos", "rope_sin", "image_ids", "pos_indices",
                                                "pos_weights", "vision_hidden")}
     axes["deepstack_hidden"] = {1: "vision_tokens"}
-    return PartSpec("vision", module, example, dynamic, axes, ("patches",), weights, "visual.")
+    return PartSpec("vision", module, example, dynamic, axes, ("patches",), weights, "visual.",
+                    description=_describe("vision", spec))
 
 
 def merger_part(spec: ModelSpec, weights: CheckpointWeights) -> PartSpec:
@@ -150,7 +155,7 @@ def merger_part(spec: ModelSpec, weights: CheckpointWeights) -> PartSpec:
         axes3 = {"vision_hidden": {0: "vision_tokens"}, "deepstack_hidden": {1: "vision_tokens"},
                  "image_embeds": {0: "image_tokens"}, "deepstack_embeds": {1: "image_tokens"}}
         return PartSpec("merger", module3, example3, dynamic3, axes3, ("vision_hidden", "deepstack_hidden"),
-                        weights, "visual.")
+                        weights, "visual.", description=_describe("merger", spec))
 
     def module():
         return Merger(v).eval()
@@ -162,7 +167,8 @@ def merger_part(spec: ModelSpec, weights: CheckpointWeights) -> PartSpec:
         return ({0: v.merge_unit * Dim("units", min=1, max=1 << 20)},)
 
     axes = {"vision_hidden": {0: "vision_tokens"}, "image_embeds": {0: "image_tokens"}}
-    return PartSpec("merger", module, example, dynamic, axes, ("vision_hidden",), weights, "visual.merger.")
+    return PartSpec("merger", module, example, dynamic, axes, ("vision_hidden",), weights, "visual.merger.",
+                    description=_describe("merger", spec))
 
 
 def decoder_part(spec: ModelSpec, weights: CheckpointWeights) -> PartSpec:
@@ -206,7 +212,15 @@ def decoder_part(spec: ModelSpec, weights: CheckpointWeights) -> PartSpec:
             axes[f"past_key_values.{i}.{kind}"] = {0: "batch", 2: "past"}
             axes[f"present.{i}.{kind}"] = {0: "batch", 2: "past_plus_seq"}
     low = ("image_embeds", "deepstack_embeds") + tuple(n for n in axes if n.startswith("past_key_values."))
-    return PartSpec("decoder", module, example, dynamic, axes, low, weights, "model.")
+    return PartSpec("decoder", module, example, dynamic, axes, low, weights, "model.",
+                    description=_describe("decoder", spec))
+
+
+def _describe(part: str, spec: ModelSpec, **options) -> dict:
+    """What a part's traced graph is built from: the spec (its generation settings aside) and options."""
+    stated = spec.to_dict()
+    stated.pop("generation", None)
+    return {"part": part, "spec": stated, **options}
 
 
 def trace_part(part: PartSpec, dtype: str = "float32"):
@@ -221,14 +235,38 @@ def trace_part(part: PartSpec, dtype: str = "float32"):
     The exporter's optimizer is off for the trace (it would fold transposes of the uninitialised
     weights into constants); it runs after the weights are bound, with every weight transpose
     already folded lazily, so it finds nothing large to fold and reads no weight.
+
+    A part with a ``description`` is looked up in the trace cache first (``export/trace_cache.py``):
+    the graph before its weights are bound depends on the description and ``dtype`` only.
     """
-    import torch
     from onnxscript.optimizer import optimize_ir
 
+    from qvl_export.export import trace_cache
     from qvl_export.export.lazy_weights import bind_lazy, fold_weight_transposes
     from qvl_export.loading.weights import load_plan
 
     module = part.skeleton()
+    aliases, transposed = part.names(module)
+    plan = load_plan(module, part.prefix, aliases, transposed)
+    key = trace_cache.trace_key(part.description, dtype) if part.description else None
+    model = trace_cache.load(key) if key else None
+    if model is not None:
+        log.info("%s: traced graph read from the trace cache", part.name)
+    else:
+        model = trace_cache.settle(_export(part, module, dtype), {name for name, _, _ in plan}, key)
+    bind_lazy(model, part.weights, plan, set(transposed), dtype)
+    _own_initializers(model)  # the buffers (rotary tables): small, computed by the module
+    del module
+    gc.collect()
+    fold_weight_transposes(model)
+    optimize_ir(model)
+    return model
+
+
+def _export(part: PartSpec, module, dtype: str):
+    """``torch.onnx.export`` of the skeleton ``module`` on the part's example inputs in ``dtype``."""
+    import torch
+
     args = part.example(module)
     if dtype != "float32":
         low = getattr(torch, dtype)
@@ -262,13 +300,6 @@ def trace_part(part: PartSpec, dtype: str = "float32"):
         )
     model = program.model
     _rename_dims(model, part.axes)
-    aliases, transposed = part.names(module)
-    bind_lazy(model, part.weights, load_plan(module, part.prefix, aliases, transposed), set(transposed), dtype)
-    _own_initializers(model)  # the buffers (rotary tables): small, computed by the module
-    del program, module, args
-    gc.collect()
-    fold_weight_transposes(model)
-    optimize_ir(model)
     return model
 
 
