@@ -73,8 +73,9 @@ _WARNED: set[Path] = set()
 
 
 def _shared_int8_weight(path: Path) -> str | None:
-    """The first int8 initializer dequantized for more than one consumer in the graph at ``path`` (the
-    graph only: external weights are not read), else None."""
+    """The first int8 initializer dequantized for more than one consumer in the graph at ``path`` - one
+    DequantizeLinear read by several nodes, or several reading it - else None (the graph only: external
+    weights are not read). A Gather of its int8 rows beside a single DequantizeLinear does not count."""
     import onnx
 
     graph = onnx.load(str(path), load_external_data=False).graph
@@ -83,11 +84,14 @@ def _shared_int8_weight(path: Path) -> str | None:
     for node in graph.node:
         for name in node.input:
             uses[name] = uses.get(name, 0) + 1
+    dequantized: dict[str, int] = {}  # int8 initializer -> DequantizeLinear nodes reading it
     for node in graph.node:
         if node.op_type == "DequantizeLinear" and node.input[0] in int8:
-            if uses[node.input[0]] > 1 or uses.get(node.output[0], 0) > 1:
+            dequantized[node.input[0]] = dequantized.get(node.input[0], 0) + 1
+            if uses.get(node.output[0], 0) > 1:
                 return node.input[0]
-    return None
+    # int8 rows gathered before dequantizing (the ort target's tied table: Gather beside one DQ) are fine
+    return next((name for name, count in dequantized.items() if count > 1), None)
 
 
 class OrtBackend:

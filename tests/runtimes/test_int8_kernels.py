@@ -48,30 +48,38 @@ def test_int8_weight_dequantized_for_two_consumers_still_loads(tmp_path):
     table = rng.integers(-128, 128, (hidden, vocab)).astype(np.int8)  # values past [-64, 64]: converted
     scale = (rng.random(vocab) * 0.01 + 0.001).astype(np.float32)
 
-    def model(tied: bool):
-        nodes = [helper.make_node("DequantizeLinear", ["wq", "ws", "wz"], ["w"], axis=1),
-                 helper.make_node("Gather", ["w", "ids"] if tied else ["emb", "ids"], ["e"], axis=1),
+    def model(tied: bool | str):
+        gather = [helper.make_node("Gather", ["w", "ids"] if tied else ["emb", "ids"], ["e"], axis=1)]
+        if tied == "rows":  # the ort target's form: int8 rows gathered, then dequantized; one DQ for the MatMul
+            gather = [helper.make_node("Gather", ["wq", "ids"], ["eq"], axis=1),
+                      helper.make_node("Gather", ["ws", "ids"], ["es"], axis=0),
+                      helper.make_node("Unsqueeze", ["es", "zero"], ["es2"]),
+                      helper.make_node("Cast", ["eq"], ["ef"], to=TensorProto.FLOAT),
+                      helper.make_node("Mul", ["ef", "es2"], ["e"])]
+        nodes = [helper.make_node("DequantizeLinear", ["wq", "ws", "wz"], ["w"], axis=1), *gather,
                  helper.make_node("Transpose", ["e"], ["et"], perm=[1, 0]),
                  helper.make_node("MatMul", ["et", "w"], ["logits"])]
         inits = [numpy_helper.from_array(table, "wq"), numpy_helper.from_array(scale, "ws"),
                  numpy_helper.from_array(np.zeros(vocab, np.int8), "wz")]
         if not tied:
             inits.append(numpy_helper.from_array(rng.standard_normal((hidden, vocab)).astype(np.float32), "emb"))
+        if tied == "rows":
+            inits.append(numpy_helper.from_array(np.zeros(1, np.int64), "zero"))
         graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("ids", TensorProto.INT64, [None])],
                                   [helper.make_tensor_value_info("logits", TensorProto.FLOAT, [None, vocab])], inits)
-        path = tmp_path / f"tied{int(tied)}.onnx"
+        path = tmp_path / f"tied-{tied}.onnx"
         onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)]), path)
         return path
 
     part = SimpleNamespace(precision="int8")
-    for tied in (True, False):
+    for tied in (True, False, "rows"):
         path = model(tied)
         opts, disabled = session_options(part, threads=1, path=path)
         try:
             exact = opts.get_session_config_entry("session.x64quantprecision") == "1"
         except RuntimeError:  # not set
             exact = False
-        assert exact is not tied
+        assert exact is (tied is not True)
         sess = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"], disabled_optimizers=disabled)
         assert sess.run(None, {"ids": np.array([3, 299])})[0].shape == (2, vocab)
     opts, disabled = session_options(part, threads=1)  # asked for the exact kernels regardless: the graph fails
