@@ -76,7 +76,7 @@ def _isolated_cache(tmp_path_factory):
     base = tmp_path_factory.getbasetemp()
     if os.environ.get("PYTEST_XDIST_WORKER"):
         base = base.parent  # pytest-N/, above the workers' own folders
-    os.environ.setdefault("QVL_EXPORT_TRACE_CACHE", str(base / "trace-cache"))
+    os.environ["QVL_EXPORT_TRACE_CACHE"] = str(base / "trace-cache")  # a user's setting is not inherited
 
 
 @pytest.fixture(scope="session")
