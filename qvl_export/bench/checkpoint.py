@@ -25,12 +25,69 @@ log = logging.getLogger(__name__)
 
 
 def make_bench_checkpoint(out_dir: str | Path, model: BenchModel) -> Path:
-    """Write a random-weight checkpoint of ``model`` (real widths, ``model.dims`` depth) to ``out_dir``."""
+    """Write a random-weight checkpoint of ``model`` (real widths, ``model.dims`` depth) to ``out_dir``: with
+    ``save_pretrained`` in fp32, or tensor by tensor in the model's ``dtype`` where that is not fp32."""
     out = Path(out_dir)
     for pattern in ("model*.safetensors", "model.safetensors.index.json"):  # a shorter rerun leaves no stale shards
         for stale in out.glob(pattern):
             stale.unlink()
-    return make_checkpoint(out, replace(model.dims, vocab_size=model.vocab_size, rms_norm_eps=model.rms_norm_eps))
+    dims = replace(model.dims, vocab_size=model.vocab_size, rms_norm_eps=model.rms_norm_eps)
+    if model.dtype != "float32":
+        return make_streamed_checkpoint(out, dims, model.dtype)
+    return make_checkpoint(out, dims)
+
+
+def make_streamed_checkpoint(out_dir: str | Path, dims, dtype: str = "bfloat16", shard_bytes: int = 1 << 30) -> Path:
+    """The checkpoint ``make_checkpoint`` writes, with every floating-point weight in ``dtype``, generated
+    one tensor at a time and written shard by shard: a model too large to hold in fp32 (Qwen2.5-VL-7B:
+    33 GB) is made in a shard's memory. The model is instantiated on the meta device for its parameter
+    names and shapes (saved under the names ``save_pretrained`` gives them); weights are drawn as ``make_checkpoint``'s are (normal(0, init_std), norms
+    uniform(0.5, 1.5), biases normal(0, init_std)); a tied lm_head is left out as ``save_pretrained``
+    leaves it out. Not the same random values as ``make_checkpoint`` for the same seed."""
+    import torch
+
+    from qvl_export.loading.synthetic import (build_model_config, is_norm_weight, train_tokenizer,
+                                              write_processing_files)
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    for stale in list(out.glob("model*.safetensors")) + list(out.glob("model.safetensors.index.json")):
+        stale.unlink()
+    tok = train_tokenizer(dims.tokenizer_vocab, dims.seed)
+    config, model_cls = build_model_config(dims, tok)
+    with torch.device("meta"):
+        model = model_cls(config)
+    tied = model.config.get_text_config().tie_word_embeddings
+    target = getattr(torch, dtype)
+    gen = torch.Generator().manual_seed(dims.seed)
+
+    # the names save_pretrained writes (transformers reverts its load-time renames: Qwen2-VL / Qwen2.5-VL
+    # checkpoints keep the hub's "model.layers." / "visual." keys)
+    from transformers.core_model_loading import revert_weight_conversion
+
+    params = revert_weight_conversion(model, model.state_dict())
+
+    def tensors():
+        for name, p in params.items():
+            if tied and name == "lm_head.weight":
+                continue
+            if not p.is_floating_point():
+                yield name, torch.zeros(p.shape, dtype=p.dtype)
+                continue
+            t = torch.empty(p.shape, dtype=torch.float32)
+            if is_norm_weight(name):
+                t.uniform_(0.5, 1.5, generator=gen)
+            else:
+                t.normal_(0.0, dims.init_std, generator=gen)
+            yield name, t.to(target)
+
+    write_shards(tensors(), out, shard_bytes)
+    config.dtype = dtype
+    config.architectures = [model_cls.__name__]
+    config.save_pretrained(out)
+    write_processing_files(out, tok, dims)
+    return out
+
 
 
 def write_shards(tensors, out: Path, shard_bytes: int = 1 << 30) -> dict[str, str]:
@@ -152,3 +209,26 @@ def read_safetensors(module, model_dir: Path, prefix: str, renames: dict[str, st
                     view = target.data.view(-1).view(torch.uint8)  # contiguous parameter storage
                     f.readinto(memoryview(view.numpy()))
     return filled
+
+
+def main(argv: list[str] | None = None) -> None:
+    """``python -m qvl_export.bench.checkpoint MODEL OUT [--layers N] [--dtype D]``: write a benchmark
+    checkpoint (the random weights ``qvl-export bench`` builds from) to build or gate by hand."""
+    import argparse
+
+    from qvl_export.bench.configs import MODELS, bench_model
+
+    ap = argparse.ArgumentParser(description=main.__doc__.splitlines()[0])
+    ap.add_argument("model", choices=sorted(MODELS))
+    ap.add_argument("out", type=Path)
+    ap.add_argument("--layers", type=int, default=None, help="cut to N layers (default: full depth)")
+    ap.add_argument("--dtype", default=None, help="weights' dtype (default: the model's: fp32, bf16 for 7B)")
+    args = ap.parse_args(argv)
+    model = bench_model(args.model, args.layers)
+    if args.dtype:
+        model = replace(model, dtype=args.dtype)
+    print(make_bench_checkpoint(args.out, model))
+
+
+if __name__ == "__main__":
+    main()

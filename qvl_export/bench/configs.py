@@ -40,6 +40,9 @@ class BenchModel:
     vocab_size: int | None = None  # None: the tokenizer's vocabulary padded to 64 (tiny models)
     hub_id: str | None = None  # the checkpoint whose config.json the widths come from
     rms_norm_eps: float | None = None  # None: transformers' default
+    # the weights' dtype: "bfloat16" for a model too large to make (or run) in fp32 here - written one
+    # tensor at a time by ``checkpoint.make_streamed_checkpoint``
+    dtype: str = "float32"
 
     @property
     def full_depth(self) -> tuple[int, int]:
@@ -86,6 +89,18 @@ MODELS: dict[str, BenchModel] = {
                        max_position_embeddings=128000, init_std=0.02,
                        min_pixels=REAL_MIN_PIXELS, max_pixels=REAL_MAX_PIXELS, seed=3),
         vocab_size=151936, hub_id="Qwen/Qwen2.5-VL-3B-Instruct", rms_norm_eps=1e-6),
+    # Qwen/Qwen2.5-VL-7B-Instruct: the 3B's ViT with a merger to 3584, LLM 28 x 3584 (28 heads, 4 KV heads,
+    # intermediate 18944), untied 152064-row tables. 33 GB in fp32: made in bf16 (as it ships), one tensor
+    # at a time.
+    "qwen2.5-vl-7b": BenchModel(
+        "qwen2.5-vl-7b",
+        CheckpointDims(family="qwen2_5_vl", vision_depth=32, vision_hidden=1280, vision_heads=16,
+                       vision_intermediate=3420, fullatt_block_indexes=(7, 15, 23, 31), window_size=112,
+                       text_hidden=3584, text_layers=28, text_heads=28, text_kv_heads=4,
+                       text_intermediate=18944, mrope_section=(16, 24, 24), tie_word_embeddings=False,
+                       max_position_embeddings=128000, init_std=0.02,
+                       min_pixels=REAL_MIN_PIXELS, max_pixels=REAL_MAX_PIXELS, seed=6),
+        vocab_size=152064, hub_id="Qwen/Qwen2.5-VL-7B-Instruct", rms_norm_eps=1e-6, dtype="bfloat16"),
     # Qwen/Qwen3-VL-2B-Instruct: ViT 24 x 1024 (16 heads, tanh-GELU 4096, patch 16, 48 x 48 position
     # table, DeepStack from blocks 5/11/17), merger to 2048, LLM 28 x 2048 (16 heads, 8 KV heads,
     # head_dim 128, q/k norm, interleaved M-RoPE [24, 20, 20], rope_theta 5e6), tied embeddings.

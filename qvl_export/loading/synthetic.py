@@ -251,6 +251,11 @@ def write_processing_files(out_dir: str | Path, tok, dims: CheckpointDims) -> No
     }, indent=2))
 
 
+def is_norm_weight(name: str) -> bool:
+    """Parameters the synthetic checkpoints draw uniform(0.5, 1.5): RMSNorm / LayerNorm weights."""
+    return name.endswith("norm.weight") or any(s in name for s in (".norm1.", ".norm2.", "ln_q", ".norm."))
+
+
 def make_checkpoint(out_dir: str | Path, dims: CheckpointDims = CheckpointDims()) -> Path:
     """Write a complete random-weight checkpoint of ``dims.family`` into ``out_dir``."""
     import torch
@@ -264,8 +269,7 @@ def make_checkpoint(out_dir: str | Path, dims: CheckpointDims = CheckpointDims()
     model = model_cls(config).eval()
     with torch.no_grad():  # norms start at 1.0; randomise them so parity sees their weights
         for name, p in model.named_parameters():
-            if name.endswith("norm.weight") or ".norm1." in name or ".norm2." in name or "ln_q" in name \
-                    or ".norm." in name:
+            if is_norm_weight(name):
                 p.uniform_(0.5, 1.5)
             elif name.endswith(".bias"):
                 p.normal_(0.0, dims.init_std)
