@@ -21,14 +21,15 @@ from pathlib import Path
 
 import numpy as np
 
-FP8_MAX = 448.0
+from qvl_export.calibration.qdq import FP8_MAX, quantize_weight
 
 
 def fake_fp8(x: np.ndarray, amax) -> np.ndarray:
-    import ml_dtypes
-
-    scale = np.asarray(amax, np.float32) / FP8_MAX
-    return np.clip(x / scale, -FP8_MAX, FP8_MAX).astype(ml_dtypes.float8_e4m3fn).astype(np.float32) * scale
+    """``x`` through the build's own E4M3 rounding (``qdq.quantize_weight``) and back, with scale
+    ``amax / 448``: per tensor for a scalar ``amax``, per output column for an [1, N] one."""
+    amax = np.asarray(amax, np.float32)
+    scale = amax / FP8_MAX
+    return quantize_weight("fp8", x, scale.reshape(-1) if amax.ndim else scale, 1).astype(np.float32) * scale
 
 
 def variants(x: np.ndarray, w: np.ndarray, x_amax: float) -> dict[str, float]:

@@ -28,9 +28,7 @@ def make_bench_checkpoint(out_dir: str | Path, model: BenchModel) -> Path:
     """Write a random-weight checkpoint of ``model`` (real widths, ``model.dims`` depth) to ``out_dir``: with
     ``save_pretrained`` in fp32, or tensor by tensor in the model's ``dtype`` where that is not fp32."""
     out = Path(out_dir)
-    for pattern in ("model*.safetensors", "model.safetensors.index.json"):  # a shorter rerun leaves no stale shards
-        for stale in out.glob(pattern):
-            stale.unlink()
+    _remove_weights(out)
     dims = replace(model.dims, vocab_size=model.vocab_size, rms_norm_eps=model.rms_norm_eps)
     if model.dtype != "float32":
         return make_streamed_checkpoint(out, dims, model.dtype)
@@ -41,8 +39,8 @@ def make_streamed_checkpoint(out_dir: str | Path, dims, dtype: str = "bfloat16",
     """The checkpoint ``make_checkpoint`` writes, with every floating-point weight in ``dtype``, generated
     one tensor at a time and written shard by shard: a model too large to hold in fp32 (Qwen2.5-VL-7B:
     33 GB) is made in a shard's memory. The model is instantiated on the meta device for its parameter
-    names and shapes (saved under the names ``save_pretrained`` gives them); weights are drawn as ``make_checkpoint``'s are (normal(0, init_std), norms
-    uniform(0.5, 1.5), biases normal(0, init_std)); a tied lm_head is left out as ``save_pretrained``
+    names and shapes (saved under the names ``save_pretrained`` gives them); weights are drawn as
+    ``make_checkpoint``'s are (normal(0, init_std), norms uniform(0.5, 1.5), biases normal(0, init_std)); a tied lm_head is left out as ``save_pretrained``
     leaves it out. Not the same random values as ``make_checkpoint`` for the same seed."""
     import torch
 
@@ -51,8 +49,7 @@ def make_streamed_checkpoint(out_dir: str | Path, dims, dtype: str = "bfloat16",
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    for stale in list(out.glob("model*.safetensors")) + list(out.glob("model.safetensors.index.json")):
-        stale.unlink()
+    _remove_weights(out)
     tok = train_tokenizer(dims.tokenizer_vocab, dims.seed)
     config, model_cls = build_model_config(dims, tok)
     with torch.device("meta"):
@@ -88,6 +85,12 @@ def make_streamed_checkpoint(out_dir: str | Path, dims, dtype: str = "bfloat16",
     write_processing_files(out, tok, dims)
     return out
 
+
+def _remove_weights(out: Path) -> None:
+    """Delete the weight shards and index an earlier (larger) write left in ``out``."""
+    for pattern in ("model*.safetensors", "model.safetensors.index.json"):
+        for stale in out.glob(pattern):
+            stale.unlink()
 
 
 def write_shards(tensors, out: Path, shard_bytes: int = 1 << 30) -> dict[str, str]:
@@ -128,8 +131,7 @@ def convert_checkpoint(src: str | Path, out: str | Path, dtype: str = "bfloat16"
 
     src, out = Path(src), Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    for stale in list(out.glob("model*.safetensors")) + list(out.glob("model.safetensors.index.json")):
-        stale.unlink()
+    _remove_weights(out)
     for path in src.iterdir():
         if path.is_file() and not path.name.startswith("model") and path.name != "config.json":
             shutil.copy2(path, out / path.name)
