@@ -224,11 +224,13 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("model", choices=sorted(MODELS))
     ap.add_argument("out", type=Path)
     ap.add_argument("--layers", type=int, default=None, help="cut to N layers (default: full depth)")
-    ap.add_argument("--dtype", default=None, help="weights' dtype (default: the model's: fp32, bf16 for 7B)")
+    names = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
+    ap.add_argument("--dtype", default=None, choices=sorted(names) + sorted(names.values()),
+                    help="weights' dtype (default: the model's: fp32, bf16 for 7B)")
     args = ap.parse_args(argv)
     model = bench_model(args.model, args.layers)
     if args.dtype:
-        model = replace(model, dtype=args.dtype)
+        model = replace(model, dtype=names.get(args.dtype, args.dtype))
     print(make_bench_checkpoint(args.out, model))
 
 

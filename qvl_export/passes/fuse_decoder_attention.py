@@ -39,9 +39,12 @@ variant rule (``NormedAttentionToGQA``) keeps the norms where they are and feeds
 (transformers' Qwen3VLTextAttention: q_norm/k_norm, then the rotary, then attention).
 
 Valid when: the head dim is a multiple of 8 (onnxruntime's GQA CPU kernel refuses others when it runs),
-every layer has exactly this structure, q/k/cos/sin are float32 (RotaryEmbedding would
-do the RoPE math in the graph's dtype) and the mask is the decoder's own causal mask with the past
-length read from the past K/V (checked; a partial match raises, as it would mix two cache layouts).
+every layer has exactly this structure, cos/sin are float32 and q/k/v float32 - or float16 with the
+rotary and the scores computed in float32 between Casts, as the float16 trace has them (the ``half``
+rules: RotaryEmbedding stays between those Casts, GQA takes the float16 tensors and cache; bfloat16 is
+left plain, onnxruntime's CPU GQA has no bfloat16 kernel) - and the mask is the decoder's own causal mask
+with the past length read from the past K/V (checked; a partial match raises, as it would mix two cache
+layouts).
 Limits inherited from GQA: a multi-token step on a non-empty cache needs batch 1 (prefill always
 starts from an empty cache); batches must not hold padding (as for the plain graph). onnxruntime
 only: the trt target keeps the plain graph.
@@ -159,7 +162,24 @@ def _scalar(value: ir.Value | None) -> float | None:
 class AttentionToGQA(pattern.RewriteRuleClassBase):
     """One decoder layer's attention -> RotaryEmbedding x 2 + GroupQueryAttention over the graph inputs
     ``seqlens_k`` / ``total_sequence_length`` (``add_cache_inputs`` adds them first); the check says why a
-    candidate is left."""
+    candidate is left.
+
+    ``half``: the decoder traced in float16 (``models.common``: the rotary and the scores run in float32
+    between Casts, the probabilities are cast back before ``probs @ v``). The rewrite keeps the rotary in
+    float32 (RotaryEmbedding between the same Casts) and gives GroupQueryAttention the float16 q/k/v and
+    cache; its kernels compute q k^T, the softmax and probs @ v in float32 (onnxruntime's CPU kernel widens
+    each head's q/k/v; it skips the traced graph's rounding of the probabilities to float16)."""
+
+    def __init__(self, half: bool = False):
+        super().__init__(f"{type(self).__name__}{'Half' if half else ''}")
+        self.half = half
+        self.dtype = ir.DataType.FLOAT16 if half else ir.DataType.FLOAT
+
+    def _widen(self, op, x):
+        return op.Cast(x, to=ir.DataType.FLOAT) if self.half else x
+
+    def _narrow(self, op, x):
+        return op.Cast(x, to=ir.DataType.FLOAT16) if self.half else x
 
     def pattern(self, op, q_lin, k_lin, v_lin, q_shape, k_shape, v_shape, cos, sin, past_key, past_value,
                 allowed, scale, min_value, grouped_shape, heads_shape, out_shape):
@@ -168,19 +188,19 @@ class AttentionToGQA(pattern.RewriteRuleClassBase):
         return self.attention(op, q, k, v_lin, v_shape, cos, sin, past_key, past_value, allowed, scale, min_value,
                               grouped_shape, heads_shape, out_shape)
 
-    @staticmethod
-    def attention(op, q, k, v_lin, v_shape, cos, sin, past_key, past_value, allowed, scale, min_value,
+    def attention(self, op, q, k, v_lin, v_shape, cos, sin, past_key, past_value, allowed, scale, min_value,
                   grouped_shape, heads_shape, out_shape):
         """The layer's attention from q [B, H, T, Dh] and k [B, Hkv, T, Dh] on (both rules share it)."""
         qv, kv = _rotary_vars("q"), _rotary_vars("k")
         v = op.Transpose(op.Reshape(v_lin, v_shape), perm=[0, 2, 1, 3])
-        q_rot = _rotary_pattern(op, q, cos, sin, **qv)
-        k_rot = _rotary_pattern(op, k, cos, sin, **kv)
+        q_rot = self._narrow(op, _rotary_pattern(op, self._widen(op, q), cos, sin, **qv))
+        k_rot = self._narrow(op, _rotary_pattern(op, self._widen(op, k), cos, sin, **kv))
         present_key = op.Concat(past_key, k_rot, axis=2)
         present_value = op.Concat(past_value, v, axis=2)
         q_grouped = op.Reshape(q_rot, grouped_shape, _outputs=["q_grouped"])
-        scores = op.Mul(op.MatMul(q_grouped, op.Transpose(present_key, perm=[0, 1, 3, 2])), scale)
-        probs = op.Softmax(op.Where(allowed, scores, min_value), axis=-1)
+        keys_t = op.Transpose(self._widen(op, present_key), perm=[0, 1, 3, 2])
+        scores = op.Mul(op.MatMul(self._widen(op, q_grouped), keys_t), scale)
+        probs = self._narrow(op, op.Softmax(op.Where(allowed, scores, min_value), axis=-1))
         context = op.MatMul(probs, present_value)
         heads = op.Transpose(op.Reshape(context, heads_shape), perm=[0, 2, 1, 3])
         return op.Reshape(heads, out_shape), present_key, present_value
@@ -212,8 +232,9 @@ class AttentionToGQA(pattern.RewriteRuleClassBase):
             s = shapes[name]
             if s[1] != 1 or s[3] != head_dim:
                 return result.fail(f"{name} is not [B, 1, T, head_dim]", cos if name == "cos" else sin)
-        if q_bsnh.dtype != ir.DataType.FLOAT or cos.dtype != ir.DataType.FLOAT:
-            return result.fail("fp32 only: RotaryEmbedding would run the RoPE math in the graph's dtype")
+        if q_bsnh.dtype != self.dtype or cos.dtype != ir.DataType.FLOAT:
+            return result.fail(f"q is {q_bsnh.dtype}, cos {cos.dtype}: this rule takes {self.dtype} q/k/v with "
+                               "float32 rotary tables")
         for table in (cos, sin):
             if not _halves_equal(table):
                 return result.fail("cos/sin are not cat(freqs, freqs): a [.., Dh/2] table cannot hold them",
@@ -260,10 +281,10 @@ class AttentionToGQA(pattern.RewriteRuleClassBase):
         count = op.ReduceProd(batch_seq, keepdims=0)
         row_of_token = op.Reshape(op.Range(op.Constant(value_int=0), count, op.Constant(value_int=1)),
                                   batch_seq)  # [B, T]
-        q = op.RotaryEmbedding(q_lin, row_of_token, cos_table, sin_table, num_heads=self.heads,
-                               rotary_embedding_dim=self.head_dim, interleaved=0, _domain="com.microsoft")
-        k = op.RotaryEmbedding(k_lin, row_of_token, cos_table, sin_table, num_heads=self.kv_heads,
-                               rotary_embedding_dim=self.head_dim, interleaved=0, _domain="com.microsoft")
+        q, k = (self._narrow(op, op.RotaryEmbedding(self._widen(op, x), row_of_token, cos_table, sin_table,
+                                                    num_heads=heads, rotary_embedding_dim=self.head_dim,
+                                                    interleaved=0, _domain="com.microsoft"))
+                for x, heads in ((q_lin, self.heads), (k_lin, self.kv_heads)))
         return op.GroupQueryAttention(
             q, k, v_lin, past_key, past_value, self.seqlens_k, self.total_len,
             num_heads=self.heads, kv_num_heads=self.kv_heads, scale=self.scale, do_rotary=0,
@@ -296,9 +317,10 @@ class NormedAttentionToGQA(AttentionToGQA):
 
 
 # the rules alone (a test can apply them to a graph of its own, after add_cache_inputs)
-ATTENTION_TO_GQA = AttentionToGQA.rule(name="AttentionToGQA")
-NORMED_ATTENTION_TO_GQA = NormedAttentionToGQA.rule(name="NormedAttentionToGQA")
-ATTENTION_RULES = pattern.RewriteRuleSet([ATTENTION_TO_GQA, NORMED_ATTENTION_TO_GQA])
+ATTENTION_TO_GQA = AttentionToGQA.rule()
+NORMED_ATTENTION_TO_GQA = NormedAttentionToGQA.rule()
+ATTENTION_RULES = pattern.RewriteRuleSet([ATTENTION_TO_GQA, NORMED_ATTENTION_TO_GQA,
+                                          AttentionToGQA.rule(half=True), NormedAttentionToGQA.rule(half=True)])
 
 
 def add_cache_inputs(graph: ir.Graph) -> tuple[ir.Value, ir.Value]:

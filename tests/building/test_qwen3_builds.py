@@ -56,7 +56,7 @@ def test_ort_build_passes_its_gate(precision, checkpoint, tmp_path):
     m = Manifest.read(out)
     decoder = onnx.load(out / m.parts["decoder"].file, load_external_data=False)
     ops = {n.op_type for n in decoder.graph.node}
-    if "int4" in precision:  # fp32 activations: the q/k-normed attention is fused (fp16 graphs keep theirs)
+    if "int4" in precision:  # MatMulNBits, and the q/k-normed attention fused
         assert {"MatMulNBits", "GroupQueryAttention"} <= ops and m.parts["decoder"].precision == "int4"
     elif precision == "int8":  # W8A8 on integer kernels in every part, the decoder's activation scales dynamic
         assert "DynamicQuantizeLinear" in ops and m.calibration.quantization["decoder"]["activations"] == "dynamic"
@@ -64,6 +64,7 @@ def test_ort_build_passes_its_gate(precision, checkpoint, tmp_path):
 
         for name, (float_on_dq, kernels) in optimized_ops(out, m, tmp_path).items():
             assert not float_on_dq and sum(kernels.values()) == m.calibration.quantization[name]["quantized_count"]
-    else:
+    else:  # fp16: the q/k-normed attention fused too, its rotary in fp32 between casts
         assert m.parts["decoder"].input("deepstack_embeds").dtype == "float16"
+        assert {"GroupQueryAttention", "RotaryEmbedding"} <= ops and m.parts["decoder"].input("seqlens_k")
     _gate(out, checkpoint)

@@ -18,24 +18,26 @@ from qvl_export.passes.base import GraphPassResult, op_counts, run_passes
 
 @pytest.fixture(scope="session")
 def traced(tmp_path_factory, checkpoint):
-    """traced(family, part) -> a fresh ``onnx_ir.Model`` of the part, plain (only the cleanup passes)."""
+    """traced(family, part, dtype="float32") -> a fresh ``onnx_ir.Model`` of the part traced in ``dtype``,
+    plain (only the cleanup passes)."""
     from qvl_export.export.parts import decoder_part, merger_part, trace_part, vision_part
     from qvl_export.loading.weights import CheckpointWeights
 
     folder = tmp_path_factory.mktemp("traced")
-    saved: dict[tuple[str, str], object] = {}
+    saved: dict[tuple[str, str, str], object] = {}
 
-    def get(family: str, part: str) -> ir.Model:
-        if (family, part) not in saved:
+    def get(family: str, part: str, dtype: str = "float32") -> ir.Model:
+        key = (family, part, dtype)
+        if key not in saved:
             ckpt = checkpoint(family)
             spec, weights = parse_model_config(ckpt), CheckpointWeights(ckpt)
             make = {"vision": vision_part, "merger": merger_part, "decoder": decoder_part}[part]
-            model = trace_part(make(spec, weights))
+            model = trace_part(make(spec, weights), dtype)
             cleanup(model)
-            path = folder / f"{family}-{part}.onnx"
+            path = folder / f"{family}-{part}-{dtype}.onnx"
             ir.save(model, path)
-            saved[(family, part)] = path
-        return ir.load(saved[(family, part)])
+            saved[key] = path
+        return ir.load(saved[key])
 
     return get
 
@@ -88,6 +90,8 @@ def run_decoder(model: ir.Model, spec, *, batch: int = 1, steps: int = 3, seed: 
     sess = session(model)
     inputs = [i.name for i in sess.get_inputs()]
     outputs = [o.name for o in sess.get_outputs()]
+    float_type = {i.name: i.type for i in sess.get_inputs()}["image_embeds"]  # the graph's activation dtype
+    dtype = np.float16 if float_type == "tensor(float16)" else np.float32
     layout, shared = kv_layout(inputs), in_place_outputs(inputs, outputs)
     text, tok = spec.text, spec.tokens
     rng = np.random.default_rng(seed)
@@ -99,17 +103,20 @@ def run_decoder(model: ir.Model, spec, *, batch: int = 1, steps: int = 3, seed: 
     positions, delta = indexing.rope_index(ids, [grid], tok, spec.vision.spatial_merge_size)
     input_ids = np.repeat(ids[None], batch, 0)
     position_ids = np.repeat(positions[:, None, :], batch, 1)
-    embeds = rng.standard_normal((batch * n_image, text.hidden_size)).astype(np.float32)
-    cache = KVCache(text.num_hidden_layers, text.num_key_value_heads, text.head_dim, np.float32, batch)
+    embeds = rng.standard_normal((batch * n_image, text.hidden_size)).astype(dtype)
+    cache = KVCache(text.num_hidden_layers, text.num_key_value_heads, text.head_dim, dtype, batch)
+    levels = spec.vision.deepstack if "deepstack_embeds" in inputs else 0  # Qwen3-VL
+    deepstack = rng.standard_normal((levels, len(embeds), text.hidden_size)).astype(dtype) if levels else None
     results = []
     for _ in range(steps + 1):
-        feeds = decoder_feeds(layout, input_ids, embeds, position_ids, cache)
+        feeds = decoder_feeds(layout, input_ids, embeds, position_ids, cache, deepstack)
         out = run_in_place(sess, outputs, feeds, shared) if shared else sess.run(outputs, feeds)
         advance_cache(layout, cache, out[1:], input_ids.shape[1])
         results.append({"logits": out[0].copy(), "kv": [a.copy() for a in cache.valid()],
                         "buffers": list(cache.arrays)})
         input_ids = rng.integers(0, 50, (batch, 1)).astype(np.int64)
-        embeds = np.zeros((0, text.hidden_size), np.float32)
+        embeds = np.zeros((0, text.hidden_size), dtype)
+        deepstack = None if deepstack is None else deepstack[:, :0]
         position_ids = np.repeat(indexing.decode_positions(cache.length, delta, 1)[:, None, :], batch, 1)
     return results
 

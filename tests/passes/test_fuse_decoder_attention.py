@@ -106,3 +106,37 @@ def test_decoder_on_onnxruntime_target_only():
     assert "fuse_decoder_attention" in [p.name for p in select_passes("ort", "decoder", "graph")]
     assert "fuse_decoder_attention" not in [p.name for p in select_passes("trt", "decoder", "graph")]
     assert "fuse_decoder_attention" not in [p.name for p in select_passes("ort", "vision", "graph")]
+
+
+@pytest.mark.parametrize("family", ["qwen2_vl", "qwen2_5_vl", "qwen3_vl"])
+def test_float16_decoder_fuses_with_float32_rotary(family, traced, spec_of, harness):
+    """A decoder traced in float16 fuses too (rotary and scores run in float32 between casts there): GQA
+    takes the float16 q/k/v and cache, each RotaryEmbedding reads a float32 cast. Numbers: its cache equals
+    the plain float16 graph's to float16 rounding, and its logits are no further from the float32 graph's
+    than the plain float16 graph's are (GQA keeps the probabilities in float32)."""
+    spec = spec_of(family)
+    layers = spec.text.num_hidden_layers
+    plain, fused = traced(family, "decoder", "float16"), traced(family, "decoder", "float16")
+    fuse = harness.fuse(fused, FuseDecoderAttention())
+    assert fuse.modified and fuse.details["fused"] == layers, fuse.details
+    after = harness.counts(fused)
+    assert after["com.microsoft:GroupQueryAttention"] == layers and "Softmax" not in after
+    rotaries = [n for n in fused.graph if n.op_type == "RotaryEmbedding"]
+    assert len(rotaries) == 2 * layers
+    for node in rotaries:
+        assert node.inputs[0].dtype == ir.DataType.FLOAT and node.inputs[0].producer().op_type == "Cast"
+    by_name = {v.name: v for v in list(fused.graph.inputs) + list(fused.graph.outputs)}
+    assert by_name["past_key_values.0.key"].dtype == by_name["present.0.value"].dtype == ir.DataType.FLOAT16
+
+    reference = harness.run_decoder(traced(family, "decoder"), spec, steps=4)
+    before = harness.run_decoder(plain, spec, steps=4)
+    fused_steps = harness.run_decoder(fused, spec, steps=4)
+    for step, (ref, a, b) in enumerate(zip(reference, before, fused_steps)):
+        for ka, kb in zip(a["kv"], b["kv"]):
+            np.testing.assert_allclose(kb.astype(np.float32), ka.astype(np.float32), rtol=4e-3, atol=4e-3,
+                                       err_msg=f"kv, step {step}")
+        want = ref["logits"].astype(np.float64)
+        plain_err = np.abs(a["logits"].astype(np.float64) - want).max()
+        fused_err = np.abs(b["logits"].astype(np.float64) - want).max()
+        assert plain_err > 0, step  # float16 differs from float32: the comparison below means something
+        assert fused_err <= 1.25 * plain_err, (step, fused_err, plain_err)
