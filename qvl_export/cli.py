@@ -149,7 +149,8 @@ _BUILD_OUTPUT = [
     click.option("--target", type=click.Choice(list(TARGETS)), default="ort", show_default=True),
     click.option("--precision", default="fp32", show_default=True,
                  help=f"One of {', '.join(precisions.NAMES)} for every part (fp8: the decoder; the vision "
-                      "tower stays fp16, the merger fp32), or per part: vision=fp16,merger=fp16,decoder=int8."),
+                      "tower stays fp16, the merger fp32; int4: the decoder, the rest fp32), or per part: "
+                      "vision=fp16,merger=fp16,decoder=int8."),
 ]
 _BUILD_CALIBRATION = [
     click.option("--calib-docs", type=click.Path(path_type=Path), default=None,

@@ -106,9 +106,11 @@ REGISTRY: dict[str, Precision] = {p.name: p for p in (
     Precision("int8", CALIBRATED, "float32", 1.0, 4.0, (("ort", 1.0), ("trt", 4.0)), 4, bits=8,
               guard_budget=0.06, integer_kernels=True),
     # decoder weight-only: MatMulNBits on the ort target (fp32 activations, int8 token rows); on the trt
-    # target int4 DequantizeLinear blocks (TensorRT's weight-only form) in an fp16 graph (fp16 token table)
+    # target int4 DequantizeLinear blocks (TensorRT's weight-only form) in an fp16 graph (fp16 token table).
+    # A one-word --precision int4 means decoder=int4 (the vision parts stay fp32), as weight-only int4 is
+    # applied to the LLM by TensorRT-LLM, onnxruntime-genai and llama.cpp alike
     Precision("int4", WEIGHT_ONLY, "float32", 0.5, 4.0, (("ort", 1.0), ("trt", 2.0)), 5, parts=("decoder",),
-              bits=4, trace_on=(("trt", "float16"),),
+              bits=4, trace_on=(("trt", "float16"),), keeps=(("vision", "fp32"), ("merger", "fp32")),
               hint="int4 is weight-only quantization for the decoder (decode is memory-bound; the vision "
                    "parts are compute-bound): use --precision decoder=int4."),
 )}

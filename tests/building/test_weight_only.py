@@ -7,6 +7,7 @@ import onnx
 import pytest
 
 from qvl_export.building.artifacts import BuildOptions, build
+from qvl_export.core import precisions
 from qvl_export.core.errors import QvlError
 from qvl_export.core.manifest import Manifest
 from qvl_export.parity.gate import run_parity
@@ -59,11 +60,12 @@ def test_awq_int4_build_calibrates_records_and_passes_its_gate(checkpoint, tmp_p
 
 
 def test_int4_is_decoder_only(checkpoint, tmp_path):
-    with pytest.raises(QvlError, match="decoder=int4"):
-        build(checkpoint("qwen2_vl"), tmp_path / "a", BuildOptions(precision="int4"))
-    with pytest.raises(QvlError, match="decoder=int4"):
-        build(checkpoint("qwen2_vl"), tmp_path / "b", BuildOptions(precision="vision=int4", target="trt",
-                                                                   bundle=True))
+    """One word means the decoder (the vision parts stay fp32); naming a vision part int4 is refused."""
+    assert precisions.parse("int4") == precisions.parse("decoder=int4") == {
+        "vision": "fp32", "merger": "fp32", "decoder": "int4"}
+    for text in ("vision=int4", "merger=int4,decoder=int4"):
+        with pytest.raises(QvlError, match="decoder=int4"):
+            build(checkpoint("qwen2_vl"), tmp_path / "b", BuildOptions(precision=text, target="trt", bundle=True))
     assert not list(tmp_path.iterdir())  # refused before any work
 
 
@@ -137,7 +139,6 @@ def test_streaming_packer_writes_what_onnxruntime_writes(tmp_path):
     from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
 
     from qvl_export.building.weight_only import ACCURACY_LEVEL, BLOCK_SIZE, pack_weights
-    from qvl_export.core import precisions
 
     rng = np.random.default_rng(7)
     w1 = rng.standard_normal((96, 80)).astype(np.float32)  # K = 96: three blocks of 32
