@@ -114,6 +114,13 @@ class OrtBackend:
         self.sessions = {}
         self.output_names: dict[str, list[str]] = {}
         self.in_place: dict[str, dict[str, str]] = {}
+        no_kernels = [f"{name} ({part.precision})" for name, part in manifest.parts.items()
+                      if not registry.get(part.precision).cpu_kernels]
+        if no_kernels and self.providers == ["CPUExecutionProvider"]:
+            engines = (" build its TensorRT engines on the GPU device ('qvl-export engine FOLDER') and run those, or"
+                       if manifest.target == "trt" else "")
+            raise QvlError(f"{self.folder.name}: onnxruntime's CPU provider has no kernels for {', '.join(no_kernels)}:"
+                           f"{engines} rebuild with fp16 to run it here.")
         for name, part in manifest.parts.items():
             if not (self.folder / part.file).exists():
                 raise QvlError(f"{self.folder / part.file} is missing; the artifacts folder is incomplete: rebuild it.")

@@ -47,3 +47,16 @@ def test_build_engines_refuses_other_targets_before_tensorrt(artifacts):
         trt_target.build_engines(artifacts("qwen2_vl"), print, print)
     assert (artifacts("qwen2_vl") / MANIFEST).exists()
     Manifest.read(artifacts("qwen2_vl")).verify(artifacts("qwen2_vl"))  # untouched
+
+
+def test_bf16_bundle_is_refused_by_the_cpu_runtime_with_what_to_do(tmp_path, checkpoint):
+    """A bf16 bundle builds here (no gate: no CPU kernels), and the CPU runtime refuses it in one line
+    that names the parts and the engine command, instead of an onnxruntime kernel error."""
+    from qvl_export.building.artifacts import BuildOptions, build
+    from qvl_export.runtimes.pipeline import Pipeline
+
+    out = tmp_path / "bf16"
+    build(checkpoint("qwen2_vl"), out, BuildOptions(precision="bf16", target="trt", bundle=True))
+    assert {p.precision for p in Manifest.read(out).parts.values()} == {"bf16"}
+    with pytest.raises(QvlError, match=r"vision \(bf16\), merger \(bf16\), decoder \(bf16\).*qvl-export engine"):
+        Pipeline.load(out)
