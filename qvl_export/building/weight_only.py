@@ -12,8 +12,10 @@ table is looked up as int8 rows by the ``quantize_embeddings`` pass that follows
 
 MatMulNBits is a contrib op, for the ort target. The trt target gets the form TensorRT's weight-only
 quantization takes (``qdq_weights``): each weight an INT4 initializer read by a ``DequantizeLinear``
-with ``block_size`` 64 along K and a positive fp16 scale per block (``max|w| / 7``, symmetric,
-no zero point), feeding the MatMul in an fp16 graph (opset 21: blocked DQ and INT4). onnxruntime runs
+with ``block_size`` 64 along K and a positive fp16 scale per block (symmetric, no zero point; round
+to nearest searches each block's scale among ``max|w| / d``, d from 7 to 8, for the least squared
+error - d = 7 alone left the 16th level unused and cost the demo reader 4.65 points; AWQ keeps
+``max|w| / 7``, the grid its search assumes), feeding the MatMul in an fp16 graph (opset 21: blocked DQ and INT4). onnxruntime runs
 that graph on the CPU, so it passes the parity gate here before it goes to TensorRT.
 
 The registry's weight-only precisions come here (``building/quantize_stage.QUANTIZERS``); this module
@@ -24,11 +26,12 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from qvl_export.calibration.awq import SCALE_DIVISORS
 from qvl_export.core.precisions import Precision
 
 BLOCK_SIZE = 32  # values per fp32 scale (demo model: exact match 0.896 vs fp32 0.900)
 ACCURACY_LEVEL = 4  # int8 activations inside the kernel
-# TensorRT's int4 block sizes take 64 and 128; 64 is used: on the trained demo reader (250 held-out pages,
+# TensorRT's int4 block sizes take 64 and 128; 64 is used: on the trained demo reader (250 held-out pages, max|w| / 7 grid,
 # fp32 0.900) round to nearest read 0.860 with 64 and 0.844 with 128, AWQ 0.900 and 0.892 (0.896 with 64 after
 # the clipping fix), for 1/64 of a byte more scale per weight
 TRT_BLOCK_SIZE = 64
@@ -122,17 +125,19 @@ def _initializer(graph, name: str, array):
     return value
 
 
-def int4_blocks(w, block_size: int, scale_dtype) -> tuple:
+def int4_blocks(w, block_size: int, scale_dtype, search: bool = False) -> tuple:
     """``w [K, N]`` (K a multiple of ``block_size``) -> (int4 values [K, N] as ml_dtypes.int4, scales
-    [K / block, N] in ``scale_dtype``): TensorRT's symmetric grid, rounded against the stored scale."""
+    [K / block, N] in ``scale_dtype``): TensorRT's symmetric grid, rounded against the stored scale.
+    ``search``: each block's scale is the one of ``awq.least_error_scales`` (round to nearest builds);
+    without it ``max|w| / 7``, the grid AWQ's search assumes."""
     import ml_dtypes
     import numpy as np
 
-    from qvl_export.calibration.awq import block_scales
+    from qvl_export.calibration.awq import block_scales, least_error_scales
 
     k, n = w.shape
     blocks = np.asarray(w, dtype=np.float32).reshape(k // block_size, block_size, n)
-    scale = block_scales(blocks).astype(scale_dtype)
+    scale = least_error_scales(blocks, scale_dtype) if search else block_scales(blocks).astype(scale_dtype)
     scale[scale == 0] = 1  # an all-zero block (its values are 0 on any grid)
     q = np.divide(blocks, scale.astype(np.float32), dtype=np.float32)
     np.rint(q, out=q)
@@ -174,7 +179,7 @@ def qdq_weights(src, precision: Precision, name: str, plan=None, block_size: int
             weight = np.asarray(w.const_value.numpy(), dtype=np.float32)
             if plan is not None:
                 weight = plan.weight(w.name, weight)
-            q, scale = int4_blocks(weight, block, scale_dtype)
+            q, scale = int4_blocks(weight, block, scale_dtype, search=plan is None)
             del weight
             release(w.const_value)
             values = [_initializer(graph, w.name + suffix, array) for suffix, array in (("_Q4", q), ("_scale", scale))]
@@ -197,7 +202,9 @@ def qdq_weights(src, precision: Precision, name: str, plan=None, block_size: int
     model.ir_version = max(model.ir_version or 0, 10)  # INT4 tensors
     method = "AWQ scales" if plan is not None else "RTN"
     summary = {"part": name, "precision": precision.name,
-               "method": f"int4 DequantizeLinear blocks for TensorRT ({method}, symmetric, scale max|w| / 7)",
+               "method": f"int4 DequantizeLinear blocks for TensorRT ({method}, symmetric, " + (
+                   "scale max|w| / 7)" if plan is not None else "each block's scale max|w| / d, d in "
+                   f"{list(SCALE_DIVISORS)}, least squared error)"),
                "bits": 4, "block_size": block, "quantized_count": len(done), "kept_high_precision": kept}
     if plan is not None:
         summary["awq"] = plan.summary()

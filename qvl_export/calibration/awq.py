@@ -197,6 +197,44 @@ def block_scales(blocks: np.ndarray, bits: int = 4) -> np.ndarray:
     return np.abs(blocks).max(axis=-2, keepdims=True) / float((1 << (bits - 1)) - 1)
 
 
+# divisors of max|w| tried per block by ``least_error_scales`` (7: TensorRT's / ModelOpt's own scale)
+SCALE_DIVISORS = (7.0, 7.25, 7.5, 7.75, 8.0)
+
+
+def least_error_scales(blocks: np.ndarray, scale_dtype, bits: int = 4, divisors=SCALE_DIVISORS,
+                       columns: int = CLIP_COLUMNS) -> np.ndarray:
+    """Per block and column of ``blocks [..., block, N]``, the positive scale ``max|w| / d`` (``d`` in
+    ``divisors``, rounded to ``scale_dtype`` as it is stored) whose grid - the integers
+    ``[-2^(bits-1), 2^(bits-1) - 1]`` times the scale - reconstructs the block with the least squared
+    error -> ``[..., 1, N]`` in ``scale_dtype``. ``d`` = 7 puts the block's extreme at +-7 (15 levels);
+    a larger ``d`` is a finer step that clips the extremes a little and lets a negative extreme take -8,
+    the level a positive scale otherwise leaves unused. Ties keep 7. Data-free: weights only. Computed
+    ``columns`` output columns at a time (bounds the temporaries of a large weight)."""
+    half = float(1 << (bits - 1))
+    amax = np.abs(blocks).max(axis=-2, keepdims=True)
+    out = np.empty(amax.shape, dtype=scale_dtype)
+    for c0 in range(0, blocks.shape[-1], columns):
+        part = np.asarray(blocks[..., c0:c0 + columns], dtype=np.float32)
+        best = best_err = None
+        for d in divisors:
+            scale = (amax[..., c0:c0 + columns] / d).astype(scale_dtype)
+            scale[scale == 0] = 1  # an all-zero block: 0 on any grid
+            wide = scale.astype(np.float32)
+            q = np.divide(part, wide, dtype=np.float32)
+            np.rint(q, out=q)
+            np.clip(q, -half, half - 1, out=q)
+            q *= wide
+            q -= part
+            err = np.einsum("...kn,...kn->...n", q, q)[..., None, :]
+            if best is None:
+                best, best_err = scale, err
+            else:
+                better = err < best_err
+                best, best_err = np.where(better, scale, best), np.where(better, err, best_err)
+        out[..., c0:c0 + columns] = best
+    return out
+
+
 def _on_grid(blocks: np.ndarray, scale: np.ndarray, bits: int, symmetric: bool = False) -> np.ndarray:
     """``blocks`` rounded onto ``scale`` x the integers of ``bits`` bits (a value past the range clips;
     ``symmetric``: to +-(2^(bits-1) - 1), as a clamp to +-bound does on TensorRT's grid)."""

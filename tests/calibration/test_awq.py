@@ -48,6 +48,34 @@ def test_positive_round_trip_is_the_tensorrt_forms_grid():
         assert not np.array_equal(awq.quantized(w, 4, block), ours)  # onnxruntime's grid is another one
 
 
+def test_least_error_scales_never_lose_to_max_over_7_and_use_the_16th_level():
+    """Round to nearest on TensorRT's grid: per block, the searched scale's squared error is at most that of
+    ``max|w| / 7`` (the first candidate, kept on ties), lower overall on Gaussian and heavy-tailed weights,
+    and some blocks reach -8; with ``search`` the packer stores exactly those scales (fp16, positive)."""
+    from qvl_export.building.weight_only import int4_blocks
+
+    rng = np.random.default_rng(5)
+    for draw in (rng.standard_normal((256, 96)), rng.standard_t(3, (256, 96))):
+        w = draw.astype(np.float32)
+        blocks = w.reshape(4, 64, 96)
+
+        def error(scale):
+            wide = scale.astype(np.float32)
+            q = np.clip(np.rint(blocks / wide), -8, 7) * wide
+            return ((q - blocks) ** 2).sum(axis=1)
+
+        plain = awq.block_scales(blocks).astype(np.float16)
+        searched = awq.least_error_scales(blocks, np.float16, columns=40)  # column chunks join up
+        assert searched.dtype == np.float16 and (searched > 0).all()
+        assert (error(searched) <= error(plain)).all()
+        assert error(searched).sum() < 0.9 * error(plain).sum()
+        q, scale = int4_blocks(w, 64, np.float16, search=True)
+        np.testing.assert_array_equal(scale, searched.reshape(4, 96))
+        assert (q.astype(np.int8) == -8).any() and not (int4_blocks(w, 64, np.float16)[0].astype(np.int8) == -8).any()
+    exact = np.tile(np.arange(-7, 8, dtype=np.float32)[:, None], (1, 3))[None] * 0.5  # already on the / 7 grid
+    np.testing.assert_array_equal(awq.least_error_scales(exact, np.float32), awq.block_scales(exact))
+
+
 def test_spread_sample_is_even_over_every_run():
     """AWQ's rows: an even stride over the whole stream of runs (prefills of hundreds of rows, decode
     steps of one), within the cap - not the first runs only."""
