@@ -23,7 +23,7 @@ from pathlib import Path
 def main(argv: list[str] | None = None) -> int:
     from qvl_export.core.manifest import Manifest
     from qvl_export.demo import task_for
-    from qvl_export.demo.accuracy import exact_match, pipeline_reader
+    from qvl_export.demo.accuracy import agreement, exact_match, pipeline_reader
     from qvl_export.parity.reference import TorchReference
     from qvl_export.runtimes.pipeline import Pipeline
 
@@ -53,11 +53,12 @@ def main(argv: list[str] | None = None) -> int:
         mean = sum(diffs) / args.pages
         sd = math.sqrt(sum((d - mean) ** 2 for d in diffs) / (args.pages - 1))
         half = 1.96 * sd / math.sqrt(args.pages)
-        same = sum(list(a) == list(b) for a, b in zip(ours["answers"], ref["answers"])) / args.pages
+        changes = agreement(ours, ref, args.pages)
+        same = changes["answer_agreement"]
         row = {"precision": Manifest.read(folder).precision, "exact": ours["exact_match"],
                "drift_points": round(100 * mean, 2), "drift_95": [round(100 * (mean - half), 2),
                                                                  round(100 * (mean + half), 2)],
-               "answers_identical": round(same, 4), "broke": len(right_ref - right), "fixed": len(right - right_ref)}
+               "answers_identical": round(same, 4), "broke": len(changes["broke"]), "fixed": len(changes["fixed"])}
         rows["builds"][folder.name] = row
         print(f"{folder.name} ({row['precision']}): exact {row['exact']:.4f}, drift {row['drift_points']:+.2f} points "
               f"(95% {row['drift_95'][0]:+.2f} .. {row['drift_95'][1]:+.2f}), identical {same:.3f}, "

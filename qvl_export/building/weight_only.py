@@ -26,7 +26,6 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from qvl_export.calibration.awq import SCALE_DIVISORS
 from qvl_export.core.precisions import Precision
 
 BLOCK_SIZE = 32  # values per fp32 scale (demo model: exact match 0.896 vs fp32 0.900)
@@ -155,6 +154,7 @@ def qdq_weights(src, precision: Precision, name: str, plan=None, block_size: int
     import numpy as np
     import onnx_ir as ir
 
+    from qvl_export.calibration.awq import SCALE_DIVISORS
     from qvl_export.calibration.taps import release
 
     if precision.bits != 4:

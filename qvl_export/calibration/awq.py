@@ -210,7 +210,6 @@ def least_error_scales(blocks: np.ndarray, scale_dtype, bits: int = 4, divisors=
     a larger ``d`` is a finer step that clips the extremes a little and lets a negative extreme take -8,
     the level a positive scale otherwise leaves unused. Ties keep 7. Data-free: weights only. Computed
     ``columns`` output columns at a time (bounds the temporaries of a large weight)."""
-    half = float(1 << (bits - 1))
     amax = np.abs(blocks).max(axis=-2, keepdims=True)
     out = np.empty(amax.shape, dtype=scale_dtype)
     for c0 in range(0, blocks.shape[-1], columns):
@@ -219,11 +218,7 @@ def least_error_scales(blocks: np.ndarray, scale_dtype, bits: int = 4, divisors=
         for d in divisors:
             scale = (amax[..., c0:c0 + columns] / d).astype(scale_dtype)
             scale[scale == 0] = 1  # an all-zero block: 0 on any grid
-            wide = scale.astype(np.float32)
-            q = np.divide(part, wide, dtype=np.float32)
-            np.rint(q, out=q)
-            np.clip(q, -half, half - 1, out=q)
-            q *= wide
+            q = _on_grid(part, scale.astype(np.float32), bits)
             q -= part
             err = np.einsum("...kn,...kn->...n", q, q)[..., None, :]
             if best is None:

@@ -114,9 +114,9 @@ class OrtBackend:
         self.sessions = {}
         self.output_names: dict[str, list[str]] = {}
         self.in_place: dict[str, dict[str, str]] = {}
-        no_kernels = [f"{name} ({part.precision})" for name, part in manifest.parts.items()
-                      if not registry.get(part.precision).cpu_kernels]
-        if no_kernels and self.providers == ["CPUExecutionProvider"]:
+        if self.providers == ["CPUExecutionProvider"] and not registry.runs_on_cpu(manifest.precisions):
+            no_kernels = [f"{name} ({part.precision})" for name, part in manifest.parts.items()
+                          if not registry.get(part.precision).cpu_kernels]
             engines = (" build its TensorRT engines on the GPU device ('qvl-export engine FOLDER') and run those, or"
                        if manifest.target == "trt" else "")
             raise QvlError(f"{self.folder.name}: onnxruntime's CPU provider has no kernels for {', '.join(no_kernels)}:"
