@@ -171,22 +171,38 @@ def stored_float_dtype(model_dir: Path) -> str | None:
     return {frozenset({"BF16"}): "bfloat16", frozenset({"F16"}): "float16"}.get(frozenset(stored))
 
 
-def widen_while_running(model: Any) -> None:
+# a weight above this many float32 bytes is widened a slice of output rows at a time (the lm_head,
+# 1.2 GB for Qwen2.5-VL-3B's tied table, 2.2 GB for 7B's): never a whole float32 copy beside the stored one
+WIDEN_SLICE_BYTES = 256 << 20
+
+
+def widen_while_running(model: Any, slice_bytes: int | None = None) -> None:
     """Keep ``model``'s weights in their loaded (16-bit) dtype and give every module its own weights in
     float32 for the duration of its forward call (pre-hook widens, post-hook restores the stored
     tensor), so at most one module's weights are widened at a time.
 
-    The first floating parameter of every ``PreTrainedModel`` inside stays float32 throughout: it is
-    what transformers reads as the model's ``dtype``, to which it casts inputs such as pixel values
-    (the vision tower's patch embedding, the token table) - so inputs stay float32 as in a float32 load.
+    - Token tables (``nn.Embedding``) are never widened: the rows are gathered as stored and the
+      gathered rows widened (the same values; a widened copy of the table would be 1.2 GB at 3B).
+    - A ``nn.Linear`` whose float32 weight exceeds ``slice_bytes`` (the lm_head, which may share the
+      token table) computes its output ``slice_bytes`` (default ``WIDEN_SLICE_BYTES``) of widened rows at a time, each slice a float32
+      ``F.linear`` over its own output columns: the same float32 arithmetic per logit (the BLAS kernel's
+      summation order may differ in the last bit from one whole-matrix call).
+    - The first floating parameter of every ``PreTrainedModel`` inside that is not a token table stays
+      float32 throughout: it is what transformers reads as the model's ``dtype``, to which it casts
+      inputs such as pixel values (the vision tower's patch embedding), so inputs stay float32 as in a
+      float32 load. A language model's ``dtype`` (its token table's) is not read: its
+      embeddings' dtype is, and those come out float32.
     """
     import torch
+    import torch.nn.functional as F
     from transformers import PreTrainedModel
 
+    slice_bytes = slice_bytes or WIDEN_SLICE_BYTES
+    tables = {id(m.weight) for m in model.modules() if isinstance(m, torch.nn.Embedding)}
     for sub in model.modules():
         if isinstance(sub, PreTrainedModel):
             first = next((p for p in sub.parameters() if p.is_floating_point()), None)
-            if first is not None:
+            if first is not None and id(first) not in tables:
                 first.data = first.data.float()
     stored: dict[int, torch.Tensor] = {}
 
@@ -201,8 +217,29 @@ def widen_while_running(model: Any) -> None:
             if id(p) in stored:
                 p.data = stored.pop(id(p))
 
+    def widened_rows(module, args, output):
+        return output.float() if output.is_floating_point() else output
+
+    def sliced_linear(module):
+        rows = max(1, slice_bytes // (4 * module.in_features))
+
+        def forward(x):
+            w, b = module.weight, module.bias
+            if w.dtype == torch.float32:
+                return F.linear(x, w, b)
+            out = x.new_empty((*x.shape[:-1], module.out_features), dtype=torch.float32)
+            for r0 in range(0, module.out_features, rows):
+                r1 = min(r0 + rows, module.out_features)
+                out[..., r0:r1] = F.linear(x, w[r0:r1].float(), None if b is None else b[r0:r1].float())
+            return out
+        return forward
+
     for sub in model.modules():
-        if next(sub.parameters(recurse=False), None) is not None:
+        if isinstance(sub, torch.nn.Embedding):
+            sub.register_forward_hook(widened_rows)
+        elif isinstance(sub, torch.nn.Linear) and sub.weight.numel() * 4 > slice_bytes:
+            sub.forward = sliced_linear(sub)
+        elif next(sub.parameters(recurse=False), None) is not None:
             sub.register_forward_pre_hook(widen)
             sub.register_forward_hook(restore)
 

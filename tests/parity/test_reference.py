@@ -200,6 +200,49 @@ def test_bf16_checkpoint_reference_keeps_weights_bf16_and_float32_results(family
     assert wide_params() == kept  # every widened weight was given back in bf16
 
 
+@pytest.mark.parametrize("family", ["qwen2_vl", "qwen3_vl"])
+def test_bf16_reference_never_widens_a_whole_token_table_or_lm_head(family, checkpoint, tmp_path, monkeypatch):
+    """The lean reference keeps the token table in bf16 (the gathered rows are widened) and computes a
+    large lm_head from widened slices of rows: with a slice limit below the tiny lm_head, it is computed
+    in several slices, no float32 copy of the whole table is ever made, the logits match the reference
+    that widens at load to float32 rounding, and the greedy tokens are the same."""
+    import torch
+
+    from qvl_export.bench.checkpoint import convert_checkpoint
+    from qvl_export.parity import reference as ref_mod
+    from qvl_export.parity.gate import reference_case
+    from qvl_export.parity.samples import ALL_CASES
+
+    bf16 = convert_checkpoint(checkpoint(family), tmp_path / "bf16")
+    config = json.loads((bf16 / "config.json").read_text())
+    text = config.get("text_config", config)
+    lm_head_bytes = text["vocab_size"] * text["hidden_size"] * 4
+    slice_bytes = lm_head_bytes // 3 + 1  # three slices, the last one short
+    full = TorchReference(bf16, stored_weights=False)
+    monkeypatch.setattr(ref_mod, "WIDEN_SLICE_BYTES", slice_bytes)
+    real_linear = torch.nn.functional.linear
+    widest = []
+
+    def watched(x, w, b=None):
+        widest.append(w.shape[0])
+        return real_linear(x, w, b)
+
+    lean = TorchReference(bf16)
+    table = lean.model.get_input_embeddings().weight
+    assert table.dtype == torch.bfloat16
+    monkeypatch.setattr(torch.nn.functional, "linear", watched)
+    case = next(c for c in ALL_CASES if c.name == "two-images")
+    a, _ = reference_case(lean, case, 8)
+    monkeypatch.setattr(torch.nn.functional, "linear", real_linear)
+    b, _ = reference_case(full, case, 8)
+    assert table.dtype == torch.bfloat16 and lean.model.get_input_embeddings().weight is table
+    assert text["vocab_size"] not in widest and max(widest) < text["vocab_size"]  # the lm_head came in slices
+    np.testing.assert_array_equal(a.generated_ids, b.generated_ids)
+    for k in ("prefill_logits", "step_logits"):
+        np.testing.assert_allclose(getattr(a, k), getattr(b, k), rtol=0, atol=1e-5, err_msg=k)
+    np.testing.assert_array_equal(a.merger_out, b.merger_out)
+
+
 def test_reference_weights_option_reaches_the_reference(checkpoint, tmp_path):
     """``qvl-export parity --reference-weights float32`` widens at load; the default holds bf16 as stored
     (the gate's report is the same either way)."""
