@@ -369,20 +369,29 @@ def _code_fingerprint() -> str:
     return h.hexdigest()[:16]
 
 
+ISA_FLAGS = frozenset({"avx2", "fma", "avx512f", "avx512bw", "avx512_vnni", "avx_vnni", "avx512_bf16", "amx_tile",
+                       "amx_int8", "amx_bf16"})
+
+
 def _machine(load_before: tuple[float, float, float]) -> dict:
     import platform
 
     import psutil
 
-    cpu = platform.processor()
+    cpu, flags = platform.processor(), set()
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
+            if line.startswith("model name") and cpu == platform.processor():
                 cpu = line.split(":", 1)[1].strip()
+            elif line.startswith("flags"):
+                flags = set(line.split(":", 1)[1].split())
                 break
     except OSError:
         pass
-    return {"cpu": cpu, "logical_cpus": psutil.cpu_count(), "physical_cpus": psutil.cpu_count(logical=False),
+    # the vector extensions the kernels choose from (the int8 / fp32 figures differ by them); AMX as
+    # advertised, which is not always enabled
+    return {"cpu": cpu, "isa": sorted(flags & ISA_FLAGS),
+            "logical_cpus": psutil.cpu_count(), "physical_cpus": psutil.cpu_count(logical=False),
             "memory_gib": psutil.virtual_memory().total / 2**30, "loadavg_before": list(load_before),
             "loadavg_after": list(os.getloadavg()), "python": platform.python_version()}
 

@@ -338,6 +338,10 @@ def table(r: dict) -> str:
     depth = f"{cfg['vision']['depth']} vision / {cfg['text']['layers']} LLM layers"
     out = [f"{r['model']} ({depth}{'' if r['layers'] is None else ', cut with --layers'}), "
            f"{r['threads']} threads, fp32, median of {r['repeats']}"]
+    machine = r.get("machine") or {}
+    if machine.get("cpu"):
+        out.append(f"machine: {machine['cpu']}, {machine.get('logical_cpus')} logical CPUs"
+                   + (f", {' '.join(machine['isa'])}" if machine.get("isa") else ""))
     out.append("")
     out.append("Vision encoder (ViT + merger), ms; ORT = graph time, host prep beside")
     rows = []
