@@ -173,6 +173,9 @@ _BUILD_CALIBRATION = [
     click.option("--int4-method", type=click.Choice(["rtn", "awq"]), default="rtn", show_default=True,
                  help="int4 weights: rtn (round to nearest, no calibration) or awq (activation-aware scales and "
                       "clipping searched on the calibration documents: pass --calib-docs with your own)."),
+    click.option("--int4-block", type=int, default=None,
+                 help="int4 weights per scale: ort 16, 32 (default), 64, 128, 256; trt 64 (default), 128. Larger "
+                      "blocks decode faster on CPU and round coarser; the parity gate judges the result."),
 ]
 REFERENCE_WEIGHTS_HELP = ("The float32 reference of a bf16 / fp16 checkpoint: 'stored' holds the weights as stored and widens each module's own while it runs (about half the memory, slower decoding); 'float32' widens all at load. Same results either way.")
 _BUILD_GRAPH = [

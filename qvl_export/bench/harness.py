@@ -44,7 +44,9 @@ DEFAULT_VIDEO = (16, 448)  # (frames, side) of the clip whose vision time and vi
 # Quantized builds the harness can time here: int8 runs real integer kernels on onnxruntime CPU
 # (fp8 runs as fake quantization on CPU, fp16/bf16 lack CPU kernels: their timings would mislead).
 # precision option of each: int4 is decoder weight-only (its vision part is our fp32 one, not re-timed)
-QUANTIZED_VARIANTS = {"int8": "int8", "int4": "decoder=int4"}
+# --quantized name -> build options; int4-b128: the decoder's int4 weights in blocks of 128 (--int4-block)
+QUANTIZED_VARIANTS = {"int8": {"precision": "int8"}, "int4": {"precision": "decoder=int4"},
+                      "int4-b128": {"precision": "decoder=int4", "int4_block": 128}}
 
 
 @dataclass
@@ -291,7 +293,7 @@ def run_bench(model: str, layers: int | None = None, threads: int = 2, out_dir: 
         calls.append(("torch-vision", {"kind": "torch_vision", "checkpoint": str(checkpoint),
                                        "pages": list(pixels), **clip, **common}))
     for v in variants:
-        if built[v] and QUANTIZED_VARIANTS.get(v, v) == v:  # layouts and whole-model precisions
+        if built[v] and QUANTIZED_VARIANTS.get(v, {}).get("precision", v) == v:  # layouts and whole-model precisions
             calls.append((f"ort-vision-{v}", {"kind": "ort_vision", "artifacts": str(artifacts[v]),
                                               "pages": list(pixels), **clip, **common}))
     llm = {"page": prefill_px, "prompt_tokens": prompt_tokens, "decode_tokens": decode_tokens, **common}
@@ -352,7 +354,7 @@ def _variant_options(variant: str, calib_limit: int | None) -> dict:
     """Build options of an artifacts variant: a window-attention layout, or a quantized precision
     (fused windows)."""
     if variant in QUANTIZED_VARIANTS:
-        return {"window_attention": "fused", "precision": QUANTIZED_VARIANTS[variant], "calib_limit": calib_limit}
+        return {"window_attention": "fused", **QUANTIZED_VARIANTS[variant], "calib_limit": calib_limit}
     return {"window_attention": variant}
 
 

@@ -386,7 +386,7 @@ def table(r: dict) -> str:
                    f"(read-only {rl['read_bandwidth_gb_s']:.1f} GB/s -> {rl['read_tokens_per_s']:.2f} tok/s)")
     for q, fig in r.get("quantized", {}).items():
         out.append("")
-        how = ("decoder weight-only, no calibration" if precisions.get(q).kind == precisions.WEIGHT_ONLY
+        how = ("decoder weight-only, no calibration" if precisions.get(q.split("-")[0]).kind == precisions.WEIGHT_ONLY
                else f"calibrated on {r.get('calib_limit')} built-in documents")
         out.append(f"Ours {q} vs ours fp32 (same passes; {how})")
         out.append(f"  decode {_f(fig.get('decode_tokens_per_s'), '{:.2f}')} tok/s "

@@ -180,7 +180,8 @@ def task_export(task: dict, sink: Sink) -> None:
     t0 = time.perf_counter()
     manifest = build(task["checkpoint"], task["out"],
                      BuildOptions(window_attention=task["window_attention"], force=True,
-                                  precision=task.get("precision", "fp32"), calib_limit=task.get("calib_limit")))
+                                  precision=task.get("precision", "fp32"), calib_limit=task.get("calib_limit"),
+                                  int4_block=task.get("int4_block")))
     sink.put("seconds", time.perf_counter() - t0)
     sink.put("bytes", sum(p.stat().st_size for p in Path(task["out"]).glob("*.onnx*")))
     sink.put("part_bytes", {part: sum(p.stat().st_size for p in Path(task["out"]).glob(f"{part}.onnx*"))

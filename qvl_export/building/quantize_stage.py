@@ -145,13 +145,13 @@ def quantize_weight_only(ctx: BuildContext, name: str, prec: Precision):
     calibration statistics on the same grid (``--int4-method awq``) or rounded to nearest (``rtn``)."""
     import onnx_ir as ir
 
-    from qvl_export.building.weight_only import ACCURACY_LEVEL, BLOCK_SIZE, TRT_BLOCK_SIZE, pack_weights, qdq_weights
+    from qvl_export.building.weight_only import ACCURACY_LEVEL, block_size_for, pack_weights, qdq_weights
     from qvl_export.calibration import awq
     from qvl_export.calibration.taps import release
 
     model = ir.load(ctx.store.file(ctx.store.part(name).file))
     trt = ctx.settings.target == "trt"
-    block = TRT_BLOCK_SIZE if trt else BLOCK_SIZE
+    block = block_size_for(ctx.settings.target, ctx.settings.calibration.int4_block)
     plan = None
     if ctx.stats is not None and name in ctx.stats:
         plan = awq.search(model, ctx.stats[name], prec.bits, block, release=release, positive=trt)
@@ -165,9 +165,9 @@ def quantize_weight_only(ctx: BuildContext, name: str, prec: Precision):
         ctx.say(f"{name}: {prec.name} weight-only, {summary['quantized_count']} weights as int4 DequantizeLinear "
                 f"blocks of {block} for TensorRT" + (f", {len(kept)} MatMuls kept in float" if kept else ""))
         return model, summary
-    model, summary = pack_weights(model, prec, name, plan)
+    model, summary = pack_weights(model, prec, name, plan, block)
     ctx.say(f"{name}: {prec.name} weight-only, {summary['quantized_count']} MatMuls packed into MatMulNBits "
-            f"(blocks of {BLOCK_SIZE}, accuracy level {ACCURACY_LEVEL})")
+            f"(blocks of {block}, accuracy level {ACCURACY_LEVEL})")
     return model, summary
 
 

@@ -31,6 +31,7 @@ class CalibrationSettings:
     sensitivity: bool = False  # print every quantized op's local error
     activations: str = "auto"  # int8 activation scales: auto / static / dynamic (calibration.qdq.activation_mode)
     int4_method: str = "rtn"  # int4 weights: "rtn" (round to nearest) or "awq" (activation-aware, calibrated)
+    int4_block: int | None = None  # int4 values per scale (None: the target's, building.weight_only.block_size_for)
     # static int8 ranges searched per tensor between the calibrator's and the max (calibration.qdq.search_ranges)
     range_search: bool = True
 
@@ -98,6 +99,7 @@ class BuildOptions:
     sensitivity: bool = False
     activations: str = "auto"
     int4_method: str = "rtn"
+    int4_block: int | None = None
     range_search: bool = True
     force: bool = False
     chat_template: Path | None = None
@@ -113,7 +115,7 @@ class BuildOptions:
             assume_default_preprocessing=self.assume_default_preprocessing,
             calibration=CalibrationSettings(self.calib_docs, self.calib_limit, self.calib_cache, self.calibrator,
                                             self.sensitivity, self.activations, self.int4_method,
-                                            self.range_search),
+                                            self.int4_block, self.range_search),
             tensorrt=TrtSettings(self.device, self.bundle, self.ranges))
 
     def reporter(self) -> Reporter:
@@ -134,7 +136,7 @@ def settings_from_cli(params: dict) -> Settings:
         calibration=CalibrationSettings(params.get("calib_docs"), params.get("calib_limit"),
                                         params.get("calib_cache"), params["calibrator"], params["sensitivity"],
                                         params.get("activations") or "auto", params.get("int4_method") or "rtn",
-                                        params.get("range_search", True)),
+                                        params.get("int4_block"), params.get("range_search", True)),
         tensorrt=TrtSettings(params["device"], params["bundle"],
                              Ranges(min_pixels=params["engine_min_pixels"], opt_pixels=params["engine_opt_pixels"],
                                     max_pixels=params["engine_max_pixels"], max_images=params["max_images"],

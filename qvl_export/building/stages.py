@@ -60,6 +60,12 @@ def check_request(ctx: BuildContext) -> None:
         ctx.warn("--calib-docs is only used by int8/fp8 and AWQ int4 builds; ignoring it")
     if s.calibration.int4_method != "rtn" and not ctx.of_kind(registry.WEIGHT_ONLY):
         ctx.warn(f"--int4-method {s.calibration.int4_method} applies to int4 parts only; no part is int4")
+    if s.calibration.int4_block is not None:
+        from qvl_export.building.weight_only import block_size_for
+
+        block_size_for(s.target, s.calibration.int4_block)  # an impossible block fails before tracing
+        if not ctx.of_kind(registry.WEIGHT_ONLY):
+            ctx.warn(f"--int4-block {s.calibration.int4_block} applies to int4 parts only; no part is int4")
 
 
 def validate_checkpoint(ctx: BuildContext) -> None:

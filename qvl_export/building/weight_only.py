@@ -34,20 +34,40 @@ ACCURACY_LEVEL = 4  # int8 activations inside the kernel
 # fp32 0.900) round to nearest read 0.860 with 64 and 0.844 with 128, AWQ 0.900 and 0.892 (0.896 with 64 after
 # the clipping fix), for 1/64 of a byte more scale per weight
 TRT_BLOCK_SIZE = 64
+# --int4-block: onnxruntime's MatMulNBits takes powers of two from 16; TensorRT 64 and 128 (trt_lint.INT4_BLOCK_SIZES).
+# Larger blocks decode faster on CPU (fewer scales per weight: 1536 x 8960 weights streamed from memory, int8
+# activations, AMD EPYC Zen 4: 35 G weights/s with 32, 48 with 128) and round coarser.
+ORT_BLOCK_SIZES = (16, 32, 64, 128, 256)
 QDQ_OPSET = 21  # DequantizeLinear with block_size and INT4 inputs
 
 
-def block_quantizer(precision: Precision):
+def block_size_for(target: str, requested: int | None = None) -> int:
+    """The int4 block of a ``target`` build: ``requested`` (``--int4-block``) when the target's kernels
+    take it, else the target's default; an impossible request is refused in one line."""
+    from qvl_export.building.trt_lint import INT4_BLOCK_SIZES
+    from qvl_export.core.errors import QvlError
+
+    default, allowed = (TRT_BLOCK_SIZE, INT4_BLOCK_SIZES) if target == "trt" else (BLOCK_SIZE, ORT_BLOCK_SIZES)
+    if requested is None:
+        return default
+    if requested not in allowed:
+        engine = "TensorRT" if target == "trt" else "onnxruntime's MatMulNBits"
+        raise QvlError(f"--int4-block {requested}: {engine} takes blocks of {', '.join(map(str, allowed))} "
+                       f"(default {default}).")
+    return requested
+
+
+def block_quantizer(precision: Precision, block_size: int = BLOCK_SIZE):
     """onnxruntime's weight-only block quantizer with the settings the packed weights use."""
     from onnxruntime.quantization.matmul_nbits_quantizer import (DefaultWeightOnlyQuantConfig,
                                                                  DefaultWeightOnlyQuantizer)
 
-    config = DefaultWeightOnlyQuantConfig(block_size=BLOCK_SIZE, is_symmetric=True, accuracy_level=ACCURACY_LEVEL,
+    config = DefaultWeightOnlyQuantConfig(block_size=block_size, is_symmetric=True, accuracy_level=ACCURACY_LEVEL,
                                           bits=precision.bits)
     return DefaultWeightOnlyQuantizer(config)
 
 
-def pack_weights(src: Path, precision: Precision, name: str, plan=None):
+def pack_weights(src: Path, precision: Precision, name: str, plan=None, block_size: int = BLOCK_SIZE):
     """The part at ``src`` (a path, or an onnx-ir model read lazily) with every constant 2-D MatMul
     weight packed into MatMulNBits -> (onnx-ir model, quantization summary for the manifest). With an
     AWQ ``plan`` (``calibration.awq.AwqPlan``) each weight is quantized as the plan scales it and the
@@ -66,7 +86,7 @@ def pack_weights(src: Path, precision: Precision, name: str, plan=None):
     from qvl_export.calibration.taps import release
 
     model = src if isinstance(src, ir.Model) else ir.load(str(src))
-    quantizer = block_quantizer(precision)
+    quantizer = block_quantizer(precision, block_size)
     graph = model.graph
     packed: dict[str, tuple] = {}  # weight -> (blocks value, scales value, K, N)
     matmuls = [n for n in graph if n.op_type == "MatMul" and n.domain in ("", "ai.onnx")]
@@ -83,7 +103,7 @@ def pack_weights(src: Path, precision: Precision, name: str, plan=None):
                       for suffix, array in ((f"_Q{precision.bits}", blocks), ("_scales", scales))]
             packed[w.name] = (*values, k, n)
         blocks, scales, k, n = packed[w.name]
-        attrs = {"K": k, "N": n, "bits": precision.bits, "block_size": BLOCK_SIZE}
+        attrs = {"K": k, "N": n, "bits": precision.bits, "block_size": block_size}
         if ACCURACY_LEVEL:
             attrs["accuracy_level"] = ACCURACY_LEVEL
         new = ir.node("MatMulNBits", [node.inputs[0], blocks, scales], attributes=attrs, domain="com.microsoft",
@@ -95,7 +115,7 @@ def pack_weights(src: Path, precision: Precision, name: str, plan=None):
     count = sum(1 for n in graph if n.op_type == "MatMulNBits")
     method = "AWQ scales, symmetric" if plan is not None else "RTN, symmetric"
     summary = {"part": name, "precision": precision.name, "method": f"MatMulNBits weight-only ({method})",
-               "bits": precision.bits, "block_size": BLOCK_SIZE, "accuracy_level": ACCURACY_LEVEL,
+               "bits": precision.bits, "block_size": block_size, "accuracy_level": ACCURACY_LEVEL,
                "quantized_count": count, "kept_high_precision": {}}
     if plan is not None:
         summary["awq"] = plan.summary()

@@ -59,6 +59,39 @@ def test_awq_int4_build_calibrates_records_and_passes_its_gate(checkpoint, tmp_p
     assert report.passed, report.failure_summary()
 
 
+def test_int4_block_option_sets_the_blocks_and_the_gate_judges_them(checkpoint, tmp_path):
+    """``--int4-block 64`` on the ort target: every MatMulNBits takes blocks of 64 (half the scales of the
+    default 32), the manifest records it, and the parity gate passes on the result."""
+    out = tmp_path / "b64"
+    build(checkpoint("qwen2_vl"), out, BuildOptions(precision="decoder=int4", int4_block=64))
+    m = Manifest.read(out)
+    assert m.calibration.quantization["decoder"]["block_size"] == 64
+    model = onnx.load(out / m.parts["decoder"].file)
+    blocks = {onnx.helper.get_attribute_value(a) for n in model.graph.node if n.op_type == "MatMulNBits"
+              for a in n.attribute if a.name == "block_size"}
+    assert blocks == {64}
+    report = run_parity(out, checkpoint("qwen2_vl"), cases=CASES, max_new_tokens=16)
+    assert report.passed, report.failure_summary()
+
+
+def test_int4_block_is_checked_per_target_before_tracing(checkpoint, tmp_path):
+    from click.testing import CliRunner
+
+    from qvl_export.building.weight_only import block_size_for
+    from qvl_export.cli import main
+
+    assert (block_size_for("ort"), block_size_for("trt"), block_size_for("ort", 128), block_size_for("trt", 128)) \
+        == (32, 64, 128, 128)
+    for target, block in (("trt", 32), ("ort", 48), ("ort", 512)):
+        with pytest.raises(QvlError, match=f"--int4-block {block}: .* takes blocks of"):
+            block_size_for(target, block)
+    out = tmp_path / "refused"
+    result = CliRunner().invoke(main, ["build", str(checkpoint("qwen2_vl")), "-o", str(out), "--target", "trt",
+                                       "--bundle", "--precision", "decoder=int4", "--int4-block", "32"])
+    assert result.exit_code != 0 and "TensorRT takes blocks of 64, 128" in result.output
+    assert "Traceback" not in result.output and not out.exists()
+
+
 def test_int4_is_decoder_only(checkpoint, tmp_path):
     """One word means the decoder (the vision parts stay fp32); naming a vision part int4 is refused."""
     assert precisions.parse("int4") == precisions.parse("decoder=int4") == {
@@ -136,7 +169,8 @@ def test_int4_trt_keeps_weights_tensorrt_cannot_block_and_awq_folds_still_hold(t
     assert not (tmp_path / "refused").exists()
 
 
-def test_streaming_packer_writes_what_onnxruntime_writes(tmp_path):
+@pytest.mark.parametrize("block", [32, 64])
+def test_streaming_packer_writes_what_onnxruntime_writes(block, tmp_path):
     """``pack_weights`` streams one weight at a time; onnxruntime's ``MatMulNBitsQuantizer`` loads the whole
     part. Same nodes (MatMulNBits, its attributes), same packed blocks and scales, same outputs - a weight
     read by two MatMuls packed once, one also read by a Gather (a tied token table) kept for it."""
@@ -146,7 +180,7 @@ def test_streaming_packer_writes_what_onnxruntime_writes(tmp_path):
     from onnx import TensorProto, helper, numpy_helper
     from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
 
-    from qvl_export.building.weight_only import ACCURACY_LEVEL, BLOCK_SIZE, pack_weights
+    from qvl_export.building.weight_only import ACCURACY_LEVEL, pack_weights
 
     rng = np.random.default_rng(7)
     w1 = rng.standard_normal((96, 80)).astype(np.float32)  # K = 96: three blocks of 32
@@ -167,9 +201,9 @@ def test_streaming_packer_writes_what_onnxruntime_writes(tmp_path):
     model.ir_version = 9
     onnx.save(model, str(src), save_as_external_data=True, location="float.onnx.data", size_threshold=0)
 
-    ours, summary = pack_weights(src, precisions.get("int4"), "decoder")
+    ours, summary = pack_weights(src, precisions.get("int4"), "decoder", block_size=block)
     ir.save(ours, tmp_path / "ours.onnx")
-    ref = MatMulNBitsQuantizer(onnx.load(str(src)), bits=4, block_size=BLOCK_SIZE, is_symmetric=True,
+    ref = MatMulNBitsQuantizer(onnx.load(str(src)), bits=4, block_size=block, is_symmetric=True,
                                accuracy_level=ACCURACY_LEVEL)
     ref.process()
     theirs = ref.model.model
@@ -180,7 +214,7 @@ def test_streaming_packer_writes_what_onnxruntime_writes(tmp_path):
         return sorted((tuple(n.input[1:]), tuple(sorted((x.name, helper.get_attribute_value(x)) for x in n.attribute)))
                       for n in m.graph.node if n.op_type == "MatMulNBits")
 
-    assert summary["quantized_count"] == 4 and nbits(a) == nbits(b)
+    assert summary["quantized_count"] == 4 and summary["block_size"] == block and nbits(a) == nbits(b)
     ia = {i.name: numpy_helper.to_array(i) for i in a.graph.initializer}
     ib = {i.name: numpy_helper.to_array(i) for i in b.graph.initializer}
     assert "table" in ia and "w1" not in ia and "w2" not in ia  # the Gather keeps its table; packed weights go
