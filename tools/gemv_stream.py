@@ -20,6 +20,8 @@ import numpy as np
 import onnxruntime as ort
 from onnx import TensorProto, helper, numpy_helper
 
+from qvl_export.building.weight_only import block_quantizer
+
 K, N = 1536, 8960
 
 
@@ -38,12 +40,8 @@ def graph(kind: str, count: int, rng) -> tuple[bytes, int]:
                                           domain="com.microsoft"))
         elif kind.startswith("nbits"):
             bits, block = int(kind[5]), int(kind.split("-b")[1])
-            blocks = w.T.reshape(N, K // block, block)
-            half = 1 << (bits - 1)
-            scale = (np.abs(blocks).max(-1) / (half - 1)).astype(np.float32)
-            q = np.clip(np.rint(blocks / scale[..., None]), -half, half - 1).astype(np.int32) + half
-            packed = q.astype(np.uint8) if bits == 8 else (q[..., 0::2] | (q[..., 1::2] << 4)).astype(np.uint8)
-            inits += [numpy_helper.from_array(packed, f"q{i}"), numpy_helper.from_array(scale.reshape(-1), f"s{i}")]
+            packed, scale, _ = block_quantizer(bits, block).qbits_block_quant(w)  # our packer's onnxruntime quantizer
+            inits += [numpy_helper.from_array(packed, f"q{i}"), numpy_helper.from_array(scale, f"s{i}")]
             nodes.append(helper.make_node("MatMulNBits", ["x", f"q{i}", f"s{i}"], [f"y{i}"], domain="com.microsoft",
                                           K=K, N=N, bits=bits, block_size=block, accuracy_level=4))
         else:

@@ -380,19 +380,17 @@ def _machine(load_before: tuple[float, float, float]) -> dict:
 
     import psutil
 
-    cpu, flags = platform.processor(), set()
+    first: dict[str, str] = {}  # /proc/cpuinfo field -> its value for the first processor
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name") and cpu == platform.processor():
-                cpu = line.split(":", 1)[1].strip()
-            elif line.startswith("flags"):
-                flags = set(line.split(":", 1)[1].split())
-                break
+            key, _, value = line.partition(":")
+            first.setdefault(key.strip(), value.strip())
     except OSError:
         pass
     # the vector extensions the kernels choose from (the int8 / fp32 figures differ by them); AMX as
     # advertised, which is not always enabled
-    return {"cpu": cpu, "isa": sorted(flags & ISA_FLAGS),
+    return {"cpu": first.get("model name") or platform.processor(),
+            "isa": sorted(set(first.get("flags", "").split()) & ISA_FLAGS),
             "logical_cpus": psutil.cpu_count(), "physical_cpus": psutil.cpu_count(logical=False),
             "memory_gib": psutil.virtual_memory().total / 2**30, "loadavg_before": list(load_before),
             "loadavg_after": list(os.getloadavg()), "python": platform.python_version()}

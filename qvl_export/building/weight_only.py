@@ -57,13 +57,14 @@ def block_size_for(target: str, requested: int | None = None) -> int:
     return requested
 
 
-def block_quantizer(precision: Precision, block_size: int = BLOCK_SIZE):
-    """onnxruntime's weight-only block quantizer with the settings the packed weights use."""
+def block_quantizer(bits: int, block_size: int = BLOCK_SIZE):
+    """onnxruntime's weight-only block quantizer with the settings the packed weights use, for
+    ``bits``-bit blocks of ``block_size``."""
     from onnxruntime.quantization.matmul_nbits_quantizer import (DefaultWeightOnlyQuantConfig,
                                                                  DefaultWeightOnlyQuantizer)
 
     config = DefaultWeightOnlyQuantConfig(block_size=block_size, is_symmetric=True, accuracy_level=ACCURACY_LEVEL,
-                                          bits=precision.bits)
+                                          bits=bits)
     return DefaultWeightOnlyQuantizer(config)
 
 
@@ -86,7 +87,7 @@ def pack_weights(src: Path, precision: Precision, name: str, plan=None, block_si
     from qvl_export.calibration.taps import release
 
     model = src if isinstance(src, ir.Model) else ir.load(str(src))
-    quantizer = block_quantizer(precision, block_size)
+    quantizer = block_quantizer(precision.bits, block_size)
     graph = model.graph
     packed: dict[str, tuple] = {}  # weight -> (blocks value, scales value, K, N)
     matmuls = [n for n in graph if n.op_type == "MatMul" and n.domain in ("", "ai.onnx")]

@@ -19,7 +19,7 @@ def test_round_trip_is_the_packers_grid():
     from qvl_export.building.weight_only import block_quantizer
     from qvl_export.core import precisions
 
-    quantizer = block_quantizer(precisions.get("int4"))
+    quantizer = block_quantizer(precisions.get("int4").bits)
     rng = np.random.default_rng(0)
     for k, n in ((64, 6), (100, 7), (416, 33)):
         w = (rng.standard_normal((k, n)) * rng.random((k, 1)) * 3).astype(np.float32)
